@@ -1,0 +1,179 @@
+//! Archive ids: 63-bit, time-ordered values, shown to clients as short opaque strings.
+//!
+//! An id is `(unix_microseconds << SEQ_BITS) | sequence`. The timestamp of a message is the
+//! time part of its id, so one index on `(archive, id)` answers both id ranges and time ranges.
+//! Ids are handed out in hook order by one [`IdGenerator`]; when the clock stands still or goes
+//! backwards the generator keeps counting up, so ids never collide and never go backwards.
+//! With 11 sequence bits the time part fits a signed 64-bit integer until the year 2112.
+//!
+//! This module owns the id layout and its text form; it does not know where ids are stored.
+
+use std::fmt;
+
+/// Bits of the id that hold a per-microsecond sequence number.
+pub const SEQ_BITS: u32 = 11;
+
+/// Length of the text form of an id.
+pub const TEXT_LEN: usize = 13;
+
+/// Crockford's base32 alphabet, lower case: no i, l, o or u, so ids read unambiguously.
+const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
+/// One message's archive id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ArchiveId(u64);
+
+impl ArchiveId {
+    /// The smallest id whose timestamp is `micros` (for "start" bounds).
+    pub fn first_at(micros: i64) -> ArchiveId {
+        ArchiveId((micros.max(0) as u64) << SEQ_BITS)
+    }
+
+    /// The largest id whose timestamp is `micros` (for "end" bounds).
+    pub fn last_at(micros: i64) -> ArchiveId {
+        ArchiveId(((micros.max(0) as u64) << SEQ_BITS) | ((1 << SEQ_BITS) - 1))
+    }
+
+    /// The id as stored: a non-negative 64-bit integer.
+    pub fn as_i64(self) -> i64 {
+        self.0 as i64
+    }
+
+    /// An id read back from storage. Negative values are not ids.
+    pub fn from_i64(v: i64) -> Option<ArchiveId> {
+        (v >= 0).then_some(ArchiveId(v as u64))
+    }
+
+    /// Unix time of the message, in microseconds.
+    pub fn micros(self) -> i64 {
+        (self.0 >> SEQ_BITS) as i64
+    }
+
+    /// Parses the text form. Anything that is not exactly a text form of an id gives `None`.
+    pub fn parse(text: &str) -> Option<ArchiveId> {
+        if text.len() != TEXT_LEN {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &b in text.as_bytes() {
+            let digit = ALPHABET.iter().position(|&a| a == b)? as u64;
+            v = v.checked_mul(32)?.checked_add(digit)?;
+        }
+        // 13 base32 digits hold 65 bits; a valid id uses 63.
+        (v >> 63 == 0).then_some(ArchiveId(v))
+    }
+}
+
+impl fmt::Display for ArchiveId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; TEXT_LEN];
+        let mut v = self.0;
+        for slot in buf.iter_mut().rev() {
+            *slot = ALPHABET[(v & 31) as usize];
+            v >>= 5;
+        }
+        // The alphabet is ASCII, so this cannot fail.
+        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    }
+}
+
+/// Hands out strictly increasing ids.
+#[derive(Debug, Default)]
+pub struct IdGenerator {
+    last: u64,
+}
+
+impl IdGenerator {
+    /// A generator that will never hand out an id at or below `last` (for example the
+    /// newest id already in the database).
+    pub fn starting_after(last: Option<ArchiveId>) -> IdGenerator {
+        IdGenerator {
+            last: last.map_or(0, |id| id.0),
+        }
+    }
+
+    /// The next id for a message archived at `now_micros`.
+    pub fn next(&mut self, now_micros: i64) -> ArchiveId {
+        let candidate = ArchiveId::first_at(now_micros).0;
+        self.last = candidate.max(self.last + 1);
+        ArchiveId(self.last)
+    }
+
+    /// The next id for a message archived now.
+    pub fn next_now(&mut self) -> ArchiveId {
+        self.next(now_micros())
+    }
+}
+
+/// The current Unix time in microseconds.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_form_round_trips_and_is_fixed_width() {
+        let mut g = IdGenerator::default();
+        let id = g.next(1_763_683_200_123_456);
+        let text = id.to_string();
+        assert_eq!(text.len(), TEXT_LEN);
+        assert_eq!(ArchiveId::parse(&text), Some(id));
+    }
+
+    #[test]
+    fn text_order_is_id_order() {
+        let a = ArchiveId::first_at(1_000_000);
+        let b = ArchiveId::first_at(2_000_000);
+        assert!(a.to_string() < b.to_string());
+    }
+
+    #[test]
+    fn ids_increase_when_clock_stands_still_or_goes_back() {
+        let mut g = IdGenerator::default();
+        let a = g.next(5_000_000);
+        let b = g.next(5_000_000);
+        let c = g.next(4_000_000);
+        assert!(a < b && b < c);
+        assert_eq!(a.micros(), 5_000_000);
+        assert_eq!(c.micros(), 5_000_000);
+    }
+
+    #[test]
+    fn generator_resumes_after_stored_ids() {
+        let stored = ArchiveId::first_at(9_000_000);
+        let mut g = IdGenerator::starting_after(Some(stored));
+        assert!(g.next(1) > stored);
+    }
+
+    #[test]
+    fn time_bounds_bracket_every_id_of_that_microsecond() {
+        let mut g = IdGenerator::default();
+        let id = g.next(7_000_000);
+        assert!(ArchiveId::first_at(7_000_000) <= id && id <= ArchiveId::last_at(7_000_000));
+        assert!(ArchiveId::last_at(6_999_999) < id);
+    }
+
+    #[test]
+    fn parse_rejects_foreign_strings() {
+        for bad in [
+            "",
+            "75324cdf-f4a9-4dd3-82f3-1b9e64be053c",
+            "mcp1KrfiWm6moYB79Ym4scPs",
+            "0000000000000I",
+            "zzzzzzzzzzzzz", // 65 bits
+            "000000000000u",
+        ] {
+            assert_eq!(ArchiveId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn stored_form_round_trips() {
+        let id = ArchiveId::last_at(1_763_683_200_000_000);
+        assert_eq!(ArchiveId::from_i64(id.as_i64()), Some(id));
+        assert_eq!(ArchiveId::from_i64(-1), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! Lua surface (being written).

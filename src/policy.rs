@@ -1,0 +1,1 @@
+//! Archiving policy (being written).

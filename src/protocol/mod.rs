@@ -1,0 +1,90 @@
+//! The XMPP protocol layer: one file per XEP, each element a typed Rust value with checked
+//! conversion from and to XML (in the style of the `xmpp-parsers` crate).
+//!
+//! - [`xep0004`]: data forms (the MAM search form).
+//! - [`xep0059`]: result set management (`<set>`: max, before, after, first, last, count).
+//! - [`xep0082`]: date-time parsing and formatting (`start`, `end`, delay stamps).
+//! - [`xep0313`]: message archive management: the query, how it maps to a store query, the
+//!   result messages and `<fin>`.
+//! - [`xep0359`]: `<stanza-id>`.
+//!
+//! This layer parses and builds elements; it never touches the store, threads or Lua.
+//! Errors are [`StanzaError`] values that the Lua surface turns into `st.error_reply`.
+
+pub mod xep0004;
+pub mod xep0059;
+pub mod xep0082;
+pub mod xep0313;
+pub mod xep0359;
+
+/// Namespaces used across the protocol layer.
+pub mod ns {
+    pub const MAM: &str = "urn:xmpp:mam:2";
+    pub const MAM_EXTENDED: &str = "urn:xmpp:mam:2#extended";
+    pub const SID: &str = "urn:xmpp:sid:0";
+    pub const RSM: &str = "http://jabber.org/protocol/rsm";
+    pub const DATA_FORMS: &str = "jabber:x:data";
+    pub const FORWARD: &str = "urn:xmpp:forward:0";
+    pub const DELAY: &str = "urn:xmpp:delay";
+    pub const CLIENT: &str = "jabber:client";
+    pub const XDATA_VALIDATE: &str = "http://jabber.org/protocol/xdata-validate";
+}
+
+/// The `type` of an XMPP error (RFC 6120 §8.3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    Auth,
+    Cancel,
+    Continue,
+    Modify,
+    Wait,
+}
+
+impl ErrorType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::Auth => "auth",
+            ErrorType::Cancel => "cancel",
+            ErrorType::Continue => "continue",
+            ErrorType::Modify => "modify",
+            ErrorType::Wait => "wait",
+        }
+    }
+}
+
+/// An error to send back to the client as an `<iq type="error">`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} / {}{}", kind.as_str(), condition, text.as_deref().map(|t| format!(": {t}")).unwrap_or_default())]
+pub struct StanzaError {
+    pub kind: ErrorType,
+    /// The defined condition, e.g. `bad-request`, `item-not-found`.
+    pub condition: &'static str,
+    /// Human-readable text, sent in `<text>`.
+    pub text: Option<String>,
+}
+
+impl StanzaError {
+    pub fn bad_request(text: impl Into<String>) -> StanzaError {
+        StanzaError {
+            kind: ErrorType::Modify,
+            condition: "bad-request",
+            text: Some(text.into()),
+        }
+    }
+
+    pub fn item_not_found() -> StanzaError {
+        StanzaError {
+            kind: ErrorType::Modify,
+            condition: "item-not-found",
+            text: None,
+        }
+    }
+
+    pub fn internal_server_error() -> StanzaError {
+        StanzaError {
+            kind: ErrorType::Cancel,
+            condition: "internal-server-error",
+            text: None,
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Storage: the [`Store`] trait that the engine talks to, and its implementations.
+//!
+//! A store keeps rows of `(archive, id, with, stanza)`. An archive is one user's archive on one
+//! host under one store name ([`ArchiveRef`]); many hosts share one database, isolated by it.
+//! The timestamp of a row is the time part of its [`ArchiveId`], so there is no separate time
+//! column and time bounds are id bounds.
+//!
+//! This layer knows SQL and rows. It does not know XMPP: stanzas are opaque serialised XML,
+//! and query semantics ([`Query`]) are already resolved by the protocol layer.
+
+pub mod sqlite;
+
+use crate::id::ArchiveId;
+use std::sync::Arc;
+
+/// Which archive a row belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ArchiveRef {
+    /// The VirtualHost, e.g. `example.com`.
+    pub host: Arc<str>,
+    /// The local part of the account, e.g. `juliet`.
+    pub user: String,
+    /// The store name (mod_mam's `archive_store` option, default `archive`).
+    pub store: Arc<str>,
+}
+
+/// A row waiting to be written.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub archive: ArchiveRef,
+    pub id: ArchiveId,
+    /// Bare JID of the other party.
+    pub with: String,
+    /// The stored copy of the stanza, serialised XML with `xmlns="jabber:client"` on the top element.
+    pub stanza: String,
+}
+
+/// A row read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub id: ArchiveId,
+    pub with: String,
+    pub stanza: String,
+}
+
+/// What to look for, with stock `archive:find` semantics (reference §3):
+/// every bound is optional; `start`/`end` are inclusive; `before`/`after` are exclusive and name
+/// ids as a client sent them; results come in id order, newest first when `reverse`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Only rows with this exact bare JID.
+    pub with: Option<String>,
+    /// Only rows at or after this Unix time in microseconds.
+    pub start: Option<i64>,
+    /// Only rows at or before this Unix time in microseconds.
+    pub end: Option<i64>,
+    /// Only rows strictly after this id (client text). An id unknown in this archive is an error.
+    pub after: Option<String>,
+    /// Only rows strictly before this id (client text). An id unknown in this archive is an error.
+    pub before: Option<String>,
+    /// Only rows with one of these ids (client text); unknown ones are ignored.
+    pub ids: Option<Vec<String>>,
+    /// At most this many rows. `Some(0)` returns no rows (and skips the id checks).
+    pub limit: Option<u32>,
+    /// Newest first: the rows nearest to `before` (or to the end) are returned.
+    pub reverse: bool,
+    /// Also count every row that matches `with`/`start`/`end`/`ids`, ignoring before/after.
+    pub total: bool,
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// In the order asked for (ascending ids, or descending when `reverse`).
+    pub items: Vec<Item>,
+    /// Present when the query asked for a total.
+    pub total: Option<u64>,
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An `after`/`before` id that is not in this archive.
+    #[error("item-not-found: no such id in this archive")]
+    ItemNotFound,
+    /// The database refused or failed.
+    #[error("database error: {0}")]
+    Database(String),
+    /// The database file or pool could not be opened.
+    #[error("cannot open the archive database: {0}")]
+    Open(String),
+}
+
+/// An archive store. Implementations are shared between the writer thread and the query
+/// workers, so every method takes `&self` and may block.
+pub trait Store: Send + Sync + 'static {
+    /// Writes all rows in one transaction: either all are committed, or none is.
+    fn append(&self, batch: &[NewItem]) -> Result<(), StoreError>;
+
+    /// Runs a query against one archive.
+    fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError>;
+
+    /// The newest id in the whole database, so that new ids continue after it.
+    fn last_id(&self) -> Result<Option<ArchiveId>, StoreError>;
+}

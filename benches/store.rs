@@ -1,1 +1,209 @@
-fn main() {}
+//! Benchmarks of the SQLite store: appending batches (one transaction and one fsync each), and
+//! one query page against an archive of 1,000,000 rows.
+//!
+//! Run with `cargo bench --no-default-features --bench store`. The 1.2M-row fixture is built
+//! once per run into a temporary file (about 10 s and 0.6 GB) and shared by the query benches.
+//! This file measures; it does not test behaviour (that is in `src/store/sqlite/tests.rs`).
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use mam_rs_native::id::ArchiveId;
+use mam_rs_native::store::sqlite::{SqliteOptions, SqliteStore};
+use mam_rs_native::store::{ArchiveRef, NewItem, Query, Store};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// 2023-11-14, in microseconds; fixture rows are one millisecond apart from here.
+const T0: i64 = 1_700_000_000_000_000;
+/// Rows of the user whose archive is queried.
+const BIG_ARCHIVE: u64 = 1_000_000;
+/// Every sixth row belongs to one of these other users.
+const OTHER_USERS: u64 = 99;
+/// The queried user's rows are spread over this many contacts.
+const CONTACTS: u64 = 50;
+
+fn archive(user: &str) -> ArchiveRef {
+    ArchiveRef {
+        host: Arc::from("example.com"),
+        user: user.to_owned(),
+        store: Arc::from("archive"),
+    }
+}
+
+fn contact(n: u64) -> String {
+    format!("contact{n}@example.net")
+}
+
+/// A stored message of about 400 bytes.
+fn stanza(id: ArchiveId, with: &str) -> String {
+    format!(
+        "<message xmlns='jabber:client' from='romeo@example.com/orchard' to='{with}' \
+         type='chat' id='{id}'><body>But soft, what light through yonder window breaks? \
+         It is the east, and Juliet is the sun. Arise, fair sun, and kill the envious \
+         moon, who is already sick and pale with grief.</body>\
+         <origin-id xmlns='urn:xmpp:sid:0' id='{id}'/></message>"
+    )
+}
+
+fn row(archive: &ArchiveRef, id: ArchiveId, with: String) -> NewItem {
+    NewItem {
+        archive: archive.clone(),
+        stanza: stanza(id, &with),
+        id,
+        with,
+    }
+}
+
+fn open(dir: &TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("bench.sqlite"), &SqliteOptions::default())
+        .expect("open the bench database")
+}
+
+fn append(c: &mut Criterion) {
+    let dir = TempDir::new().expect("temp dir");
+    let store = open(&dir);
+    let users: Vec<ArchiveRef> = (0..20).map(|u| archive(&format!("user{u}"))).collect();
+    let mut next = 0i64;
+    let mut batch_of = |size: usize| -> Vec<NewItem> {
+        (0..size)
+            .map(|i| {
+                next += 1;
+                let id = ArchiveId::first_at(T0 + next);
+                row(&users[i % users.len()], id, contact(i as u64 % 7))
+            })
+            .collect()
+    };
+
+    let mut group = c.benchmark_group("append");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    for size in [100usize, 1000] {
+        group.throughput(Throughput::Elements(size as u64));
+        group.bench_function(format!("batch_{size}"), |b| {
+            b.iter_batched(
+                || batch_of(size),
+                |batch| store.append(&batch).expect("append"),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+/// Row `k` of the fixture: every sixth belongs to another user, the rest to `romeo`.
+fn fixture_row(k: u64, romeo: &ArchiveRef, others: &[ArchiveRef]) -> NewItem {
+    let id = ArchiveId::first_at(T0 + k as i64 * 1000);
+    if k % 6 == 0 {
+        let other = &others[(k / 6 % OTHER_USERS) as usize];
+        row(other, id, "romeo@example.com".to_owned())
+    } else {
+        row(romeo, id, contact(k % CONTACTS))
+    }
+}
+
+/// Builds the fixture with large transactions. Returns the id of a row of romeo's in the
+/// middle of his archive.
+fn build_fixture(store: &SqliteStore) -> ArchiveId {
+    let started = Instant::now();
+    let romeo = archive("romeo");
+    let others: Vec<ArchiveRef> = (0..OTHER_USERS)
+        .map(|u| archive(&format!("other{u}")))
+        .collect();
+    let rows = BIG_ARCHIVE * 6 / 5;
+    let chunk = 50_000;
+    for first in (0..rows).step_by(chunk) {
+        let batch: Vec<NewItem> = (first..(first + chunk as u64).min(rows))
+            .map(|k| fixture_row(k, &romeo, &others))
+            .collect();
+        store.append(&batch).expect("append fixture");
+    }
+    let size = std::fs::metadata(store.path()).map_or(0, |m| m.len());
+    eprintln!(
+        "fixture: {rows} rows ({BIG_ARCHIVE} in one archive) in {:.1} s, {} MB",
+        started.elapsed().as_secs_f64(),
+        size / 1_000_000
+    );
+    let middle = rows / 2 + 1;
+    assert!(middle % 6 != 0, "the middle row must be romeo's");
+    ArchiveId::first_at(T0 + middle as i64 * 1000)
+}
+
+fn query(c: &mut Criterion) {
+    let dir = TempDir::new().expect("temp dir");
+    let store = open(&dir);
+    let middle = build_fixture(&store);
+    let romeo = archive("romeo");
+    let page = Query {
+        limit: Some(51),
+        total: true,
+        ..Query::default()
+    };
+    let cases = [
+        (
+            "last_page",
+            Query {
+                reverse: true,
+                ..page.clone()
+            },
+        ),
+        (
+            "last_page_no_total",
+            Query {
+                reverse: true,
+                total: false,
+                ..page.clone()
+            },
+        ),
+        (
+            "after_middle_id",
+            Query {
+                after: Some(middle.to_string()),
+                ..page.clone()
+            },
+        ),
+        (
+            "with_last_page",
+            Query {
+                with: Some(contact(7)),
+                reverse: true,
+                ..page.clone()
+            },
+        ),
+        (
+            // The total cannot come from the archive's row count: it counts 500k index entries.
+            "start_half_way",
+            Query {
+                start: Some(middle.micros()),
+                ..page.clone()
+            },
+        ),
+        (
+            "start_half_way_no_total",
+            Query {
+                start: Some(middle.micros()),
+                total: false,
+                ..page.clone()
+            },
+        ),
+    ];
+
+    let mut group = c.benchmark_group("find_1m");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (name, q) in &cases {
+        let check = store.find(&romeo, q).expect("find");
+        assert_eq!(check.items.len(), 51, "{name}");
+        group.bench_function(*name, |b| {
+            b.iter(|| store.find(&romeo, black_box(q)).expect("find"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append, query);
+criterion_main!(benches);

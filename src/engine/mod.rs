@@ -1,1 +1,234 @@
-//! Engine (being written).
+//! The engine: the threads that do the archive's work off Prosody's event loop.
+//!
+//! - [`Engine::archive`] (on the loop, every message): hands out the next id in hook order
+//!   and queues the row for the one writer thread ([`writer`]), which commits in batches.
+//! - [`Engine::query`] (on the loop): queues a query for the worker pool ([`worker`]).
+//! - [`Engine::mailbox`]: each module instance (one per VirtualHost) gets its own
+//!   [`Mailbox`]: an eventfd for the loop to watch and a queue of finished queries, log lines
+//!   and the writer's progress ([`wake`]).
+//! - [`Engine::shared`]: every host whose archive is in the same database file shares one
+//!   engine, hence one id generator and one writer: two writers on one SQLite file fail with
+//!   SQLITE_BUSY, and two generators could hand out the same id.
+//! - [`Engine::shutdown`] / `Drop`: commits what is queued and joins every thread. A module
+//!   reload keeps the library mapped, and Prosody's shutdown runs `Drop` from the Lua
+//!   finaliser before the library is unloaded, so no thread may outlive the engine.
+//!
+//! The engine never touches Lua: only owned Rust values cross its threads.
+
+pub mod wake;
+pub mod worker;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+
+use minidom::Element;
+use parking_lot::Mutex;
+
+use crate::config::Config;
+use crate::id::{ArchiveId, IdGenerator};
+use crate::protocol::xep0313::Limits;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::{ArchiveRef, Store, StoreError};
+use wake::Progress;
+pub use wake::{Completion, Drained, Level, Mailbox};
+use worker::{Job, Worker};
+use writer::{Row, Writer, WriterMsg};
+
+/// Most rows committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create the wake-up eventfd: {0}")]
+    EventFd(#[from] std::io::Error),
+    #[error("the archive engine is shut down")]
+    Closed,
+}
+
+/// What the engine hands out for one archived message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Archived {
+    pub id: ArchiveId,
+    /// Deliver once [`Drained::released`] reaches this value.
+    pub release_at: u64,
+}
+
+/// An archive query, as the loop hands it over.
+#[derive(Debug)]
+pub struct QueryRequest {
+    pub archive: ArchiveRef,
+    /// The `<query xmlns="urn:xmpp:mam:2">` element.
+    pub query: Element,
+    /// `to` and `from` of the result messages.
+    pub to: Option<String>,
+    pub from: Option<String>,
+    pub limits: Limits,
+}
+
+pub struct Engine {
+    progress: Arc<Progress>,
+    ids: Mutex<IdGenerator>,
+    last_handed_out: AtomicU64,
+    writer: Mutex<Option<Sender<WriterMsg>>>,
+    queries: Mutex<Option<Sender<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopping: Arc<AtomicBool>,
+    next_ticket: AtomicU64,
+}
+
+/// The engines of this process, by database file.
+static ENGINES: Mutex<Option<HashMap<PathBuf, Weak<Engine>>>> = Mutex::new(None);
+
+impl Engine {
+    /// The engine for the database named in `config`: the running one if another host
+    /// already opened that file, otherwise a new one. Its threads stop when the last
+    /// `Arc` is dropped.
+    pub fn shared(config: &Config) -> Result<Arc<Engine>, EngineError> {
+        let mut engines = ENGINES.lock();
+        let engines = engines.get_or_insert_with(HashMap::new);
+        engines.retain(|_, e| e.strong_count() > 0);
+        if let Some(engine) = engines.get(&config.database).and_then(Weak::upgrade) {
+            return Ok(engine);
+        }
+        let engine = Arc::new(Engine::open(config)?);
+        engines.insert(config.database.clone(), Arc::downgrade(&engine));
+        Ok(engine)
+    }
+
+    /// Opens the SQLite archive named in `config` and starts the threads.
+    pub fn open(config: &Config) -> Result<Engine, EngineError> {
+        let options = SqliteOptions {
+            pool_size: (config.query_workers as u32).saturating_add(1),
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&config.database, &options)?;
+        Engine::start(Arc::new(store), config)
+    }
+
+    /// Starts the threads over any store.
+    pub fn start(store: Arc<dyn Store>, config: &Config) -> Result<Engine, EngineError> {
+        let progress = Arc::new(Progress::default());
+        let last = store.last_id()?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+
+        let (writer_tx, writer_rx) = mpsc::channel();
+        let writer = Writer {
+            store: store.clone(),
+            progress: progress.clone(),
+            max_batch: MAX_BATCH,
+            stopping: stopping.clone(),
+        };
+        threads.push(spawn("mam_rs-writer", move || writer.run(writer_rx))?);
+
+        let (query_tx, query_rx) = mpsc::channel();
+        let query_rx = Arc::new(Mutex::new(query_rx));
+        for n in 0..config.query_workers.max(1) {
+            let worker = Worker {
+                store: store.clone(),
+                progress: progress.clone(),
+                test_delay: config.test_query_delay,
+            };
+            let rx = query_rx.clone();
+            threads.push(spawn(&format!("mam_rs-query-{n}"), move || worker.run(rx))?);
+        }
+
+        // Everything already stored counts as committed.
+        let stored = last.map_or(0, |id| id.as_i64() as u64);
+        progress.advance(stored, true);
+
+        Ok(Engine {
+            progress,
+            ids: Mutex::new(IdGenerator::starting_after(last)),
+            last_handed_out: AtomicU64::new(stored),
+            writer: Mutex::new(Some(writer_tx)),
+            queries: Mutex::new(Some(query_tx)),
+            threads: Mutex::new(threads),
+            stopping,
+            next_ticket: AtomicU64::new(1),
+        })
+    }
+
+    /// A new mailbox for one module instance: watch its fd, drain it when readable.
+    pub fn mailbox(&self) -> Result<Arc<Mailbox>, EngineError> {
+        Ok(self.progress.subscribe()?)
+    }
+
+    /// Queues a message for the archive and returns its id. `stanza` is the copy to store.
+    pub fn archive(
+        &self,
+        archive: ArchiveRef,
+        with: String,
+        stanza: Element,
+    ) -> Result<Archived, EngineError> {
+        let writer = self.writer.lock();
+        let tx = writer.as_ref().ok_or(EngineError::Closed)?;
+        // The id lock is held across the send, so rows reach the writer in id order.
+        let mut ids = self.ids.lock();
+        let id = ids.next_now();
+        tx.send(WriterMsg::Row(Row {
+            archive,
+            id,
+            with,
+            stanza,
+        }))
+        .map_err(|_| EngineError::Closed)?;
+        let release_at = id.as_i64() as u64;
+        self.last_handed_out.store(release_at, Ordering::Release);
+        Ok(Archived { id, release_at })
+    }
+
+    /// Queues a query; its [`Completion::Query`], carrying the returned ticket, goes to `reply`.
+    pub fn query(&self, request: QueryRequest, reply: &Arc<Mailbox>) -> Result<u64, EngineError> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            ticket,
+            archive: request.archive,
+            query: request.query,
+            to: request.to,
+            from: request.from,
+            seen: self.last_handed_out.load(Ordering::Acquire),
+            limits: request.limits,
+            reply: reply.clone(),
+        };
+        let queries = self.queries.lock();
+        queries
+            .as_ref()
+            .ok_or(EngineError::Closed)?
+            .send(job)
+            .map_err(|_| EngineError::Closed)?;
+        Ok(ticket)
+    }
+
+    /// Commits every queued row and joins every thread. Safe to call twice.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Some(tx) = self.writer.lock().take() {
+            let _ = tx.send(WriterMsg::Stop);
+        }
+        self.queries.lock().take();
+        let threads: Vec<JoinHandle<()>> = self.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, EngineError> {
+    Ok(std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)?)
+}

@@ -1,1 +1,271 @@
-//! Lua surface (being written).
+//! The Lua-facing surface: what `lua/mod_mam_rs.lua` calls. It converts Lua values and
+//! `util.stanza` tables to and from the crate's types, and nothing else: no rule, query or
+//! SQL lives here.
+//!
+//! Exports of `require "mam_rs_native"` (loaded with `package.loadlib`):
+//! - `version`
+//! - `parse_config(options) -> settings, errors`: checks option values; `errors` is a list of
+//!   log lines, each naming the option, the value and what is accepted.
+//! - `should_store(stanza) -> bool, reason`: stock mod_mam's default archiving decision.
+//! - `open(host, options, stanza_mt) -> archive | nil, message`: the per-host handle, whose
+//!   methods are `fd`, `archive`, `query`, `drain`, `query_form` and `close`.
+
+mod stanza;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use mlua::prelude::*;
+use mlua::{Table, UserData, UserDataMethods, Value};
+
+use crate::config::{self, Config, RawValue};
+use crate::engine::{Completion, Engine, Mailbox, QueryRequest};
+use crate::policy;
+use crate::protocol::xep0313::{self, Limits};
+use crate::protocol::{ns, xep0359};
+use crate::store::ArchiveRef;
+
+#[mlua::lua_module(name = "mam_rs_native")]
+fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
+    let exports = lua.create_table()?;
+    exports.set("version", env!("CARGO_PKG_VERSION"))?;
+    exports.set("parse_config", lua.create_function(parse_config)?)?;
+    exports.set("should_store", lua.create_function(should_store)?)?;
+    exports.set("open", lua.create_function(open)?)?;
+    Ok(exports)
+}
+
+fn raw_value(v: &Value) -> LuaResult<Option<RawValue>> {
+    Ok(Some(match v {
+        Value::Nil => return Ok(None),
+        Value::Boolean(b) => RawValue::Bool(*b),
+        Value::Integer(i) => RawValue::Integer(*i),
+        Value::Number(n) => RawValue::Number(*n),
+        Value::String(s) => RawValue::String(s.to_string_lossy()),
+        Value::Table(t) => {
+            let len = t.raw_len();
+            let mut entries = 0;
+            t.for_each::<Value, Value>(|_, _| {
+                entries += 1;
+                Ok(())
+            })?;
+            if entries != len {
+                RawValue::Other("a table that is not a list".into())
+            } else {
+                let mut items = Vec::with_capacity(len);
+                for i in 1..=len {
+                    items.extend(raw_value(&t.raw_get::<Value>(i)?)?);
+                }
+                RawValue::List(items)
+            }
+        }
+        other => RawValue::Other(format!("a {}", other.type_name())),
+    }))
+}
+
+fn read_config(options: &Table) -> LuaResult<(Config, Vec<String>)> {
+    let mut raw = BTreeMap::new();
+    for pair in options.pairs::<String, Value>() {
+        let (k, v) = pair?;
+        if let Some(value) = raw_value(&v)? {
+            raw.insert(k, value);
+        }
+    }
+    let (config, errors) = config::from_options(&raw);
+    Ok((config, errors.iter().map(ToString::to_string).collect()))
+}
+
+fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Vec<String>)> {
+    let (config, errors) = read_config(&options)?;
+    let settings = lua.create_table()?;
+    settings.set(
+        "max_archive_query_results",
+        config.max_archive_query_results,
+    )?;
+    settings.set(
+        "default_archive_policy",
+        config.default_archive_policy.as_str(),
+    )?;
+    settings.set("archive_store", config.archive_store.as_str())?;
+    settings.set("mam_include_total", config.mam_include_total)?;
+    settings.set("database", config.database.to_string_lossy().as_ref())?;
+    settings.set(
+        "dont_archive_namespaces",
+        config
+            .dont_archive_namespaces
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>(),
+    )?;
+    Ok((settings, errors))
+}
+
+fn should_store(_: &Lua, stanza: Table) -> LuaResult<(bool, &'static str)> {
+    Ok(policy::should_store(&stanza::summary(&stanza)?))
+}
+
+/// One module instance's view of the engine: its host, its options and its mailbox.
+struct Archive {
+    /// `None` once closed.
+    engine: Option<Arc<Engine>>,
+    mailbox: Arc<Mailbox>,
+    host: Arc<str>,
+    store: Arc<str>,
+    strip: BTreeSet<String>,
+    limits: Limits,
+    stanza_mt: Table,
+}
+
+fn open(
+    _: &Lua,
+    (host, options, stanza_mt): (String, Table, Table),
+) -> LuaResult<(Option<Archive>, Option<String>)> {
+    let (config, _) = read_config(&options)?;
+    let engine = match Engine::shared(&config) {
+        Ok(engine) => engine,
+        Err(e) => return Ok((None, Some(format!("{}: {e}", config.database.display())))),
+    };
+    let mailbox = engine.mailbox().map_err(LuaError::external)?;
+    Ok((
+        Some(Archive {
+            engine: Some(engine),
+            mailbox,
+            host: Arc::from(host),
+            store: Arc::from(config.archive_store.as_str()),
+            strip: config.dont_archive_namespaces.clone(),
+            limits: Limits {
+                default_max: config.default_page_size,
+                max_max: config.max_archive_query_results,
+                include_total: config.mam_include_total,
+            },
+            stanza_mt,
+        }),
+        None,
+    ))
+}
+
+impl Archive {
+    fn engine(&self) -> LuaResult<&Arc<Engine>> {
+        self.engine
+            .as_ref()
+            .ok_or_else(|| LuaError::external("the archive is closed"))
+    }
+
+    fn archive_ref(&self, user: String) -> ArchiveRef {
+        ArchiveRef {
+            host: self.host.clone(),
+            user,
+            store: self.store.clone(),
+        }
+    }
+
+    /// Stores a copy of `stanza` in `user`'s archive. Returns the id and the release mark, or
+    /// only the reason it was not stored.
+    fn archive(
+        &self,
+        stanza: &Table,
+        user: String,
+        with: String,
+    ) -> LuaResult<(Option<String>, Option<i64>, Option<String>)> {
+        let engine = self.engine()?;
+        let mut stored = match stanza::to_element(stanza, ns::CLIENT) {
+            Ok(el) => el,
+            Err(e) => return Ok((None, None, Some(e.to_string()))),
+        };
+        xep0359::remove_own_stanza_ids(&mut stored, &user, &self.host);
+        if !policy::strip_for_storage(&mut stored, &self.strip) {
+            return Ok((None, None, Some("empty when stripped".into())));
+        }
+        match engine.archive(self.archive_ref(user), with, stored) {
+            Ok(archived) => Ok((
+                Some(archived.id.to_string()),
+                Some(archived.release_at as i64),
+                None,
+            )),
+            Err(e) => Ok((None, None, Some(e.to_string()))),
+        }
+    }
+}
+
+impl UserData for Archive {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("fd", |_, this, ()| Ok(this.mailbox.fd()));
+
+        methods.add_method(
+            "archive",
+            |_, this, (stanza, user, with): (Table, String, String)| {
+                this.archive(&stanza, user, with)
+            },
+        );
+
+        methods.add_method(
+            "query",
+            |_, this, (query, user, to, from): (Table, String, Option<String>, Option<String>)| {
+                let request = QueryRequest {
+                    archive: this.archive_ref(user),
+                    query: stanza::to_element(&query, ns::CLIENT)?,
+                    to,
+                    from,
+                    limits: this.limits,
+                };
+                this.engine()?
+                    .query(request, &this.mailbox)
+                    .map_err(LuaError::external)
+            },
+        );
+
+        methods.add_method("drain", |lua, this, ()| {
+            let drained = this.mailbox.drain();
+            let list = lua.create_table_with_capacity(drained.completions.len(), 0)?;
+            for completion in drained.completions {
+                let entry = lua.create_table()?;
+                match completion {
+                    Completion::Query { ticket, result } => {
+                        entry.set("ticket", ticket)?;
+                        match result {
+                            Ok(response) => {
+                                let messages =
+                                    lua.create_table_with_capacity(response.messages.len(), 0)?;
+                                for m in &response.messages {
+                                    messages.raw_push(stanza::build(
+                                        lua,
+                                        &this.stanza_mt,
+                                        m,
+                                        ns::CLIENT,
+                                    )?)?;
+                                }
+                                entry.set("messages", messages)?;
+                                entry.set(
+                                    "fin",
+                                    stanza::build(lua, &this.stanza_mt, &response.fin, ns::CLIENT)?,
+                                )?;
+                                entry.set("complete", response.complete)?;
+                            }
+                            Err(e) => {
+                                entry.set("error_type", e.kind.as_str())?;
+                                entry.set("condition", e.condition)?;
+                                entry.set("text", e.text)?;
+                            }
+                        }
+                    }
+                    Completion::Log { level, message } => {
+                        entry.set("log", level.as_str())?;
+                        entry.set("message", message)?;
+                    }
+                }
+                list.raw_push(entry)?;
+            }
+            Ok((drained.released as i64, list))
+        });
+
+        methods.add_method("query_form", |lua, this, ()| {
+            stanza::build(lua, &this.stanza_mt, &xep0313::query_form(), ns::CLIENT)
+        });
+
+        // Stops using the engine; the last host to close it commits its queue and joins its threads.
+        methods.add_method_mut("close", |_, this, ()| {
+            this.engine.take();
+            Ok(())
+        });
+    }
+}

@@ -6,7 +6,7 @@
 //! - [`xep0082`]: date-time parsing and formatting (`start`, `end`, delay stamps).
 //! - [`xep0313`]: message archive management: the query, how it maps to a store query, the
 //!   result messages and `<fin>`.
-//! - [`xep0359`]: `<stanza-id>`.
+//! - [`xep0359`]: unique stanza ids (`<stanza-id>`).
 //!
 //! This layer parses and builds elements; it never touches the store, threads or Lua.
 //! Errors are [`StanzaError`] values that the Lua surface turns into `st.error_reply`.
@@ -85,6 +85,68 @@ impl StanzaError {
             kind: ErrorType::Cancel,
             condition: "internal-server-error",
             text: None,
+        }
+    }
+}
+
+/// An attribute name for the element builder. Only ever called with literal names that are
+/// valid XML NCNames, so the conversion cannot fail.
+pub(crate) fn attr_name(name: &'static str) -> minidom::rxml::NcName {
+    minidom::rxml::NcName::try_from(name).expect("attribute names in this layer are NCNames")
+}
+
+/// Prosody's `stanza:get_text()`: the text of an element that holds only text, or `None` when
+/// it has child elements.
+pub(crate) fn text_only(el: &minidom::Element) -> Option<String> {
+    el.children().next().is_none().then(|| el.text())
+}
+
+/// A JID split into prepared parts: Prosody's `jid.prepped_split` (util/jid.lua).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PreppedJid {
+    pub node: Option<String>,
+    pub domain: String,
+    pub resource: Option<String>,
+}
+
+impl PreppedJid {
+    /// Splits like Prosody's `jid.split`, drops one trailing dot of the domain, and applies
+    /// nodeprep/nameprep/resourceprep (via the `jid` crate, which also checks the domain with
+    /// IDNA rules, slightly stricter than Prosody). `None` when Prosody's would return nil.
+    pub fn parse(raw: &str) -> Option<PreppedJid> {
+        let (node, rest) = match raw.find(['@', '/']) {
+            Some(i) if i > 0 && raw.as_bytes()[i] == b'@' => (Some(&raw[..i]), &raw[i + 1..]),
+            _ => (None, raw),
+        };
+        let host_len = rest.find(['@', '/']).unwrap_or(rest.len());
+        let (host, tail) = rest.split_at(host_len);
+        let resource = match tail.strip_prefix('/') {
+            _ if tail.is_empty() => None,
+            Some(r) if !r.is_empty() => Some(r),
+            _ => return None,
+        };
+        if host.is_empty() || host == "." {
+            return None;
+        }
+        let host = host.strip_suffix('.').unwrap_or(host);
+        Some(PreppedJid {
+            node: match node {
+                Some(n) => Some(jid::NodePart::new(n).ok()?.as_str().to_owned()),
+                None => None,
+            },
+            domain: jid::DomainPart::new(host).ok()?.as_str().to_owned(),
+            resource: match resource {
+                Some(r) => Some(jid::ResourcePart::new(r).ok()?.as_str().to_owned()),
+                None => None,
+            },
+        })
+    }
+
+    /// The bare JID, `node@domain` or `domain`.
+    pub fn bare(&self) -> String {
+        match &self.node {
+            Some(node) => format!("{node}@{}", self.domain),
+            None => self.domain.clone(),
         }
     }
 }

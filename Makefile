@@ -1,0 +1,90 @@
+# mod_mam_rs: build, install, run and test.
+#
+#   make build     build/plugins/mod_mam_rs/ (the shim and the .so), ready for plugin_paths
+#   make install   into Prosody's plugin directory (PREFIX, DESTDIR, PLUGIN_DIR respected)
+#   make run       a local Prosody on 127.0.0.1 with mod_mam_rs and two accounts
+#   make test      every test: cargo test, busted specs, end-to-end against a real Prosody
+#   make bench     criterion benchmarks
+
+PREFIX ?= /usr/local
+PLUGIN_DIR ?= $(PREFIX)/lib/prosody/modules
+DESTDIR ?=
+CARGO ?= cargo
+PYTHON ?= python3
+LUA ?= lua5.4
+
+NATIVE := mam_rs_native
+SO_BUILT := target/release/lib$(NATIVE).so
+PLUGIN := build/plugins/mod_mam_rs
+VENV := .venv
+APT_PACKAGES := prosody lua5.4 lua-busted
+
+# Run apt-get as root, or through sudo when we are not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all build install uninstall run test test-rust test-spec test-e2e bench bench-e2e deps deps-python lint clean
+
+all: build
+
+## Installs the Debian packages and the Python test environment that are missing.
+deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if ! command -v $(PYTHON) >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+		missing="$$missing python3 python3-venv"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+deps-python: deps
+	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+
+build:
+	$(CARGO) build --release --locked
+	@mkdir -p $(PLUGIN)
+	install -m 644 lua/mod_mam_rs.lua $(PLUGIN)/mod_mam_rs.lua
+	@# A new file, then a rename: a running Prosody keeps its mapped copy intact.
+	install -m 755 $(SO_BUILT) $(PLUGIN)/$(NATIVE).so.new
+	mv -f $(PLUGIN)/$(NATIVE).so.new $(PLUGIN)/$(NATIVE).so
+
+install: build
+	install -d $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs
+	install -m 644 lua/mod_mam_rs.lua $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/mod_mam_rs.lua
+	install -m 755 $(SO_BUILT) $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/$(NATIVE).so.new
+	mv -f $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/$(NATIVE).so.new $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/$(NATIVE).so
+
+uninstall:
+	rm -rf $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs
+
+## A local server for trying it with any client: see README.md "Try it".
+run: deps build
+	@tools/run-local.sh
+
+test: deps-python build test-rust test-spec test-e2e
+
+test-rust:
+	$(CARGO) test --no-default-features --locked
+
+test-spec: build
+	$(LUA) /usr/bin/busted --lpath='./spec/?.lua' spec
+
+test-e2e: deps-python build
+	$(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+
+bench:
+	$(CARGO) bench --no-default-features --locked
+
+bench-e2e: deps-python build
+	$(VENV)/bin/python tests/e2e/bench_vs_stock.py
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --no-default-features --all-targets -- -D warnings
+	$(CARGO) clippy --release -- -D warnings
+
+clean:
+	rm -rf build target

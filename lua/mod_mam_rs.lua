@@ -1,0 +1,286 @@
+-- mod_mam_rs: XEP-0313 Message Archive Management for Prosody, a drop-in for mod_mam.
+--
+-- This file is the Prosody-facing glue only: it reads options, registers the same hooks at
+-- the same priorities as mod_mam, and hands stanzas to the native library (mam_rs_native.so),
+-- which classifies, stores and queries on its own threads. The event loop never waits on
+-- the database: it is woken through an eventfd when results or commits are ready.
+
+local st = require "util.stanza";
+local jid = require "util.jid";
+local async = require "util.async";
+local server = require "net.server";
+local um = require "core.usermanager";
+local rm_load_roster = require "core.rostermanager".load_roster;
+
+local xmlns_mam = "urn:xmpp:mam:2";
+local xmlns_mam_ext = "urn:xmpp:mam:2#extended";
+local xmlns_st_id = "urn:xmpp:sid:0";
+
+local host = module.host;
+local jid_bare, jid_split, jid_prepped_split = jid.bare, jid.split, jid.prepped_split;
+
+-- The native library sits beside this file (plugin_paths, make install), or in the
+-- installer tree (prosodyctl install), which Prosody 0.12 leaves off package.cpath.
+local function load_native()
+	local name = "mam_rs_native";
+	if package.loaded[name] then return package.loaded[name]; end
+	local tried = {};
+	local candidates = { module:get_directory() .. "/" .. name .. ".so" };
+	if prosody.paths.installer then
+		table.insert(candidates, prosody.paths.installer .. "/lib/lua/5.4/" .. name .. ".so");
+	end
+	for _, path in ipairs(candidates) do
+		local open, err = package.loadlib(path, "luaopen_" .. name);
+		if open then
+			package.loaded[name] = open();
+			return package.loaded[name];
+		end
+		table.insert(tried, path .. " (" .. tostring(err) .. ")");
+	end
+	error("cannot load " .. name .. ".so; tried: " .. table.concat(tried, ", "));
+end
+
+local native = load_native();
+
+local options = {
+	max_archive_query_results = module:get_option("max_archive_query_results");
+	default_archive_policy = module:get_option("default_archive_policy");
+	dont_archive_namespaces = module:get_option("dont_archive_namespaces");
+	archive_store = module:get_option("archive_store");
+	mam_include_total = module:get_option("mam_include_total");
+	mam_rs_database = module:get_option_path("mam_rs_database", "mam_rs.sqlite", "data");
+	mam_rs_query_workers = module:get_option("mam_rs_query_workers");
+	mam_rs_test_query_delay = module:get_option("mam_rs_test_query_delay");
+};
+local settings, config_errors = native.parse_config(options);
+for _, message in ipairs(config_errors) do
+	module:log("error", "%s", message);
+end
+
+if prosody.process_type == "prosodyctl" then
+	return; -- No threads and no hooks inside prosodyctl.
+end
+
+if require "core.modulemanager".is_loaded(host, "mam") then
+	module:log("error", "mod_mam is loaded on %s too; load only one of mod_mam and mod_mam_rs", host);
+end
+
+local archive = assert(native.open(host, options, st.stanza_mt));
+module:log("debug", "Archive in %s (mam_rs_native %s)", settings.database, native.version);
+
+-- Completions: the native side wakes us through an eventfd.
+local pending_queries = {}; -- ticket -> callback(completion)
+local waiting, waiting_head, waiting_tail = {}, 1, 0; -- { release_at, done }, in release order
+local released = 0;
+
+local function release_waiting()
+	while waiting[waiting_head] and waiting[waiting_head][1] <= released do
+		local entry = waiting[waiting_head];
+		waiting[waiting_head] = nil;
+		waiting_head = waiting_head + 1;
+		entry[2]();
+	end
+end
+
+local function on_readable()
+	local now_released, completions = archive:drain();
+	for _, c in ipairs(completions) do
+		if c.log then
+			module:log(c.log, "%s", c.message);
+		else
+			local callback = pending_queries[c.ticket];
+			pending_queries[c.ticket] = nil;
+			if callback then callback(c); end
+		end
+	end
+	if now_released > released then
+		released = now_released;
+		release_waiting();
+	end
+end
+
+local watcher = server.watchfd(archive:fd(), on_readable);
+
+-- While a session's handler waits, mod_c2s pauses its connection. Prosody 0.12's server_epoll
+-- does not look at LuaSocket's own read buffer when a paused connection resumes, so stanzas
+-- already read into it would sit there until the client sends more. Read them once the
+-- connection reads again, as server_epoll's own pausefor() does.
+local function read_buffered(session)
+	local conn = session and session.conn;
+	local sock = type(conn) == "table" and conn.conn;
+	if session.mam_rs_read_check or not (sock and sock.dirty and conn.onreadable and sock:dirty()) then
+		return;
+	end
+	session.mam_rs_read_check = true;
+	local tries = 0;
+	module:add_timer(0, function ()
+		tries = tries + 1;
+		if conn.conn ~= sock or not sock:dirty() or tries > 2000 then
+			session.mam_rs_read_check = nil;
+			return;
+		end
+		if not conn._wantread then
+			return 0.005; -- Still paused: the session's handler is waiting again.
+		end
+		session.mam_rs_read_check = nil;
+		conn:onreadable();
+	end);
+end
+
+-- Holds the calling session's handler until the row is committed, so that a stanza-id a
+-- client has seen survives a crash. Outside an async runner there is nothing to pause.
+local function wait_committed(release_at, session)
+	if release_at <= released or not async.ready() then return; end
+	local wait, done = async.waiter();
+	waiting_tail = waiting_tail + 1;
+	waiting[waiting_tail] = { release_at, done };
+	wait();
+	read_buffered(session);
+end
+
+-- Archive path (mod_mam.lua:390-472)
+
+local function strip_stanza_id(stanza, user)
+	if not stanza:get_child("stanza-id", xmlns_st_id) then return stanza; end
+	stanza = st.clone(stanza);
+	stanza:maptags(function (tag)
+		if tag.name == "stanza-id" and tag.attr.xmlns == xmlns_st_id then
+			local by_user, by_host, res = jid_prepped_split(tag.attr.by);
+			if not res and by_host == host and by_user == user then
+				return nil;
+			end
+		end
+		return tag;
+	end);
+	return stanza;
+end
+
+local function user_exists(user)
+	return prosody.bare_sessions[user .. "@" .. host] ~= nil or um.user_exists(user, host);
+end
+
+-- The default archiving rule, until per-user preferences exist.
+local function shall_store(user, with)
+	local policy = settings.default_archive_policy;
+	if policy == "roster" then
+		return rm_load_roster(user, host)[with] ~= nil;
+	end
+	return policy == "always";
+end
+
+local function message_handler(event, c2s)
+	local origin, stanza = event.origin, event.stanza;
+	local log = c2s and origin.log or module._log;
+	local orig_from = stanza.attr.from;
+	local orig_to = stanza.attr.to or orig_from;
+	local store_user = c2s and origin.username or jid_split(orig_to);
+	local with = jid_bare(c2s and orig_to or orig_from);
+	if not store_user or not with then return; end
+
+	stanza = strip_stanza_id(stanza, store_user);
+	event.stanza = stanza;
+
+	local payload = { stanza = stanza; session = origin };
+	if not module:fire_event("archive-should-store", payload) then
+		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), payload.reason);
+		return;
+	end
+	if not (c2s or user_exists(store_user)) or not shall_store(store_user, with) then
+		log("debug", "Not archiving stanza: %s (prefs)", stanza:top_tag());
+		return;
+	end
+
+	local id, release_at, why = archive:archive(stanza, store_user, with);
+	if not id then
+		log(why == "empty when stripped" and "debug" or "error", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
+		return;
+	end
+	local delivered = st.clone(stanza);
+	delivered:tag("stanza-id", { xmlns = xmlns_st_id, by = store_user .. "@" .. host, id = id }):up();
+	event.stanza = delivered;
+	wait_committed(release_at, origin);
+	module:fire_event("archive-message-added", { origin = origin, stanza = stanza, for_user = store_user, id = id });
+end
+
+local function c2s_message_handler(event)
+	return message_handler(event, true);
+end
+
+-- Our stanza-id must not leave the server on the sender's outgoing copy.
+local function strip_stanza_id_after_other_events(event)
+	event.stanza = strip_stanza_id(event.stanza, event.origin.username);
+end
+
+module:hook("archive-should-store", function (event)
+	local should, why = native.should_store(event.stanza);
+	event.reason = why;
+	return should;
+end, -1);
+
+module:hook("pre-message/bare", c2s_message_handler, 0);
+module:hook("pre-message/full", c2s_message_handler, 0);
+module:hook("message/bare", message_handler, 0);
+module:hook("message/full", message_handler, 0);
+module:hook("pre-message/bare", strip_stanza_id_after_other_events, -1);
+module:hook("pre-message/full", strip_stanza_id_after_other_events, -1);
+
+-- Archived messages count as handled when mod_offline did not take them (no bounce).
+module:hook("message/offline/handle", function (event)
+	local user = event.username .. "@" .. host;
+	if event.stanza:get_child_with_attr("stanza-id", xmlns_st_id, "by", user) then
+		return true;
+	end
+end, -2);
+
+-- A client that queried the archive fetches its offline messages from there.
+module:hook("message/offline/broadcast", function (event)
+	if event.origin.mam_requested then
+		return true;
+	end
+end);
+
+-- Query path
+
+local function send_query_result(origin, stanza, c)
+	if c.messages then
+		for _, message in ipairs(c.messages) do
+			origin.send(message);
+		end
+		origin.send(st.reply(stanza):add_child(c.fin));
+	else
+		origin.send(st.error_reply(stanza, c.error_type, c.condition, c.text));
+	end
+end
+
+module:hook("iq-get/self/" .. xmlns_mam .. ":query", function (event)
+	event.origin.send(st.reply(event.stanza):add_child(archive:query_form()));
+	return true;
+end);
+
+-- The reply is sent from the completion callback, so the session is not paused meanwhile.
+module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
+	local origin, stanza = event.origin, event.stanza;
+	origin.mam_requested = true;
+	local ticket = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
+	pending_queries[ticket] = function (c)
+		send_query_result(origin, stanza, c);
+	end;
+	return true;
+end);
+
+module:hook("account-disco-info", function (event)
+	local reply = event.reply or event.stanza;
+	reply:tag("feature", { var = xmlns_mam }):up();
+	reply:tag("feature", { var = xmlns_mam_ext }):up();
+	reply:tag("feature", { var = xmlns_st_id }):up();
+end);
+
+-- Unload (reload, or the module removed): the native side commits what is queued and joins
+-- its threads; the last drain answers queries in flight and releases waiting deliveries.
+function module.unload()
+	watcher:close();
+	archive:close();
+	on_readable();
+	released = math.huge;
+	release_waiting();
+end

@@ -1,0 +1,173 @@
+//! The writer thread: the only thread that writes archive rows.
+//!
+//! Rows arrive in id order (ids are handed out on the loop, in hook order, under the same lock
+//! that sends them here). The writer takes everything that is waiting, up to `max_batch`
+//! rows, and commits it in one transaction (group commit): under light load each message gets
+//! its own commit, under heavy load one fsync covers many messages. After a commit it advances
+//! the `committed` watermark, which releases the deliveries waiting on those rows.
+//!
+//! When a commit fails, the rows are kept and retried with backoff, never dropped while the
+//! module runs; the deliveries waiting on them are released at the first failure, so messages
+//! keep flowing while the database is away. Only at shutdown, after a last few attempts, are
+//! rows given up, and then each is named in the log.
+//!
+//! Does not read, does not parse, does not touch Lua.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use minidom::Element;
+
+use super::wake::{Level, Progress};
+use crate::id::ArchiveId;
+use crate::store::{ArchiveRef, NewItem, Store};
+
+/// A message to archive, as the loop hands it over.
+#[derive(Debug)]
+pub struct Row {
+    pub archive: ArchiveRef,
+    pub id: ArchiveId,
+    pub with: String,
+    pub stanza: Element,
+}
+
+pub enum WriterMsg {
+    Row(Row),
+    /// Commit what is queued and exit.
+    Stop,
+}
+
+/// Attempts made for one batch once shutdown has begun.
+const ATTEMPTS_AT_SHUTDOWN: u32 = 3;
+
+pub struct Writer {
+    pub store: Arc<dyn Store>,
+    pub progress: Arc<Progress>,
+    pub max_batch: usize,
+    /// Set by the engine when it shuts down, so that retries stop in bounded time.
+    pub stopping: Arc<AtomicBool>,
+}
+
+impl Writer {
+    pub fn run(self, rx: Receiver<WriterMsg>) {
+        let mut batch: Vec<NewItem> = Vec::with_capacity(self.max_batch);
+        let mut stop = false;
+        while !stop {
+            match rx.recv() {
+                Ok(WriterMsg::Row(row)) => self.push(&mut batch, row),
+                Ok(WriterMsg::Stop) | Err(_) => break,
+            }
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(WriterMsg::Row(row)) => self.push(&mut batch, row),
+                    Ok(WriterMsg::Stop) | Err(TryRecvError::Disconnected) => {
+                        stop = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            self.commit(&batch);
+            batch.clear();
+        }
+    }
+
+    fn push(&self, batch: &mut Vec<NewItem>, row: Row) {
+        let mut xml = Vec::with_capacity(512);
+        match row
+            .stanza
+            .write_to(&mut xml)
+            .map(|()| String::from_utf8(xml))
+        {
+            Ok(Ok(stanza)) => batch.push(NewItem {
+                archive: row.archive,
+                id: row.id,
+                with: row.with,
+                stanza,
+            }),
+            failed => {
+                let why = match failed {
+                    Err(e) => e.to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                self.progress.log(
+                    Level::Error,
+                    format!(
+                        "Could not archive message {} for {}@{}: cannot serialise it: {why}",
+                        row.id, row.archive.user, row.archive.host
+                    ),
+                );
+                self.progress.advance(row.id.as_i64() as u64, true);
+            }
+        }
+    }
+
+    fn commit(&self, batch: &[NewItem]) {
+        let Some(last) = batch.last().map(|item| item.id.as_i64() as u64) else {
+            return;
+        };
+        let mut attempt: u32 = 0;
+        loop {
+            match self.store.append(batch) {
+                Ok(()) => {
+                    if attempt > 0 {
+                        self.progress.log(
+                            Level::Info,
+                            format!("Archive writes recovered after {attempt} failed attempts"),
+                        );
+                    }
+                    self.progress.advance(last, true);
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if attempt == 1 {
+                        self.progress.log(
+                            Level::Error,
+                            format!(
+                                "Could not write {} archived messages ({} .. {}): {e}; retrying, messages are still delivered",
+                                batch.len(),
+                                batch[0].id,
+                                batch[batch.len() - 1].id
+                            ),
+                        );
+                        self.progress.advance(last, false);
+                    }
+                    if self.stopping.load(Ordering::Acquire) && attempt >= ATTEMPTS_AT_SHUTDOWN {
+                        for item in batch {
+                            self.progress.log(
+                                Level::Error,
+                                format!(
+                                    "Shutting down: archived message {} for {}@{} was not written: {e}",
+                                    item.id, item.archive.user, item.archive.host
+                                ),
+                            );
+                        }
+                        return;
+                    }
+                    std::thread::sleep(backoff(attempt));
+                }
+            }
+        }
+    }
+}
+
+/// 50 ms, doubling, at most 5 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << attempt.min(7)).min(5_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) < backoff(2));
+        assert_eq!(backoff(30), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,604 @@
+//! The SQLite [`Store`]: one database file in WAL mode, one writer connection and a pool of
+//! read-only connections for queries.
+//!
+//! This module owns the SQL for appending and finding rows, and the in-memory caches of
+//! archive and JID ids. The schema and its migrations live in [`schema`]. It must not know
+//! XMPP (stanzas are opaque text) nor decide query semantics beyond stock `archive:find`.
+//!
+//! Concurrency: [`Store::append`] runs on the engine's writer thread and takes the writer
+//! connection; [`Store::find`] and [`Store::last_id`] take a pooled connection that is
+//! `query_only`. WAL lets those readers run beside the writer, each on one snapshot.
+//! The writer has its own connection so that busy readers can never keep it waiting for a
+//! pool slot, and its prepared statements stay warm.
+//!
+//! Caches: `(host, user, store) → aid` and `jid → jid_id` are kept in memory so the writer does
+//! not look them up per row. Ids created inside a transaction enter the cache only after that
+//! transaction commits. So rows of `archives` and `jids` must never be deleted (or renumbered)
+//! while a store is open; other code may delete `messages` rows (triggers keep the counts).
+
+mod schema;
+#[cfg(test)]
+mod tests;
+
+pub use schema::SCHEMA_VERSION;
+
+use super::{ArchiveRef, Item, NewItem, Page, Query, Store, StoreError};
+use crate::id::{ArchiveId, SEQ_BITS};
+use parking_lot::Mutex;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How to open a [`SqliteStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Read connections, i.e. how many queries run at once. The writer has its own
+    /// connection on top of these.
+    pub pool_size: u32,
+    /// How long a statement waits for a lock held by another connection or process.
+    pub busy_timeout: Duration,
+    /// How long a query waits for a free read connection before failing.
+    pub pool_timeout: Duration,
+    /// SQLite's page cache, per connection, in KiB.
+    pub page_cache_kib: u32,
+    /// Entries each id cache (archives, JIDs) holds; a full cache is emptied and refills.
+    pub id_cache_capacity: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            pool_size: 4,
+            busy_timeout: Duration::from_secs(5),
+            pool_timeout: Duration::from_secs(10),
+            page_cache_kib: 8 * 1024,
+            id_cache_capacity: 100_000,
+        }
+    }
+}
+
+/// An archive store in one SQLite file.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    ids: Mutex<IdCache>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("readers", &self.readers.max_size())
+            .finish_non_exhaustive()
+    }
+}
+
+// Point lookups and inserts. The page and count queries are built by `Filter::where_clause`.
+const SELECT_ARCHIVE: &str =
+    "SELECT aid FROM archives WHERE host = ?1 AND user = ?2 AND store = ?3";
+const INSERT_ARCHIVE: &str = "INSERT INTO archives (host, user, store) VALUES (?1, ?2, ?3)";
+const SELECT_JID: &str = "SELECT jid_id FROM jids WHERE jid = ?1";
+const INSERT_JID: &str = "INSERT INTO jids (jid) VALUES (?1)";
+const INSERT_MESSAGE: &str =
+    "INSERT INTO messages (id, aid, with_id, stanza) VALUES (?1, ?2, ?3, ?4)";
+const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM messages WHERE id = ?1 AND aid = ?2";
+const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM archives WHERE aid = ?1";
+const SELECT_LAST_ID: &str = "SELECT max(id) FROM messages";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, migrates its schema to
+    /// [`SCHEMA_VERSION`], and opens the read pool. A file with a newer schema is refused.
+    pub fn open(path: &Path, options: &SqliteOptions) -> Result<SqliteStore, StoreError> {
+        if options.pool_size == 0 {
+            return Err(StoreError::Open("pool_size must be at least 1".into()));
+        }
+        let open_err = |e: rusqlite::Error| StoreError::Open(format!("{}: {e}", path.display()));
+
+        let mut writer = Connection::open(path).map_err(open_err)?;
+        schema::configure(&writer, options.busy_timeout, options.page_cache_kib)
+            .map_err(open_err)?;
+        schema::enable_wal(&writer)?;
+        schema::migrate(&mut writer)?;
+
+        let (busy, kib) = (options.busy_timeout, options.page_cache_kib);
+        let manager = SqliteConnectionManager::file(path).with_init(move |conn| {
+            schema::configure(conn, busy, kib)?;
+            conn.pragma_update(None, "query_only", true)
+        });
+        let readers = r2d2::Pool::builder()
+            .max_size(options.pool_size)
+            .min_idle(Some(1))
+            .connection_timeout(options.pool_timeout)
+            .build(manager)
+            .map_err(|e| StoreError::Open(format!("{}: read pool: {e}", path.display())))?;
+
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            writer: Mutex::new(writer),
+            readers,
+            ids: Mutex::new(IdCache::new(options.id_cache_capacity)),
+        })
+    }
+
+    /// The file this store was opened on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn reader(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, StoreError> {
+        self.readers
+            .get()
+            .map_err(|e| StoreError::Database(format!("no read connection: {e}")))
+    }
+
+    /// The `aid` of an archive, creating it inside the writer's transaction if needed.
+    fn archive_for_write(
+        &self,
+        conn: &Connection,
+        archive: &ArchiveRef,
+        fresh: &mut Fresh,
+    ) -> rusqlite::Result<i64> {
+        if let Some(&aid) = fresh.archives.get(archive) {
+            return Ok(aid);
+        }
+        if let Some(aid) = self.ids.lock().archives.get(archive).copied() {
+            return Ok(aid);
+        }
+        let key = (&*archive.host, &archive.user, &*archive.store);
+        let aid = match conn
+            .prepare_cached(SELECT_ARCHIVE)?
+            .query_row(key, |row| row.get(0))
+            .optional()?
+        {
+            Some(aid) => aid,
+            None => {
+                conn.prepare_cached(INSERT_ARCHIVE)?.execute(key)?;
+                conn.last_insert_rowid()
+            }
+        };
+        fresh.archives.insert(archive.clone(), aid);
+        Ok(aid)
+    }
+
+    /// The `jid_id` of a JID, creating it inside the writer's transaction if needed.
+    fn jid_for_write(
+        &self,
+        conn: &Connection,
+        jid: &str,
+        fresh: &mut Fresh,
+    ) -> rusqlite::Result<i64> {
+        if let Some(&id) = fresh.jids.get(jid) {
+            return Ok(id);
+        }
+        if let Some(id) = self.ids.lock().jids.get(jid).copied() {
+            return Ok(id);
+        }
+        let id = match conn
+            .prepare_cached(SELECT_JID)?
+            .query_row([jid], |row| row.get(0))
+            .optional()?
+        {
+            Some(id) => id,
+            None => {
+                conn.prepare_cached(INSERT_JID)?.execute([jid])?;
+                conn.last_insert_rowid()
+            }
+        };
+        fresh.jids.insert(jid.to_owned(), id);
+        Ok(id)
+    }
+
+    /// The `aid` of an existing archive, as seen by a reader.
+    fn archive_for_read(
+        &self,
+        conn: &Connection,
+        archive: &ArchiveRef,
+    ) -> rusqlite::Result<Option<i64>> {
+        if let Some(aid) = self.ids.lock().archives.get(archive).copied() {
+            return Ok(Some(aid));
+        }
+        let key = (&*archive.host, &archive.user, &*archive.store);
+        let aid: Option<i64> = conn
+            .prepare_cached(SELECT_ARCHIVE)?
+            .query_row(key, |row| row.get(0))
+            .optional()?;
+        if let Some(aid) = aid {
+            self.ids.lock().remember_archive(archive.clone(), aid);
+        }
+        Ok(aid)
+    }
+
+    /// The `jid_id` of a known JID, as seen by a reader.
+    fn jid_for_read(&self, conn: &Connection, jid: &str) -> rusqlite::Result<Option<i64>> {
+        if let Some(id) = self.ids.lock().jids.get(jid).copied() {
+            return Ok(Some(id));
+        }
+        let id: Option<i64> = conn
+            .prepare_cached(SELECT_JID)?
+            .query_row([jid], |row| row.get(0))
+            .optional()?;
+        if let Some(id) = id {
+            self.ids.lock().remember_jid(jid.to_owned(), id);
+        }
+        Ok(id)
+    }
+
+    /// `find` inside one read transaction (one snapshot for the id checks, total and page).
+    fn find_in(
+        &self,
+        conn: &Connection,
+        archive: &ArchiveRef,
+        query: &Query,
+    ) -> Result<Page, StoreError> {
+        let nothing = Page {
+            items: Vec::new(),
+            total: query.total.then_some(0),
+        };
+        let Some(aid) = self.archive_for_read(conn, archive).map_err(db)? else {
+            return Ok(nothing);
+        };
+        let with_id = match query.with.as_deref() {
+            None => None,
+            Some(jid) => match self.jid_for_read(conn, jid).map_err(db)? {
+                Some(id) => Some(id),
+                None => return Ok(nothing),
+            },
+        };
+        let ids = query.ids.as_ref().map(|texts| {
+            let mut ids: Vec<i64> = texts
+                .iter()
+                .filter_map(|text| ArchiveId::parse(text))
+                .map(ArchiveId::as_i64)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        });
+        if ids.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(nothing);
+        }
+        let filter = Filter {
+            aid,
+            with_id,
+            ids: ids.as_deref(),
+        };
+        let mut range = IdRange::from_times(query.start, query.end);
+
+        // The total ignores before/after; with limit 0 it is all that is asked (stock #1128:
+        // no id check, so an unknown `after` is not an error).
+        let total = if query.total {
+            Some(count(conn, &filter, range)?)
+        } else {
+            None
+        };
+        if query.limit == Some(0) {
+            return Ok(Page {
+                items: Vec::new(),
+                total,
+            });
+        }
+        if let Some(after) = query.after.as_deref() {
+            let id = known_id(conn, aid, after)?;
+            match id.checked_add(1) {
+                Some(next) => range.lo = range.lo.max(next),
+                None => range.hi = -1,
+            }
+        }
+        if let Some(before) = query.before.as_deref() {
+            let id = known_id(conn, aid, before)?;
+            range.hi = range.hi.min(id - 1);
+        }
+        let items = if range.is_empty() {
+            Vec::new()
+        } else {
+            select_page(conn, &filter, range, query.limit, query.reverse)?
+        };
+        Ok(Page { items, total })
+    }
+}
+
+impl Store for SqliteStore {
+    fn append(&self, batch: &[NewItem]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut fresh = Fresh::default();
+        {
+            let mut insert = tx.prepare_cached(INSERT_MESSAGE).map_err(db)?;
+            for item in batch {
+                let aid = self
+                    .archive_for_write(&tx, &item.archive, &mut fresh)
+                    .map_err(db)?;
+                let with_id = self
+                    .jid_for_write(&tx, &item.with, &mut fresh)
+                    .map_err(db)?;
+                insert
+                    .execute((item.id.as_i64(), aid, with_id, &item.stanza))
+                    .map_err(db)?;
+            }
+        }
+        // On any error above, dropping `tx` rolls back and `fresh` is forgotten.
+        tx.commit().map_err(db)?;
+        drop(conn);
+        if !fresh.archives.is_empty() || !fresh.jids.is_empty() {
+            let mut ids = self.ids.lock();
+            for (archive, aid) in fresh.archives {
+                ids.remember_archive(archive, aid);
+            }
+            for (jid, id) in fresh.jids {
+                ids.remember_jid(jid, id);
+            }
+        }
+        Ok(())
+    }
+
+    fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError> {
+        let mut conn = self.reader()?;
+        // Deferred and read-only: dropping it at the end just ends the snapshot.
+        let tx = conn.transaction().map_err(db)?;
+        self.find_in(&tx, archive, query)
+    }
+
+    fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
+        let conn = self.reader()?;
+        let max: Option<i64> = conn
+            .prepare_cached(SELECT_LAST_ID)
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+            .map_err(db)?;
+        max.map(stored_id).transpose()
+    }
+}
+
+/// Ids created by the current write transaction, cached only once it commits.
+#[derive(Default)]
+struct Fresh {
+    archives: HashMap<ArchiveRef, i64>,
+    jids: HashMap<String, i64>,
+}
+
+/// Committed `aid` and `jid_id` values. Bounded: a full map is emptied and refills.
+struct IdCache {
+    capacity: usize,
+    archives: HashMap<ArchiveRef, i64>,
+    jids: HashMap<String, i64>,
+}
+
+impl IdCache {
+    fn new(capacity: usize) -> IdCache {
+        IdCache {
+            capacity,
+            archives: HashMap::new(),
+            jids: HashMap::new(),
+        }
+    }
+
+    fn remember_archive(&mut self, archive: ArchiveRef, aid: i64) {
+        if self.archives.len() >= self.capacity {
+            self.archives.clear();
+        }
+        self.archives.insert(archive, aid);
+    }
+
+    fn remember_jid(&mut self, jid: String, id: i64) {
+        if self.jids.len() >= self.capacity {
+            self.jids.clear();
+        }
+        self.jids.insert(jid, id);
+    }
+}
+
+/// The largest time (microseconds) whose ids fit a signed 64-bit integer.
+const MAX_MICROS: i64 = i64::MAX >> SEQ_BITS;
+
+/// An inclusive range of stored ids.
+#[derive(Debug, Clone, Copy)]
+struct IdRange {
+    lo: i64,
+    hi: i64,
+}
+
+impl IdRange {
+    /// The ids of rows archived between `start` and `end` (inclusive, microseconds).
+    fn from_times(start: Option<i64>, end: Option<i64>) -> IdRange {
+        let lo = match start {
+            None => 0,
+            Some(t) if t > MAX_MICROS => i64::MAX,
+            Some(t) => ArchiveId::first_at(t).as_i64(),
+        };
+        let hi = match end {
+            None => i64::MAX,
+            Some(t) if t < 0 => -1,
+            Some(t) if t > MAX_MICROS => i64::MAX,
+            Some(t) => ArchiveId::last_at(t).as_i64(),
+        };
+        IdRange { lo, hi }
+    }
+
+    fn is_empty(self) -> bool {
+        self.lo > self.hi
+    }
+
+    fn is_everything(self) -> bool {
+        self.lo <= 0 && self.hi == i64::MAX
+    }
+}
+
+/// The conditions other than the id range.
+struct Filter<'a> {
+    aid: i64,
+    with_id: Option<i64>,
+    /// Sorted, without duplicates, never empty.
+    ids: Option<&'a [i64]>,
+}
+
+impl Filter<'_> {
+    /// `WHERE ...` for these conditions and `range`, pushing the parameters it binds.
+    ///
+    /// Every condition is bound except the `ids` list, which is written as integer literals:
+    /// they are `i64` values we formatted, and a literal list lets SQLite look each one up
+    /// by rowid. Only those statements are prepared uncached. With an ids list, `+aid` and
+    /// `+with_id` keep SQLite from walking the archive's index instead (the unary `+` makes
+    /// a term unusable by an index); without one, the archive index is the plan.
+    fn where_clause(&self, range: IdRange, params: &mut Vec<i64>) -> String {
+        let plus = if self.ids.is_some() { "+" } else { "" };
+        let mut sql = format!(" WHERE {plus}aid = ?");
+        params.push(self.aid);
+        if let Some(with_id) = self.with_id {
+            let _ = write!(sql, " AND {plus}with_id = ?");
+            params.push(with_id);
+        }
+        sql.push_str(" AND id BETWEEN ? AND ?");
+        params.extend([range.lo, range.hi]);
+        if let Some(ids) = self.ids {
+            sql.push_str(" AND id IN (");
+            for (i, id) in ids.iter().enumerate() {
+                let sep = if i == 0 { "" } else { "," };
+                let _ = write!(sql, "{sep}{id}");
+            }
+            sql.push(')');
+        }
+        sql
+    }
+}
+
+/// Rows matching `filter` and `range`, ignoring before/after (the caller passes the range from
+/// start/end only).
+fn count(conn: &Connection, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
+    if range.is_empty() {
+        return Ok(0);
+    }
+    let n: i64 = if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
+        conn.prepare_cached(SELECT_ITEM_COUNT)
+            .and_then(|mut stmt| stmt.query_row([filter.aid], |row| row.get(0)))
+            .map_err(db)?
+    } else {
+        let (sql, params) = count_query(filter, range);
+        prepare(conn, &sql, filter.ids.is_none())
+            .and_then(|mut stmt| {
+                stmt.query_row(rusqlite::params_from_iter(params), |row| row.get(0))
+            })
+            .map_err(db)?
+    };
+    u64::try_from(n).map_err(|_| StoreError::Database(format!("negative count {n}")))
+}
+
+fn count_query(filter: &Filter<'_>, range: IdRange) -> (String, Vec<i64>) {
+    let mut params = Vec::with_capacity(4);
+    let sql = format!(
+        "SELECT count(*) FROM messages{}",
+        filter.where_clause(range, &mut params)
+    );
+    (sql, params)
+}
+
+/// One page of rows, ascending ids or descending when `reverse`.
+fn select_page(
+    conn: &Connection,
+    filter: &Filter<'_>,
+    range: IdRange,
+    limit: Option<u32>,
+    reverse: bool,
+) -> Result<Vec<Item>, StoreError> {
+    let (sql, params) = page_query(filter, range, limit, reverse);
+    let mut stmt = prepare(conn, &sql, filter.ids.is_none()).map_err(db)?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(params), |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(db)?;
+    let mut items = Vec::with_capacity(limit.map_or(0, |n| n.min(1000) as usize));
+    for row in rows {
+        let (id, with, stanza) = row.map_err(db)?;
+        items.push(Item {
+            id: stored_id(id)?,
+            with,
+            stanza,
+        });
+    }
+    Ok(items)
+}
+
+/// The `with` JID comes from a correlated lookup rather than a join, so the plan always walks
+/// `messages` by index first and stops after `LIMIT` rows.
+fn page_query(
+    filter: &Filter<'_>,
+    range: IdRange,
+    limit: Option<u32>,
+    reverse: bool,
+) -> (String, Vec<i64>) {
+    let mut params = Vec::with_capacity(5);
+    let sql = format!(
+        "SELECT id, (SELECT jid FROM jids WHERE jid_id = messages.with_id), stanza \
+         FROM messages{} ORDER BY id {} LIMIT ?",
+        filter.where_clause(range, &mut params),
+        if reverse { "DESC" } else { "ASC" },
+    );
+    params.push(limit.map_or(-1, i64::from));
+    (sql, params)
+}
+
+/// The id named by client text, if it is a row of archive `aid`; otherwise item-not-found.
+fn known_id(conn: &Connection, aid: i64, text: &str) -> Result<i64, StoreError> {
+    let id = ArchiveId::parse(text)
+        .ok_or(StoreError::ItemNotFound)?
+        .as_i64();
+    let found = conn
+        .prepare_cached(SELECT_ITEM_IN_ARCHIVE)
+        .and_then(|mut stmt| stmt.query_row((id, aid), |_| Ok(())).optional())
+        .map_err(db)?;
+    found.map(|()| id).ok_or(StoreError::ItemNotFound)
+}
+
+fn prepare<'c>(conn: &'c Connection, sql: &str, cached: bool) -> rusqlite::Result<Statement<'c>> {
+    if cached {
+        conn.prepare_cached(sql).map(Statement::Cached)
+    } else {
+        conn.prepare(sql).map(Statement::Once)
+    }
+}
+
+/// A statement from the connection's cache, or one prepared for a single use.
+enum Statement<'c> {
+    Cached(rusqlite::CachedStatement<'c>),
+    Once(rusqlite::Statement<'c>),
+}
+
+impl<'c> std::ops::Deref for Statement<'c> {
+    type Target = rusqlite::Statement<'c>;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Statement::Cached(stmt) => stmt,
+            Statement::Once(stmt) => stmt,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Statement<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Statement::Cached(stmt) => stmt,
+            Statement::Once(stmt) => stmt,
+        }
+    }
+}
+
+fn stored_id(v: i64) -> Result<ArchiveId, StoreError> {
+    ArchiveId::from_i64(v)
+        .ok_or_else(|| StoreError::Database(format!("negative id {v} in messages")))
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}

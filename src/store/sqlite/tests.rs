@@ -1,0 +1,781 @@
+//! Tests of the SQLite store, after the archive cases of Prosody's
+//! `spec/core_storagemanager_spec.lua` (append, find by time, by id, by ids, limits, totals,
+//! isolation between hosts, stores and `with`), plus atomicity, schema versions and plans.
+//! Each test uses its own temporary database file.
+
+use super::*;
+use crate::store::{ArchiveRef, NewItem, Query, Store, StoreError};
+use std::sync::Arc;
+use tempfile::TempDir;
+
+/// Prosody's spec uses this time (seconds); rows here are at `T0 + n` seconds.
+const T0: i64 = 1_539_204_123_000_000;
+const SECOND: i64 = 1_000_000;
+
+fn db_path(dir: &TempDir) -> PathBuf {
+    dir.path().join("mam.sqlite")
+}
+
+fn open(dir: &TempDir) -> SqliteStore {
+    SqliteStore::open(&db_path(dir), &SqliteOptions::default()).expect("open")
+}
+
+fn archive(host: &str, user: &str, store: &str) -> ArchiveRef {
+    ArchiveRef {
+        host: Arc::from(host),
+        user: user.to_owned(),
+        store: Arc::from(store),
+    }
+}
+
+fn romeo() -> ArchiveRef {
+    archive("example.com", "romeo", "archive")
+}
+
+/// The id of row `n`: the first id of second `n`, plus `n` to tell rows of different archives
+/// at the same second apart when needed.
+fn id(n: i64) -> ArchiveId {
+    ArchiveId::first_at(T0 + n * SECOND)
+}
+
+fn row(archive: &ArchiveRef, id: ArchiveId, with: &str) -> NewItem {
+    NewItem {
+        archive: archive.clone(),
+        id,
+        with: with.to_owned(),
+        stanza: format!("<message xmlns='jabber:client' id='{id}'><body>hi</body></message>"),
+    }
+}
+
+/// Row `n` is with mercutio when `n` is a multiple of 3, else with juliet.
+fn with_of(n: i64) -> &'static str {
+    if n % 3 == 0 {
+        "mercutio@example.net"
+    } else {
+        "juliet@capulet.lit"
+    }
+}
+
+/// A store holding rows 1..=10 in romeo's archive.
+fn romeo_with_ten_rows(dir: &TempDir) -> SqliteStore {
+    let store = open(dir);
+    let batch: Vec<NewItem> = (1..=10).map(|n| row(&romeo(), id(n), with_of(n))).collect();
+    store.append(&batch).expect("append");
+    store
+}
+
+/// The row numbers of a page, in page order.
+fn numbers(page: &Page) -> Vec<i64> {
+    page.items
+        .iter()
+        .map(|item| (item.id.micros() - T0) / SECOND)
+        .collect()
+}
+
+fn find(store: &SqliteStore, query: Query) -> Page {
+    store.find(&romeo(), &query).expect("find")
+}
+
+fn text(n: i64) -> Option<String> {
+    Some(id(n).to_string())
+}
+
+#[test]
+fn appended_rows_come_back_whole() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let page = find(&store, Query::default());
+    assert_eq!(numbers(&page), (1..=10).collect::<Vec<_>>());
+    assert_eq!(page.total, None);
+    let first = &page.items[0];
+    assert_eq!(first.id, id(1));
+    assert_eq!(first.with, "juliet@capulet.lit");
+    assert_eq!(first.stanza, row(&romeo(), id(1), "").stanza);
+    assert_eq!(page.items[2].with, "mercutio@example.net");
+}
+
+#[test]
+fn find_by_time_is_inclusive() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let at = |n: i64| Some(T0 + n * SECOND);
+
+    let q = |start, end| Query {
+        start,
+        end,
+        ..Query::default()
+    };
+    assert_eq!(
+        numbers(&find(&store, q(at(3), None))),
+        (3..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(numbers(&find(&store, q(None, at(4)))), vec![1, 2, 3, 4]);
+    assert_eq!(numbers(&find(&store, q(at(3), at(5)))), vec![3, 4, 5]);
+    assert_eq!(numbers(&find(&store, q(at(7), at(7)))), vec![7]);
+    // Before the first row, after the last one.
+    assert!(find(&store, q(None, at(0))).items.is_empty());
+    assert!(find(&store, q(at(11), None)).items.is_empty());
+    // Start after end.
+    assert!(find(&store, q(at(5), at(4))).items.is_empty());
+    // Out of the id space: far future and before 1970.
+    assert!(find(&store, q(Some(i64::MAX), None)).items.is_empty());
+    assert_eq!(find(&store, q(None, Some(i64::MAX))).items.len(), 10);
+    assert_eq!(find(&store, q(Some(-5), None)).items.len(), 10);
+    assert!(find(&store, q(None, Some(-5))).items.is_empty());
+}
+
+#[test]
+fn find_by_id_is_exclusive() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+
+    let after = find(
+        &store,
+        Query {
+            after: text(3),
+            ..Query::default()
+        },
+    );
+    assert_eq!(numbers(&after), (4..=10).collect::<Vec<_>>());
+
+    let before = find(
+        &store,
+        Query {
+            before: text(8),
+            ..Query::default()
+        },
+    );
+    assert_eq!(numbers(&before), (1..=7).collect::<Vec<_>>());
+
+    let between = Query {
+        after: text(3),
+        before: text(8),
+        ..Query::default()
+    };
+    assert_eq!(numbers(&find(&store, between)), vec![4, 5, 6, 7]);
+
+    let none_between = Query {
+        after: text(5),
+        before: text(6),
+        ..Query::default()
+    };
+    assert!(find(&store, none_between).items.is_empty());
+
+    let after_last = find(
+        &store,
+        Query {
+            after: text(10),
+            ..Query::default()
+        },
+    );
+    assert!(after_last.items.is_empty());
+}
+
+#[test]
+fn reverse_pages_are_nearest_the_end_or_before() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+
+    let last = Query {
+        reverse: true,
+        limit: Some(3),
+        ..Query::default()
+    };
+    assert_eq!(numbers(&find(&store, last)), vec![10, 9, 8]);
+
+    let before = Query {
+        reverse: true,
+        limit: Some(2),
+        before: text(8),
+        ..Query::default()
+    };
+    assert_eq!(numbers(&find(&store, before)), vec![7, 6]);
+
+    let window = Query {
+        reverse: true,
+        after: text(2),
+        before: text(6),
+        ..Query::default()
+    };
+    assert_eq!(numbers(&find(&store, window)), vec![5, 4, 3]);
+}
+
+#[test]
+fn limit_and_paging() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+
+    let first = find(
+        &store,
+        Query {
+            limit: Some(3),
+            ..Query::default()
+        },
+    );
+    assert_eq!(numbers(&first), vec![1, 2, 3]);
+    let next = Query {
+        limit: Some(3),
+        after: Some(first.items[2].id.to_string()),
+        ..Query::default()
+    };
+    assert_eq!(numbers(&find(&store, next)), vec![4, 5, 6]);
+    let big = find(
+        &store,
+        Query {
+            limit: Some(1000),
+            ..Query::default()
+        },
+    );
+    assert_eq!(big.items.len(), 10);
+}
+
+#[test]
+fn find_by_ids_ignores_unknown_and_unparseable() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let other = archive("example.com", "juliet", "archive");
+    store
+        .append(&[row(&other, id(20), "romeo@example.com")])
+        .unwrap();
+
+    let wanted = |ids: Vec<String>| Query {
+        ids: Some(ids),
+        total: true,
+        ..Query::default()
+    };
+    let ids = vec![
+        id(5).to_string(),
+        "75324cdf-f4a9-4dd3-82f3-1b9e64be053c".to_owned(),
+        id(2).to_string(),
+        id(20).to_string(), // juliet's row, not romeo's
+        id(2).to_string(),
+        id(99).to_string(), // never stored
+    ];
+    let page = find(&store, wanted(ids.clone()));
+    assert_eq!(numbers(&page), vec![2, 5]);
+    assert_eq!(page.total, Some(2));
+
+    let reversed = find(
+        &store,
+        Query {
+            reverse: true,
+            ..wanted(ids)
+        },
+    );
+    assert_eq!(numbers(&reversed), vec![5, 2]);
+
+    let nothing = find(&store, wanted(vec!["bogus".into(), String::new()]));
+    assert!(nothing.items.is_empty());
+    assert_eq!(nothing.total, Some(0));
+    let empty_list = find(&store, wanted(Vec::new()));
+    assert_eq!(empty_list.total, Some(0));
+}
+
+#[test]
+fn totals_ignore_before_and_after() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+
+    let page = find(
+        &store,
+        Query {
+            after: text(3),
+            before: text(9),
+            limit: Some(2),
+            total: true,
+            ..Query::default()
+        },
+    );
+    assert_eq!(numbers(&page), vec![4, 5]);
+    assert_eq!(page.total, Some(10));
+
+    let with_and_time = find(
+        &store,
+        Query {
+            with: Some("juliet@capulet.lit".into()),
+            start: Some(T0 + 2 * SECOND),
+            end: Some(T0 + 8 * SECOND),
+            after: text(5),
+            total: true,
+            ..Query::default()
+        },
+    );
+    // juliet in 2..=8: 2, 4, 5, 7, 8; after 5: 7, 8.
+    assert_eq!(numbers(&with_and_time), vec![7, 8]);
+    assert_eq!(with_and_time.total, Some(5));
+}
+
+#[test]
+fn limit_zero_gives_the_total_without_checking_ids() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    for unknown in ["", "unknown", "0000000000000"] {
+        let page = find(
+            &store,
+            Query {
+                after: Some(unknown.into()),
+                before: Some(unknown.into()),
+                limit: Some(0),
+                total: true,
+                ..Query::default()
+            },
+        );
+        assert!(page.items.is_empty());
+        assert_eq!(page.total, Some(10), "{unknown:?}");
+    }
+    let no_total = find(
+        &store,
+        Query {
+            limit: Some(0),
+            ..Query::default()
+        },
+    );
+    assert_eq!(no_total, Page::default());
+}
+
+#[test]
+fn unknown_or_invalid_before_after_is_item_not_found() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    // Same user and id space on another host: its ids are not romeo@example.com's.
+    let elsewhere = archive("other.example", "romeo", "archive");
+    store.append(&[row(&elsewhere, id(30), "x@y")]).unwrap();
+
+    let bad = [
+        String::new(),
+        "garbage".into(),
+        "75324cdf-f4a9-4dd3-82f3-1b9e64be053c".into(),
+        id(99).to_string(),
+        id(30).to_string(),
+    ];
+    for text in &bad {
+        for reverse in [false, true] {
+            let after = store.find(
+                &romeo(),
+                &Query {
+                    after: Some(text.clone()),
+                    reverse,
+                    total: true,
+                    ..Query::default()
+                },
+            );
+            assert!(
+                matches!(after, Err(StoreError::ItemNotFound)),
+                "after {text:?}"
+            );
+            let before = store.find(
+                &romeo(),
+                &Query {
+                    before: Some(text.clone()),
+                    reverse,
+                    ..Query::default()
+                },
+            );
+            assert!(
+                matches!(before, Err(StoreError::ItemNotFound)),
+                "before {text:?}"
+            );
+        }
+    }
+    // A known after with an unknown before is still an error.
+    let mixed = store.find(
+        &romeo(),
+        &Query {
+            after: text(2),
+            before: Some("nope".into()),
+            ..Query::default()
+        },
+    );
+    assert!(matches!(mixed, Err(StoreError::ItemNotFound)));
+}
+
+#[test]
+fn hosts_and_stores_are_isolated() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let a = archive("a.example", "user", "archive");
+    let b = archive("b.example", "user", "archive");
+    let c = archive("a.example", "user", "muc_log");
+    store
+        .append(&[
+            row(&a, id(1), "contact@example.com"),
+            row(&b, id(2), "contact@example.com"),
+            row(&c, id(3), "contact@example.com"),
+            row(&a, id(4), "contact@example.com"),
+        ])
+        .unwrap();
+
+    let all = Query {
+        total: true,
+        ..Query::default()
+    };
+    let page_a = store.find(&a, &all).unwrap();
+    assert_eq!(numbers(&page_a), vec![1, 4]);
+    assert_eq!(page_a.total, Some(2));
+    let page_b = store.find(&b, &all).unwrap();
+    assert_eq!(numbers(&page_b), vec![2]);
+    assert_eq!(page_b.total, Some(1));
+    let page_c = store.find(&c, &all).unwrap();
+    assert_eq!(numbers(&page_c), vec![3]);
+
+    // An id from another archive is not a valid bound here.
+    let cross = store.find(
+        &a,
+        &Query {
+            after: Some(id(2).to_string()),
+            ..Query::default()
+        },
+    );
+    assert!(matches!(cross, Err(StoreError::ItemNotFound)));
+
+    // A third archive that was never written is empty.
+    let unknown = store
+        .find(&archive("b.example", "user", "muc_log"), &all)
+        .unwrap();
+    assert_eq!(
+        unknown,
+        Page {
+            items: vec![],
+            total: Some(0)
+        }
+    );
+    let unknown_plain = store
+        .find(
+            &archive("c.example", "nobody", "archive"),
+            &Query::default(),
+        )
+        .unwrap();
+    assert_eq!(unknown_plain, Page::default());
+}
+
+#[test]
+fn with_is_an_exact_match() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+
+    let with = |jid: &str| Query {
+        with: Some(jid.into()),
+        total: true,
+        ..Query::default()
+    };
+    let mercutio = find(&store, with("mercutio@example.net"));
+    assert_eq!(numbers(&mercutio), vec![3, 6, 9]);
+    assert_eq!(mercutio.total, Some(3));
+    assert!(mercutio
+        .items
+        .iter()
+        .all(|i| i.with == "mercutio@example.net"));
+
+    let last_juliet = find(
+        &store,
+        Query {
+            reverse: true,
+            limit: Some(2),
+            ..with("juliet@capulet.lit")
+        },
+    );
+    assert_eq!(numbers(&last_juliet), vec![10, 8]);
+    assert_eq!(last_juliet.total, Some(7));
+
+    for other in [
+        "Juliet@capulet.lit",
+        "juliet@capulet.lit/balcony",
+        "capulet.lit",
+        "",
+    ] {
+        let page = find(&store, with(other));
+        assert_eq!(
+            page,
+            Page {
+                items: vec![],
+                total: Some(0)
+            },
+            "{other:?}"
+        );
+    }
+    // A JID known from another archive has no rows in this one.
+    store
+        .append(&[row(
+            &archive("example.com", "benvolio", "archive"),
+            id(40),
+            "tybalt@capulet.lit",
+        )])
+        .unwrap();
+    assert_eq!(find(&store, with("tybalt@capulet.lit")).total, Some(0));
+}
+
+#[test]
+fn a_failing_batch_leaves_nothing_and_the_next_one_works() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let new_archive = archive("example.com", "paris", "archive");
+    let other_new = archive("example.com", "tybalt", "archive");
+
+    // A new archive and a new JID, then a duplicate id: the whole batch must go.
+    let failing = [
+        row(&new_archive, id(50), "nurse@capulet.lit"),
+        row(&romeo(), id(51), "friar@verona.lit"),
+        row(&romeo(), id(3), "juliet@capulet.lit"),
+    ];
+    assert!(matches!(
+        store.append(&failing),
+        Err(StoreError::Database(_))
+    ));
+    let all = Query {
+        total: true,
+        ..Query::default()
+    };
+    assert_eq!(store.find(&new_archive, &all).unwrap().total, Some(0));
+    assert_eq!(find(&store, all.clone()).total, Some(10));
+    assert_eq!(store.last_id().unwrap(), Some(id(10)));
+
+    // The rolled-back aid would be reused by the next new archive; a cache that kept it
+    // would file paris's next row under tybalt.
+    store
+        .append(&[row(&other_new, id(52), "nurse@capulet.lit")])
+        .unwrap();
+    store
+        .append(&[row(&new_archive, id(53), "friar@verona.lit")])
+        .unwrap();
+    assert_eq!(numbers(&store.find(&other_new, &all).unwrap()), vec![52]);
+    let paris = store.find(&new_archive, &all).unwrap();
+    assert_eq!(numbers(&paris), vec![53]);
+    assert_eq!(paris.items[0].with, "friar@verona.lit");
+    assert_eq!(paris.total, Some(1));
+
+    assert!(store.append(&[]).is_ok());
+}
+
+#[test]
+fn last_id_is_the_newest_row_anywhere() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    assert_eq!(store.last_id().unwrap(), None);
+    store
+        .append(&[
+            row(&romeo(), id(1), "a@b"),
+            row(&archive("x.example", "y", "archive"), id(7), "a@b"),
+            row(&romeo(), id(5), "a@b"),
+        ])
+        .unwrap();
+    assert_eq!(store.last_id().unwrap(), Some(id(7)));
+}
+
+#[test]
+fn reopening_keeps_rows_and_schema_version() {
+    let dir = TempDir::new().unwrap();
+    drop(romeo_with_ten_rows(&dir));
+    let store = open(&dir);
+    let page = find(
+        &store,
+        Query {
+            total: true,
+            ..Query::default()
+        },
+    );
+    assert_eq!(page.items.len(), 10);
+    assert_eq!(page.total, Some(10));
+    store
+        .append(&[row(&romeo(), id(11), "juliet@capulet.lit")])
+        .unwrap();
+    drop(store);
+
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    let version: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let archives: i64 = conn
+        .query_row("SELECT count(*) FROM archives", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(archives, 1);
+}
+
+#[test]
+fn a_newer_schema_is_refused_untouched() {
+    let dir = TempDir::new().unwrap();
+    drop(romeo_with_ten_rows(&dir));
+    let newer = SCHEMA_VERSION + 1;
+    Connection::open(db_path(&dir))
+        .unwrap()
+        .pragma_update(None, "user_version", newer)
+        .unwrap();
+
+    match SqliteStore::open(&db_path(&dir), &SqliteOptions::default()) {
+        Err(StoreError::Open(msg)) => assert!(msg.contains("newer"), "{msg}"),
+        other => panic!("expected an open error, got {other:?}"),
+    }
+    let version: u32 = Connection::open(db_path(&dir))
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, newer);
+}
+
+#[test]
+fn bad_options_and_paths_are_open_errors() {
+    let dir = TempDir::new().unwrap();
+    let zero = SqliteOptions {
+        pool_size: 0,
+        ..SqliteOptions::default()
+    };
+    assert!(matches!(
+        SqliteStore::open(&db_path(&dir), &zero),
+        Err(StoreError::Open(_))
+    ));
+    let missing_dir = dir.path().join("no/such/dir/mam.sqlite");
+    assert!(matches!(
+        SqliteStore::open(&missing_dir, &SqliteOptions::default()),
+        Err(StoreError::Open(_))
+    ));
+}
+
+#[test]
+fn item_counts_follow_deletes_made_elsewhere() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    conn.execute("DELETE FROM messages WHERE id <= ?1", [id(4).as_i64()])
+        .unwrap();
+    let page = find(
+        &store,
+        Query {
+            total: true,
+            ..Query::default()
+        },
+    );
+    assert_eq!(numbers(&page), (5..=10).collect::<Vec<_>>());
+    assert_eq!(page.total, Some(6));
+}
+
+/// Runs `EXPLAIN QUERY PLAN` and returns the plan's detail lines.
+fn plan(conn: &Connection, sql: &str, params: &[i64]) -> Vec<String> {
+    let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    stmt.query_map(rusqlite::params_from_iter(params), |row| {
+        row.get::<_, String>(3)
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+#[test]
+fn queries_walk_the_archive_indexes() {
+    let dir = TempDir::new().unwrap();
+    drop(romeo_with_ten_rows(&dir));
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    let everything = IdRange::from_times(None, None);
+    let bounded = IdRange::from_times(Some(T0), Some(T0 + 5 * SECOND));
+    let ids = [id(2).as_i64(), id(5).as_i64()];
+    let cases = [
+        (
+            Filter {
+                aid: 1,
+                with_id: None,
+                ids: None,
+            },
+            "messages_by_archive (aid=? AND rowid>? AND rowid<?)",
+        ),
+        (
+            Filter {
+                aid: 1,
+                with_id: Some(1),
+                ids: None,
+            },
+            "messages_by_with (aid=? AND with_id=? AND rowid>? AND rowid<?)",
+        ),
+    ];
+    for (filter, index) in &cases {
+        for range in [everything, bounded] {
+            for reverse in [false, true] {
+                let (sql, params) = page_query(filter, range, Some(51), reverse);
+                let lines = plan(&conn, &sql, &params);
+                assert!(lines.iter().any(|l| l.contains(index)), "{sql}: {lines:?}");
+                assert!(
+                    !lines.iter().any(|l| l.contains("TEMP B-TREE")),
+                    "{sql}: {lines:?}"
+                );
+                assert!(
+                    !lines.iter().any(|l| l.starts_with("SCAN")),
+                    "{sql}: {lines:?}"
+                );
+            }
+            let (sql, params) = count_query(filter, range);
+            let lines = plan(&conn, &sql, &params);
+            assert!(lines.iter().any(|l| l.contains(index)), "{sql}: {lines:?}");
+        }
+    }
+    // An ids list is looked up by rowid, not by walking the whole archive.
+    for with_id in [None, Some(1)] {
+        let filter = Filter {
+            aid: 1,
+            with_id,
+            ids: Some(&ids),
+        };
+        for reverse in [false, true] {
+            let (sql, params) = page_query(&filter, bounded, None, reverse);
+            let lines = plan(&conn, &sql, &params);
+            assert!(
+                lines[0].contains("USING INTEGER PRIMARY KEY (rowid=?)"),
+                "{sql}: {lines:?}"
+            );
+            assert!(
+                !lines.iter().any(|l| l.contains("TEMP B-TREE")),
+                "{sql}: {lines:?}"
+            );
+        }
+        let (sql, params) = count_query(&filter, everything);
+        let lines = plan(&conn, &sql, &params);
+        assert!(
+            lines[0].contains("USING INTEGER PRIMARY KEY (rowid=?)"),
+            "{sql}: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn readers_run_beside_the_writer() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(open(&dir));
+    let writer = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || {
+            for b in 0..40 {
+                let batch: Vec<NewItem> = (0..25)
+                    .map(|i| row(&romeo(), id(b * 25 + i + 1), with_of(i)))
+                    .collect();
+                store.append(&batch).unwrap();
+            }
+        })
+    };
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                while seen < 1000 {
+                    let page = find(
+                        &store,
+                        Query {
+                            total: true,
+                            ..Query::default()
+                        },
+                    );
+                    // One snapshot: the page and the total agree, and whole batches appear.
+                    assert_eq!(page.total, Some(page.items.len() as u64));
+                    assert_eq!(page.items.len() % 25, 0);
+                    assert!(page.items.len() >= seen);
+                    seen = page.items.len();
+                }
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+}

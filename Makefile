@@ -22,7 +22,7 @@ APT_PACKAGES := prosody lua5.4 lua-busted
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust test-spec test-e2e bench bench-e2e deps deps-python lint clean
+.PHONY: all build install uninstall run test test-rust test-spec test-e2e bench bench-e2e deps deps-python lint clean dist
 
 all: build
 
@@ -88,3 +88,7 @@ lint:
 
 clean:
 	rm -rf build target
+
+## A source tarball for the rockspec (prosodyctl install).
+dist:
+	git archive --format=tar.gz --prefix=mod_mam_rs-0.1.0/ -o mod_mam_rs-0.1.0.tar.gz HEAD

@@ -57,6 +57,17 @@ for _, message in ipairs(config_errors) do
 	module:log("error", "%s", message);
 end
 
+-- Stock options this version does not act on yet: say so rather than ignore them silently.
+local expires_after = module:get_option("archive_expires_after", "1w");
+if expires_after ~= "never" and expires_after ~= false then
+	module:log("warn", "archive_expires_after = %q: message expiry is not implemented yet in mod_mam_rs; nothing is deleted", tostring(expires_after));
+end
+for _, name in ipairs({ "mam_smart_enable", "storage_archive_item_limit" }) do
+	if module:get_option(name) ~= nil then
+		module:log("warn", "%s is not implemented yet in mod_mam_rs and has no effect", name);
+	end
+end
+
 if prosody.process_type == "prosodyctl" then
 	return; -- No threads and no hooks inside prosodyctl.
 end

@@ -13,6 +13,9 @@ use std::fmt;
 /// Bits of the id that hold a per-microsecond sequence number.
 pub const SEQ_BITS: u32 = 11;
 
+/// The largest timestamp an id can hold (in the year 2112); later times are clamped to it.
+pub const MAX_MICROS: i64 = (1 << (63 - SEQ_BITS)) - 1;
+
 /// Length of the text form of an id.
 pub const TEXT_LEN: usize = 13;
 
@@ -26,12 +29,12 @@ pub struct ArchiveId(u64);
 impl ArchiveId {
     /// The smallest id whose timestamp is `micros` (for "start" bounds).
     pub fn first_at(micros: i64) -> ArchiveId {
-        ArchiveId((micros.max(0) as u64) << SEQ_BITS)
+        ArchiveId((micros.clamp(0, MAX_MICROS) as u64) << SEQ_BITS)
     }
 
     /// The largest id whose timestamp is `micros` (for "end" bounds).
     pub fn last_at(micros: i64) -> ArchiveId {
-        ArchiveId(((micros.max(0) as u64) << SEQ_BITS) | ((1 << SEQ_BITS) - 1))
+        ArchiveId(((micros.clamp(0, MAX_MICROS) as u64) << SEQ_BITS) | ((1 << SEQ_BITS) - 1))
     }
 
     /// The id as stored: a non-negative 64-bit integer.
@@ -168,6 +171,15 @@ mod tests {
         ] {
             assert_eq!(ArchiveId::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn far_future_and_past_bounds_clamp_instead_of_wrapping() {
+        // 9999-12-31T23:59:59Z, a valid XEP-0082 date a client may send.
+        let y9999 = 253_402_300_799_000_000;
+        assert_eq!(ArchiveId::last_at(y9999), ArchiveId::last_at(MAX_MICROS));
+        assert!(ArchiveId::last_at(y9999).as_i64() > 0);
+        assert_eq!(ArchiveId::first_at(-5), ArchiveId::first_at(0));
     }
 
     #[test]

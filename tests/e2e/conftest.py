@@ -679,3 +679,62 @@ def connect_module(loop_thread):
     yield factory
     for c in clients:
         c.disconnect()
+
+
+# --------------------------------------------------------------------------
+# Lifecycle helpers (restart on the same data dir, signals); used by test_lifecycle.py and
+# bench_vs_stock.py. They only add to the harness above.
+
+
+def stop_server_keep_data(srv, sig=None, timeout=30.0):
+    """Stop srv's Prosody with `sig` (default SIGTERM) and wait for it; the work dir stays."""
+    import signal as _signal
+    if srv.proc is None:
+        return None
+    srv.proc.send_signal(_signal.SIGTERM if sig is None else sig)  # our own child, by PID
+    try:
+        rc = srv.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        rc = srv.proc.wait(timeout=10)
+        raise RuntimeError("prosody did not exit within %.0fs of signal %r" % (timeout, sig))
+    finally:
+        srv.proc = None
+    return rc
+
+
+def restart_server(srv, timeout=15.0):
+    """Start a stopped ProsodyServer again on the same work dir, data dir and config file.
+
+    Unlike ProsodyServer.start() this neither creates the data dir nor registers users. It
+    keeps the port when it is still free, else picks a new one. Returns srv."""
+    assert srv.proc is None, "restart_server: the server is still running"
+    for attempt in range(3):
+        if attempt:
+            srv.port = _free_port()
+        srv._write_config()
+        offset = srv.log.stat().st_size if srv.log.exists() else 0
+        out = open(srv.workdir / "stdout.txt", "ab")
+        srv.proc = subprocess.Popen(
+            ["prosody", "-F", "--config", str(srv.cfg)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=srv.workdir,
+        )
+        out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and srv.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", srv.port), timeout=0.2):
+                    pass
+            except OSError:
+                time.sleep(0.05)
+                continue
+            while time.monotonic() < deadline and b"Client connected" not in srv.log.read_bytes()[offset:]:
+                time.sleep(0.02)
+            if srv not in _LIVE_SERVERS:
+                _LIVE_SERVERS.append(srv)
+            srv._check_module_loaded()
+            return srv
+        srv._kill()
+        if b"Failed to open server port" not in srv.log.read_bytes()[offset:]:
+            break
+    raise RuntimeError("prosody did not restart (%s)\n--- log tail ---\n%s" % (srv.workdir, srv.log_tail(50)))

@@ -238,14 +238,32 @@ impl SqliteStore {
             items: Vec::new(),
             total: query.total.then_some(0),
         };
+        // An empty answer still checks before/after first: an unknown id is an error even
+        // where nothing could match (stock looks the id up before anything else).
+        let nothing = |aid: Option<i64>| -> Result<Page, StoreError> {
+            if query.limit != Some(0) {
+                for id in [query.after.as_deref(), query.before.as_deref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    match aid {
+                        Some(aid) => {
+                            known_id(conn, aid, id)?;
+                        }
+                        None => return Err(StoreError::ItemNotFound),
+                    }
+                }
+            }
+            Ok(nothing.clone())
+        };
         let Some(aid) = self.archive_for_read(conn, archive).map_err(db)? else {
-            return Ok(nothing);
+            return nothing(None);
         };
         let with_id = match query.with.as_deref() {
             None => None,
             Some(jid) => match self.jid_for_read(conn, jid).map_err(db)? {
                 Some(id) => Some(id),
-                None => return Ok(nothing),
+                None => return nothing(Some(aid)),
             },
         };
         let ids = query.ids.as_ref().map(|texts| {
@@ -259,7 +277,7 @@ impl SqliteStore {
             ids
         });
         if ids.as_ref().is_some_and(Vec::is_empty) {
-            return Ok(nothing);
+            return nothing(Some(aid));
         }
         let filter = Filter {
             aid,

@@ -390,6 +390,57 @@ fn unknown_or_invalid_before_after_is_item_not_found() {
 }
 
 #[test]
+fn unknown_ids_are_errors_even_where_nothing_could_match() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let after = |archive: &ArchiveRef, with: Option<&str>, ids: Option<Vec<String>>| {
+        store.find(
+            archive,
+            &Query {
+                after: Some(id(99).to_string()),
+                with: with.map(str::to_owned),
+                ids,
+                ..Query::default()
+            },
+        )
+    };
+    // An archive that does not exist, a `with` never seen, an `ids` list of nothing known.
+    let nobody = archive("example.com", "nobody", "archive");
+    assert!(matches!(
+        after(&nobody, None, None),
+        Err(StoreError::ItemNotFound)
+    ));
+    assert!(matches!(
+        after(&romeo(), Some("stranger@x"), None),
+        Err(StoreError::ItemNotFound)
+    ));
+    assert!(matches!(
+        after(&romeo(), None, Some(vec!["junk".into()])),
+        Err(StoreError::ItemNotFound)
+    ));
+    // A known id there gives an empty page; limit 0 never checks ids.
+    let known = store.find(
+        &romeo(),
+        &Query {
+            after: text(2),
+            with: Some("stranger@x".into()),
+            ..Query::default()
+        },
+    );
+    assert!(known.unwrap().items.is_empty());
+    let counted = store.find(
+        &nobody,
+        &Query {
+            after: Some("junk".into()),
+            limit: Some(0),
+            total: true,
+            ..Query::default()
+        },
+    );
+    assert_eq!(counted.unwrap().total, Some(0));
+}
+
+#[test]
 fn hosts_and_stores_are_isolated() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);

@@ -1,0 +1,244 @@
+-- A stand-in for Prosody's module API, enough to load lua/mod_mam_rs.lua under busted with
+-- the real native library and Prosody's own util.* libraries.
+--
+--   local fake = require "fake_module";
+--   local m = fake.load({ options = { default_archive_policy = "roster" } });
+--   m.module, m.hooks, m.logs, m.watcher, m.env ...
+--
+-- Each load gets its own data directory (prosody.paths.data), so its own SQLite file and
+-- its own engine. fake.cleanup() unloads every instance still loaded and removes the
+-- directories.
+
+local ROOT = os.getenv("MAM_RS_ROOT") or "/work/main";
+local PROSODY = os.getenv("PROSODY_LIB") or "/usr/lib/prosody";
+
+package.path = package.path .. ";" .. PROSODY .. "/?.lua";
+package.cpath = package.cpath .. ";" .. PROSODY .. "/?.so";
+
+local events_lib = require "util.events";
+
+local M = {};
+
+M.SHIM = os.getenv("MAM_RS_SHIM") or (ROOT .. "/lua/mod_mam_rs.lua");
+M.PLUGIN_DIR = os.getenv("MAM_RS_PLUGIN_DIR") or (ROOT .. "/build/plugins/mod_mam_rs");
+M.SO_NAME = "mam_rs_native.so";
+
+local instances = {};
+local tempdirs = {};
+
+function M.sh(cmd)
+	local ok = os.execute(cmd);
+	assert(ok, "command failed: " .. cmd);
+end
+
+function M.tempdir()
+	local p = assert(io.popen("mktemp -d /tmp/mam_rs_spec.XXXXXX"));
+	local dir = p:read("*l");
+	p:close();
+	assert(dir and dir ~= "", "mktemp -d failed");
+	table.insert(tempdirs, dir);
+	return dir;
+end
+
+function M.exists(path)
+	local f = io.open(path, "rb");
+	if f then f:close(); return true; end
+	return false;
+end
+
+local function format(fmt, ...)
+	local args = table.pack(...);
+	for i = 1, args.n do
+		if type(args[i]) ~= "string" and type(args[i]) ~= "number" then
+			args[i] = tostring(args[i]);
+		end
+	end
+	local ok, s = pcall(string.format, tostring(fmt), table.unpack(args, 1, args.n));
+	return ok and s or tostring(fmt);
+end
+
+-- A session as mod_c2s would hand it: username, host, full_jid, send and log.
+function M.session(username, host, resource)
+	host = host or "localhost";
+	resource = resource or "res";
+	local session = {
+		username = username, host = host, resource = resource,
+		full_jid = username .. "@" .. host .. "/" .. resource,
+		type = "c2s", sent = {}, logs = {},
+	};
+	function session.send(stanza)
+		table.insert(session.sent, stanza);
+		return true;
+	end
+	function session.log(level, fmt, ...)
+		table.insert(session.logs, { level = level, message = format(fmt, ...) });
+	end
+	return session;
+end
+
+-- Loads the shim. opts:
+--   options      module:get_option values (default: {})
+--   host         module.host (default "localhost")
+--   directory    module:get_directory() (default: the built plugin directory)
+--   installer    prosody.paths.installer (default: nil)
+--   data         prosody.paths.data (default: a new temporary directory)
+--   process_type prosody.process_type (default "prosody")
+--   users        set of existing user names for core.usermanager (default alice, bob)
+--   rosters      user -> roster table for core.rostermanager (default {})
+--   loaded       host -> set of module names for core.modulemanager.is_loaded
+--   shim         the shim file (default M.SHIM)
+-- Returns the instance, or nil and the error when the shim raised one.
+function M.load(opts)
+	opts = opts or {};
+	local host = opts.host or "localhost";
+	local options = opts.options or {};
+	local users = opts.users or { alice = true, bob = true };
+	local rosters = opts.rosters or {};
+	local loaded = opts.loaded or {};
+
+	local m = {
+		hooks = {}, logs = {}, timers = {}, watchers = {}, loadlib_calls = {},
+		events = events_lib.new(), options = options,
+	};
+	m.data = opts.data or M.tempdir();
+
+	local mod = { host = host, name = "mam_rs" };
+	m.module = mod;
+
+	function mod:get_directory() return opts.directory or M.PLUGIN_DIR; end
+	function mod:get_option(name, default)
+		local v = options[name];
+		if v == nil then return default; end
+		return v;
+	end
+	function mod:get_option_path(name, default, parent)
+		local value = self:get_option(name, default);
+		if value == nil then return nil; end
+		assert(type(value) == "string", "get_option_path: not a string");
+		local base = m.env.prosody.paths[parent] or parent or self:get_directory();
+		if value:sub(1, 1) == "/" then return value; end
+		return base .. "/" .. value;
+	end
+	function mod:log(level, fmt, ...)
+		table.insert(m.logs, { level = level, message = format(fmt, ...) });
+	end
+	mod._log = function (level, fmt, ...)
+		table.insert(m.logs, { level = level, message = format(fmt, ...) });
+	end
+	function mod:hook(event, handler, priority)
+		table.insert(m.hooks, { event = event, handler = handler, priority = priority });
+		return m.events.add_handler(event, handler, priority);
+	end
+	function mod:fire_event(event, data)
+		return m.events.fire_event(event, data);
+	end
+	function mod:add_timer(delay, fn)
+		table.insert(m.timers, { delay = delay, fn = fn });
+	end
+
+	-- The requires the shim makes, faked.
+	local server = {};
+	function server.watchfd(fd, onreadable)
+		local handle = { fd = fd, onreadable = onreadable, closed = false };
+		function handle:close() self.closed = true; end
+		table.insert(m.watchers, handle);
+		m.watcher = handle;
+		return handle;
+	end
+	package.loaded["net.server"] = server;
+	package.loaded["core.usermanager"] = {
+		user_exists = function (user, h) return h == host and users[user] == true; end;
+	};
+	package.loaded["core.rostermanager"] = {
+		load_roster = function (user, h)
+			assert(h == host, "load_roster: wrong host");
+			return rosters[user] or {};
+		end;
+	};
+	package.loaded["core.modulemanager"] = {
+		is_loaded = function (h, name) return loaded[h] ~= nil and loaded[h][name] == true; end;
+	};
+
+	-- package.loadlib, spied on: which paths the shim tried.
+	local package_proxy = setmetatable({
+		loadlib = function (path, sym)
+			table.insert(m.loadlib_calls, path);
+			return package.loadlib(path, sym);
+		end;
+	}, { __index = package });
+
+	m.env = setmetatable({
+		module = mod,
+		package = package_proxy,
+		prosody = {
+			paths = { data = m.data, installer = opts.installer },
+			process_type = opts.process_type or "prosody",
+			bare_sessions = opts.bare_sessions or {},
+			hosts = {},
+		},
+	}, { __index = _G });
+
+	local chunk = assert(loadfile(opts.shim or M.SHIM, "t", m.env));
+	local ok, err = pcall(chunk);
+	if not ok then return nil, err, m; end
+
+	m.database = m.data .. "/mam_rs.sqlite";
+	table.insert(instances, m);
+
+	-- The handler registered for event at priority (nil: the only one).
+	function m.handler(event, priority)
+		local found;
+		for _, h in ipairs(m.hooks) do
+			if h.event == event and (priority == nil or (h.priority or 0) == priority) then
+				assert(not found, "more than one handler for " .. event);
+				found = h.handler;
+			end
+		end
+		return assert(found, "no handler for " .. event .. " at " .. tostring(priority));
+	end
+
+	function m.fire(event, data)
+		return m.events.fire_event(event, data);
+	end
+
+	-- Polls the eventfd's watcher until done() holds (about 5 s at most).
+	function m.wait_for(done, tries)
+		for _ = 1, tries or 100 do
+			if done() then return true; end
+			os.execute("sleep 0.05");
+			m.watcher.onreadable(m.watcher);
+		end
+		return done() and true or false;
+	end
+
+	function m.unload()
+		if m.unloaded then return; end
+		m.unloaded = true;
+		if mod.unload then mod.unload(); end
+	end
+
+	function m.logged(level, pattern)
+		local n = 0;
+		for _, l in ipairs(m.logs) do
+			if (level == nil or l.level == level) and l.message:find(pattern, 1, true) then
+				n = n + 1;
+			end
+		end
+		return n;
+	end
+
+	return m;
+end
+
+function M.cleanup()
+	for _, m in ipairs(instances) do
+		pcall(m.unload);
+	end
+	instances = {};
+	for _, dir in ipairs(tempdirs) do
+		os.execute("rm -rf '" .. dir .. "'");
+	end
+	tempdirs = {};
+end
+
+return M;

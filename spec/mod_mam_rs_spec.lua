@@ -1,0 +1,526 @@
+-- Specs for the Lua shim (lua/mod_mam_rs.lua), run against the real native library
+-- (build/plugins/mod_mam_rs/mam_rs_native.so) and Prosody's util libraries, with a fake
+-- `module` (spec/fake_module.lua). Run: make test-spec
+
+local fake = require "fake_module";
+local st = require "util.stanza";
+
+local XMLNS_MAM = "urn:xmpp:mam:2";
+local XMLNS_SID = "urn:xmpp:sid:0";
+local XMLNS_CHATSTATES = "http://jabber.org/protocol/chatstates";
+local XMLNS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas";
+
+local counter = 0;
+local function chat(from, to, body)
+	counter = counter + 1;
+	local m = st.message({ from = from, to = to, type = "chat", id = "msg" .. counter });
+	if body then m:text_tag("body", body); end
+	return m;
+end
+
+local function chat_state(from, to)
+	return chat(from, to):tag("active", { xmlns = XMLNS_CHATSTATES }):up();
+end
+
+local function stanza_ids(stanza)
+	local found = {};
+	for tag in stanza:childtags("stanza-id", XMLNS_SID) do
+		table.insert(found, tag);
+	end
+	return found;
+end
+
+local function query_iq(id, queryid)
+	return st.iq({ type = "set", id = id, from = "alice@localhost/res", to = "alice@localhost" })
+		:tag("query", { xmlns = XMLNS_MAM, queryid = queryid }):up();
+end
+
+-- Sends alice -> bob messages through the c2s archive handler (pre-message/bare at 0).
+local function archive_from_alice(m, bodies)
+	local handler = m.handler("pre-message/bare", 0);
+	local ids = {};
+	for _, body in ipairs(bodies) do
+		local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", body) };
+		handler(event);
+		local sid = assert(stanza_ids(event.stanza)[1], "not archived: " .. body);
+		table.insert(ids, sid.attr.id);
+	end
+	return ids;
+end
+
+-- Runs a query and waits for its final iq; returns the stanzas sent to the session.
+local function run_query(m, iq)
+	local session = fake.session("alice");
+	local handled = m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = iq });
+	assert.is_true(handled);
+	local function finished()
+		local last = session.sent[#session.sent];
+		return last ~= nil and last.name == "iq";
+	end
+	assert.is_true(m.wait_for(finished), "no reply to the query");
+	return session.sent, session;
+end
+
+local function load(opts)
+	local m, err = fake.load(opts);
+	assert(m, err);
+	return m;
+end
+
+describe("mod_mam_rs shim", function ()
+	after_each(function ()
+		fake.cleanup();
+	end);
+
+	describe("loading the native library", function ()
+		local saved;
+		before_each(function ()
+			saved = package.loaded.mam_rs_native;
+			package.loaded.mam_rs_native = nil;
+		end);
+		after_each(function ()
+			package.loaded.mam_rs_native = saved;
+		end);
+
+		it("loads the .so from module:get_directory()", function ()
+			local empty = fake.tempdir();
+			local m = load({ installer = empty });
+			assert.same({ fake.PLUGIN_DIR .. "/" .. fake.SO_NAME }, m.loadlib_calls);
+			assert.is_table(package.loaded.mam_rs_native);
+			assert.is_string(package.loaded.mam_rs_native.version);
+			assert.is_table(m.watcher);
+		end);
+
+		it("falls back to prosody.paths.installer .. /lib/lua/5.4/", function ()
+			local empty = fake.tempdir();
+			local installer = fake.tempdir();
+			fake.sh("mkdir -p '" .. installer .. "/lib/lua/5.4'");
+			fake.sh("ln -s '" .. fake.PLUGIN_DIR .. "/" .. fake.SO_NAME .. "' '" .. installer .. "/lib/lua/5.4/" .. fake.SO_NAME .. "'");
+			local m = load({ directory = empty, installer = installer });
+			assert.same({
+				empty .. "/" .. fake.SO_NAME,
+				installer .. "/lib/lua/5.4/" .. fake.SO_NAME,
+			}, m.loadlib_calls);
+			assert.is_table(package.loaded.mam_rs_native);
+			assert.is_table(m.watcher);
+		end);
+
+		it("fails naming every path tried when neither has it", function ()
+			local empty = fake.tempdir();
+			local installer = fake.tempdir();
+			local m, err = fake.load({ directory = empty, installer = installer });
+			assert.is_nil(m);
+			err = tostring(err);
+			assert.truthy(err:find("cannot load mam_rs_native.so", 1, true), err);
+			assert.truthy(err:find(empty .. "/" .. fake.SO_NAME, 1, true), err);
+			assert.truthy(err:find(installer .. "/lib/lua/5.4/" .. fake.SO_NAME, 1, true), err);
+			assert.is_nil(package.loaded.mam_rs_native);
+		end);
+
+		it("without an installer path tries only module:get_directory()", function ()
+			local empty = fake.tempdir();
+			local m, err = fake.load({ directory = empty });
+			assert.is_nil(m);
+			assert.truthy(tostring(err):find(empty .. "/" .. fake.SO_NAME, 1, true), err);
+		end);
+	end);
+
+	describe("hooks", function ()
+		it("are those of stock mod_mam, at the same priorities", function ()
+			local m = load();
+			local got = {};
+			for _, h in ipairs(m.hooks) do
+				got[h.event .. " @ " .. tostring(h.priority or 0)] = (got[h.event .. " @ " .. tostring(h.priority or 0)] or 0) + 1;
+			end
+			assert.same({
+				["pre-message/bare @ 0"] = 1,
+				["pre-message/full @ 0"] = 1,
+				["pre-message/bare @ -1"] = 1,
+				["pre-message/full @ -1"] = 1,
+				["message/bare @ 0"] = 1,
+				["message/full @ 0"] = 1,
+				["archive-should-store @ -1"] = 1,
+				["message/offline/handle @ -2"] = 1,
+				["message/offline/broadcast @ 0"] = 1,
+				["iq-get/self/urn:xmpp:mam:2:query @ 0"] = 1,
+				["iq-set/self/urn:xmpp:mam:2:query @ 0"] = 1,
+				["account-disco-info @ 0"] = 1,
+			}, got);
+		end);
+
+		it("account-disco-info adds mam:2, mam:2#extended and sid:0 in that order", function ()
+			local m = load();
+			local reply = st.stanza("query", { xmlns = "http://jabber.org/protocol/disco#info" });
+			m.fire("account-disco-info", { reply = reply });
+			local vars = {};
+			for tag in reply:childtags("feature") do table.insert(vars, tag.attr.var); end
+			assert.same({ XMLNS_MAM, "urn:xmpp:mam:2#extended", XMLNS_SID }, vars);
+
+			local stanza = st.stanza("query", { xmlns = "http://jabber.org/protocol/disco#info" });
+			m.fire("account-disco-info", { stanza = stanza });
+			assert.equal(3, #stanza.tags);
+		end);
+
+		it("message/offline/handle claims messages archived for that user only", function ()
+			local m = load();
+			local stamped = chat("bob@localhost/r", "alice@localhost", "hi")
+				:tag("stanza-id", { xmlns = XMLNS_SID, by = "alice@localhost", id = "x" }):up();
+			assert.is_true(m.fire("message/offline/handle", { username = "alice", stanza = stamped }));
+			assert.is_nil(m.fire("message/offline/handle", { username = "bob", stanza = stamped }));
+			assert.is_nil(m.fire("message/offline/handle", { username = "alice", stanza = chat("bob@localhost", "alice@localhost", "x") }));
+		end);
+
+		it("message/offline/broadcast is suppressed once the session queried the archive", function ()
+			local m = load();
+			assert.is_nil(m.fire("message/offline/broadcast", { origin = fake.session("alice") }));
+			local _, session = run_query(m, query_iq("q0", "qid0"));
+			assert.is_true(m.fire("message/offline/broadcast", { origin = session }));
+		end);
+
+		it("a query marks the session mam_requested", function ()
+			local m = load();
+			local _, session = run_query(m, query_iq("q0", "qid0"));
+			assert.is_true(session.mam_requested);
+		end);
+	end);
+
+	describe("options", function ()
+		it("log one error line per wrong value, naming the option and the value", function ()
+			local m = load({ options = { default_archive_policy = "sometimes", max_archive_query_results = "many" } });
+			local errors = {};
+			for _, l in ipairs(m.logs) do
+				if l.level == "error" then table.insert(errors, l.message); end
+			end
+			assert.equal(2, #errors, table.concat(errors, "\n"));
+			assert.equal(1, m.logged("error", "default_archive_policy"));
+			assert.equal(1, m.logged("error", "\"sometimes\""));
+			assert.equal(1, m.logged("error", "max_archive_query_results"));
+			assert.equal(1, m.logged("error", "\"many\""));
+			for _, e in ipairs(errors) do
+				local both = e:find("default_archive_policy", 1, true) and e:find("sometimes", 1, true)
+					or e:find("max_archive_query_results", 1, true) and e:find("many", 1, true);
+				assert.truthy(both, e);
+			end
+		end);
+
+		it("good values log no error", function ()
+			local m = load({ options = { default_archive_policy = "roster", max_archive_query_results = 10 } });
+			assert.equal(0, m.logged("error", ""));
+			assert.truthy(fake.exists(m.database));
+		end);
+
+		it("the database goes where mam_rs_database points", function ()
+			local dir = fake.tempdir();
+			local m = load({ options = { mam_rs_database = dir .. "/elsewhere.sqlite" } });
+			assert.truthy(fake.exists(dir .. "/elsewhere.sqlite"));
+			assert.falsy(fake.exists(m.database));
+		end);
+
+		it("inside prosodyctl: errors are logged, but no hooks and no database", function ()
+			local m = load({ process_type = "prosodyctl", options = { default_archive_policy = "sometimes" } });
+			assert.equal(1, m.logged("error", "default_archive_policy"));
+			assert.same({}, m.hooks);
+			assert.same({}, m.watchers);
+			assert.is_nil(m.module.unload);
+			assert.falsy(fake.exists(m.database));
+			local p = io.popen("ls -A '" .. m.data .. "'");
+			local listing = p:read("*a");
+			p:close();
+			assert.equal("", listing);
+		end);
+
+		it("warns when mod_mam is loaded on the same host", function ()
+			local m = load({ loaded = { localhost = { mam = true } } });
+			assert.equal(1, m.logged("error", "mod_mam is loaded on localhost"));
+		end);
+	end);
+
+	describe("archive-should-store", function ()
+		it("stores a message with a body, reason body", function ()
+			local m = load();
+			local event = { stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			assert.is_true(m.fire("archive-should-store", event));
+			assert.equal("body", event.reason);
+		end);
+
+		it("does not store a chat state alone, reason default", function ()
+			local m = load();
+			local event = { stanza = chat_state("alice@localhost/res", "bob@localhost") };
+			assert.is_false(m.fire("archive-should-store", event));
+			assert.equal("default", event.reason);
+		end);
+
+		it("a handler at a higher priority can veto", function ()
+			local m = load();
+			m.module:hook("archive-should-store", function () return false; end, 10);
+			local event = { stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			assert.is_false(m.fire("archive-should-store", event));
+			assert.is_nil(event.reason);
+
+			local c2s = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			m.handler("pre-message/bare", 0)(c2s);
+			assert.same({}, stanza_ids(c2s.stanza));
+		end);
+	end);
+
+	describe("archive path", function ()
+		it("stamps a clone with our stanza-id as last child, leaving the original alone", function ()
+			local m = load();
+			local original = chat("alice@localhost/res", "bob@localhost", "hello");
+			local before = tostring(original);
+			local event = { origin = fake.session("alice"), stanza = original };
+			m.handler("pre-message/bare", 0)(event);
+
+			assert.are_not.equal(original, event.stanza);
+			assert.equal(before, tostring(original));
+			assert.same({}, stanza_ids(original));
+
+			local delivered = event.stanza;
+			local last = delivered[#delivered];
+			assert.equal(delivered.tags[#delivered.tags], last);
+			assert.equal("stanza-id", last.name);
+			assert.equal(XMLNS_SID, last.attr.xmlns);
+			assert.equal("alice@localhost", last.attr.by);
+			assert.is_string(last.attr.id);
+			assert.truthy(#last.attr.id > 0);
+			assert.equal(1, #stanza_ids(delivered));
+			assert.equal("hello", delivered:get_child_text("body"));
+		end);
+
+		it("the same goes for pre-message/full, and ids differ", function ()
+			local m = load();
+			local e1 = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost/x", "one") };
+			local e2 = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost/x", "two") };
+			m.handler("pre-message/full", 0)(e1);
+			m.handler("pre-message/full", 0)(e2);
+			local id1, id2 = stanza_ids(e1.stanza)[1].attr.id, stanza_ids(e2.stanza)[1].attr.id;
+			assert.are_not.equal(id1, id2);
+		end);
+
+		it("the whole pre-message event strips our stanza-id from the sender's outgoing copy", function ()
+			local m = load();
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			m.fire("pre-message/bare", event);
+			assert.same({}, stanza_ids(event.stanza));
+			assert.equal("hello", event.stanza:get_child_text("body"));
+		end);
+
+		it("a chat state alone gets no stanza-id", function ()
+			local m = load();
+			local original = chat_state("alice@localhost/res", "bob@localhost");
+			local event = { origin = fake.session("alice"), stanza = original };
+			m.handler("pre-message/bare", 0)(event);
+			assert.same({}, stanza_ids(event.stanza));
+		end);
+
+		it("incoming: a spoofed stanza-id by the recipient is removed, one by another JID kept", function ()
+			local m = load({ options = { default_archive_policy = false } });
+			local incoming = chat("mallory@example.com/x", "alice@localhost", "hello")
+				:tag("stanza-id", { xmlns = XMLNS_SID, by = "alice@localhost", id = "spoofed" }):up()
+				:tag("stanza-id", { xmlns = XMLNS_SID, by = "example.com", id = "theirs" }):up();
+			local before = tostring(incoming);
+			local event = { origin = fake.session("mallory", "example.com"), stanza = incoming };
+			m.handler("message/bare", 0)(event);
+			local ids = stanza_ids(event.stanza);
+			assert.equal(1, #ids);
+			assert.equal("example.com", ids[1].attr.by);
+			assert.equal("theirs", ids[1].attr.id);
+			assert.equal(before, tostring(incoming));
+		end);
+
+		it("incoming and archived: only our own stanza-id by the recipient remains", function ()
+			local m = load();
+			local incoming = chat("bob@localhost/x", "alice@localhost", "hello")
+				:tag("stanza-id", { xmlns = XMLNS_SID, by = "alice@localhost", id = "spoofed" }):up()
+				:tag("stanza-id", { xmlns = XMLNS_SID, by = "bob@localhost", id = "theirs" }):up();
+			local event = { origin = {}, stanza = incoming };
+			m.handler("message/bare", 0)(event);
+			local ours, theirs = {}, {};
+			for _, tag in ipairs(stanza_ids(event.stanza)) do
+				table.insert(tag.attr.by == "alice@localhost" and ours or theirs, tag);
+			end
+			assert.equal(1, #ours);
+			assert.are_not.equal("spoofed", ours[1].attr.id);
+			assert.equal(1, #theirs);
+			assert.equal("theirs", theirs[1].attr.id);
+		end);
+
+		it("incoming to a user that does not exist is not archived", function ()
+			local m = load();
+			local event = { origin = {}, stanza = chat("bob@localhost/x", "nobody@localhost", "hello") };
+			m.handler("message/bare", 0)(event);
+			assert.same({}, stanza_ids(event.stanza));
+		end);
+
+		it("with default_archive_policy = false nothing is stamped", function ()
+			local m = load({ options = { default_archive_policy = false } });
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			m.handler("pre-message/bare", 0)(event);
+			assert.same({}, stanza_ids(event.stanza));
+			local incoming = { origin = {}, stanza = chat("bob@localhost/x", "alice@localhost", "hello") };
+			m.handler("message/bare", 0)(incoming);
+			assert.same({}, stanza_ids(incoming.stanza));
+		end);
+
+		it("with \"roster\" only contacts in the roster are stamped", function ()
+			local m = load({
+				options = { default_archive_policy = "roster" },
+				rosters = { alice = { ["bob@localhost"] = { subscription = "both", groups = {} } } },
+			});
+			local handler = m.handler("pre-message/bare", 0);
+			local to_bob = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hi bob") };
+			local to_carol = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "carol@localhost", "hi carol") };
+			handler(to_bob);
+			handler(to_carol);
+			assert.equal(1, #stanza_ids(to_bob.stanza));
+			assert.same({}, stanza_ids(to_carol.stanza));
+		end);
+
+		it("fires archive-message-added with the stored id", function ()
+			local m = load();
+			local added;
+			m.module:hook("archive-message-added", function (e) added = e; end);
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			m.handler("pre-message/bare", 0)(event);
+			assert.is_table(added);
+			assert.equal("alice", added.for_user);
+			assert.equal(stanza_ids(event.stanza)[1].attr.id, added.id);
+			assert.same({}, stanza_ids(added.stanza));
+		end);
+
+		it("inside an async runner, the handler waits until the row is committed", function ()
+			local async = require "util.async";
+			local m = load();
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			local finished = false;
+			local runner = async.runner(function (e)
+				m.handler("pre-message/bare", 0)(e);
+				finished = true;
+			end);
+			runner:run(event);
+			assert.is_false(finished); -- Nothing is released before the watcher drains.
+			assert.is_true(m.wait_for(function () return finished; end));
+			assert.equal(1, #stanza_ids(event.stanza));
+		end);
+	end);
+
+	describe("query path", function ()
+		it("sends each result as a util.stanza, then the iq result with <fin complete>", function ()
+			local m = load();
+			local ids = archive_from_alice(m, { "one", "two", "three" });
+			local sent = run_query(m, query_iq("q1", "qid1"));
+
+			assert.equal(4, #sent);
+			for i = 1, 3 do
+				local msg = sent[i];
+				assert.is_true(st.is_stanza(msg));
+				assert.equal("message", msg.name);
+				assert.equal("alice@localhost/res", msg.attr.to);
+				local result = assert(msg:get_child("result", XMLNS_MAM));
+				assert.equal("qid1", result.attr.queryid);
+				assert.equal(ids[i], result.attr.id);
+				local forwarded = assert(result:get_child("forwarded", "urn:xmpp:forward:0"));
+				local inner = assert(forwarded:get_child("message", "jabber:client") or forwarded:get_child("message"));
+				assert.equal(({ "one", "two", "three" })[i], inner:get_child_text("body"));
+			end
+			local iq = sent[4];
+			assert.is_true(st.is_stanza(iq));
+			assert.equal("iq", iq.name);
+			assert.equal("result", iq.attr.type);
+			assert.equal("q1", iq.attr.id);
+			assert.equal("alice@localhost/res", iq.attr.to);
+			local fin = assert(iq:get_child("fin", XMLNS_MAM));
+			assert.equal("true", fin.attr.complete);
+		end);
+
+		it("a bad query gets an iq error with bad-request", function ()
+			local m = load();
+			archive_from_alice(m, { "one" });
+			local iq = st.iq({ type = "set", id = "bad1", from = "alice@localhost/res", to = "alice@localhost" })
+				:tag("query", { xmlns = XMLNS_MAM, queryid = "qbad" })
+					:tag("x", { xmlns = "jabber:x:data", type = "submit" })
+						:tag("field", { var = "FORM_TYPE", type = "hidden" })
+							:text_tag("value", "urn:xmpp:mam:1")
+						:up()
+					:up()
+				:up();
+			local sent = run_query(m, iq);
+			assert.equal(1, #sent);
+			local reply = sent[1];
+			assert.is_true(st.is_stanza(reply));
+			assert.equal("error", reply.attr.type);
+			assert.equal("bad1", reply.attr.id);
+			local err = assert(reply:get_child("error"));
+			assert.truthy(err:get_child("bad-request", XMLNS_STANZAS));
+		end);
+
+		it("the iq-get handler replies with the form", function ()
+			local m = load();
+			local session = fake.session("alice");
+			local iq = st.iq({ type = "get", id = "f1", from = "alice@localhost/res", to = "alice@localhost" })
+				:tag("query", { xmlns = XMLNS_MAM }):up();
+			assert.is_true(m.fire("iq-get/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = iq }));
+			assert.equal(1, #session.sent);
+			local reply = session.sent[1];
+			assert.is_true(st.is_stanza(reply));
+			assert.equal("result", reply.attr.type);
+			assert.equal("f1", reply.attr.id);
+			local query = assert(reply:get_child("query", XMLNS_MAM));
+			local form = assert(query:get_child("x", "jabber:x:data"));
+			assert.equal("form", form.attr.type);
+			local form_type;
+			for field in form:childtags("field") do
+				if field.attr.var == "FORM_TYPE" then form_type = field:get_child_text("value"); end
+			end
+			assert.equal(XMLNS_MAM, form_type);
+		end);
+	end);
+
+	describe("unload", function ()
+		it("closes the watcher and the archive, and loses nothing queued", function ()
+			local data = fake.tempdir();
+			local first = load({ data = data });
+			local ids = archive_from_alice(first, { "one", "two", "three" });
+			first.unload();
+			assert.is_true(first.watcher.closed);
+			-- The archive is closed: archiving through it now fails.
+			assert.has_error(function ()
+				first.handler("pre-message/bare", 0)({ origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "late") });
+			end);
+
+			local second = load({ data = data });
+			local sent = run_query(second, query_iq("q2", "qid2"));
+			assert.equal(4, #sent);
+			for i = 1, 3 do
+				assert.equal(ids[i], sent[i]:get_child("result", XMLNS_MAM).attr.id);
+			end
+			assert.equal("true", sent[4]:get_child("fin", XMLNS_MAM).attr.complete);
+		end);
+
+		it("answers a query still in flight", function ()
+			local m = load({ options = { mam_rs_test_query_delay = 0.3 } });
+			archive_from_alice(m, { "one" });
+			local session = fake.session("alice");
+			m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = query_iq("q3", "qid3") });
+			assert.same({}, session.sent);
+			m.unload();
+			assert.equal(2, #session.sent);
+			assert.equal("iq", session.sent[2].name);
+			assert.equal("result", session.sent[2].attr.type);
+		end);
+
+		it("releases a delivery waiting in an async runner", function ()
+			local async = require "util.async";
+			local m = load();
+			local finished = false;
+			local runner = async.runner(function (e)
+				m.handler("pre-message/bare", 0)(e);
+				finished = true;
+			end);
+			runner:run({ origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") });
+			assert.is_false(finished);
+			m.unload();
+			assert.is_true(finished);
+		end);
+	end);
+end);

@@ -1,0 +1,328 @@
+//! The engine's threads against a real SQLite file: ordering, read-your-writes, flush on
+//! shutdown, per-host mailboxes, and what happens while the database fails.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mam_rs_native::config::Config;
+use mam_rs_native::engine::{Completion, Engine, Mailbox, QueryRequest};
+use mam_rs_native::id::ArchiveId;
+use mam_rs_native::protocol::xep0313::{Limits, Response};
+use mam_rs_native::protocol::StanzaError;
+use mam_rs_native::store::sqlite::{SqliteOptions, SqliteStore};
+use mam_rs_native::store::{ArchiveRef, Item, NewItem, Page, Query, Store, StoreError};
+use minidom::Element;
+
+fn config(dir: &tempfile::TempDir) -> Config {
+    Config {
+        database: dir.path().join("mam_rs.sqlite"),
+        ..Config::default()
+    }
+}
+
+fn archive_ref(host: &str, user: &str) -> ArchiveRef {
+    ArchiveRef {
+        host: Arc::from(host),
+        user: user.to_string(),
+        store: Arc::from("archive"),
+    }
+}
+
+fn message(body: &str) -> Element {
+    format!("<message xmlns='jabber:client' to='bob@localhost' type='chat'><body>{body}</body></message>")
+        .parse()
+        .unwrap()
+}
+
+fn query(xml: &str) -> Element {
+    xml.parse().unwrap()
+}
+
+/// Waits for the completion of `ticket` in `mailbox`, keeping the largest release mark seen.
+fn wait_for(mailbox: &Mailbox, ticket: u64) -> Result<Response, StanzaError> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for c in mailbox.drain().completions {
+            if let Completion::Query { ticket: t, result } = c {
+                if t == ticket {
+                    return result;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no completion for ticket {ticket}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn bodies(response: &Response) -> Vec<String> {
+    response
+        .messages
+        .iter()
+        .map(|m| {
+            let fwd = m.children().next().unwrap().children().next().unwrap();
+            let inner = fwd.children().find(|c| c.name() == "message").unwrap();
+            inner
+                .children()
+                .find(|c| c.name() == "body")
+                .unwrap()
+                .text()
+        })
+        .collect()
+}
+
+fn ask(
+    engine: &Engine,
+    mailbox: &Arc<Mailbox>,
+    user: &str,
+    xml: &str,
+) -> Result<Response, StanzaError> {
+    let ticket = engine
+        .query(
+            QueryRequest {
+                archive: archive_ref("localhost", user),
+                query: query(xml),
+                to: Some(format!("{user}@localhost/r")),
+                from: None,
+                limits: Limits {
+                    default_max: 20,
+                    max_max: 1000,
+                    include_total: true,
+                },
+            },
+            mailbox,
+        )
+        .unwrap();
+    wait_for(mailbox, ticket)
+}
+
+const ALL: &str = "<query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><max>1000</max></set></query>";
+
+#[test]
+fn a_query_sees_every_message_archived_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(
+        Arc::new(SqliteStore::open(&config(&dir).database, &SqliteOptions::default()).unwrap()),
+        &config(&dir),
+    )
+    .unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let mut ids = Vec::new();
+    for i in 0..500 {
+        ids.push(
+            engine
+                .archive(
+                    archive_ref("localhost", "alice"),
+                    "bob@localhost".into(),
+                    message(&format!("m{i:03}")),
+                )
+                .unwrap()
+                .id,
+        );
+    }
+    // No waiting for commits: the query itself must wait for them.
+    let response = ask(&engine, &mailbox, "alice", ALL).unwrap();
+    let expected: Vec<String> = (0..500).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(bodies(&response), expected);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids are handed out in increasing order"
+    );
+    assert!(response.complete);
+}
+
+#[test]
+fn release_marks_reach_every_host_and_results_only_the_asker() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::shared(&config(&dir)).unwrap();
+    let again = Engine::shared(&config(&dir)).unwrap();
+    assert!(
+        Arc::ptr_eq(&engine, &again),
+        "hosts on one database share one engine"
+    );
+    let host_a = engine.mailbox().unwrap();
+    let host_b = engine.mailbox().unwrap();
+    let archived = engine
+        .archive(
+            archive_ref("localhost", "alice"),
+            "bob@localhost".into(),
+            message("x"),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut a, mut b) = (0, 0);
+    while (a < archived.release_at || b < archived.release_at) && Instant::now() < deadline {
+        a = a.max(host_a.drain().released);
+        b = b.max(host_b.drain().released);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(a >= archived.release_at && b >= archived.release_at);
+    ask(&engine, &host_a, "alice", ALL).unwrap();
+    assert!(
+        host_b.drain().completions.is_empty(),
+        "host B got host A's result"
+    );
+}
+
+#[test]
+fn shutdown_commits_everything_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    {
+        let engine = Engine::start(
+            Arc::new(SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap()),
+            &cfg,
+        )
+        .unwrap();
+        for i in 0..3000 {
+            engine
+                .archive(
+                    archive_ref("localhost", "alice"),
+                    "bob@localhost".into(),
+                    message(&format!("{i}")),
+                )
+                .unwrap();
+        }
+        // Dropped at once, with most rows still queued.
+    }
+    let store = SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap();
+    let page = store
+        .find(
+            &archive_ref("localhost", "alice"),
+            &Query {
+                limit: Some(0),
+                total: true,
+                ..Query::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(page.total, Some(3000));
+}
+
+#[test]
+fn ids_continue_after_the_newest_stored_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let first = {
+        let engine = Engine::start(
+            Arc::new(SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap()),
+            &cfg,
+        )
+        .unwrap();
+        engine
+            .archive(
+                archive_ref("localhost", "alice"),
+                "bob@localhost".into(),
+                message("a"),
+            )
+            .unwrap()
+            .id
+    };
+    let engine = Engine::start(
+        Arc::new(SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap()),
+        &cfg,
+    )
+    .unwrap();
+    let second = engine
+        .archive(
+            archive_ref("localhost", "alice"),
+            "bob@localhost".into(),
+            message("b"),
+        )
+        .unwrap()
+        .id;
+    assert!(second > first);
+}
+
+#[test]
+fn query_errors_come_back_as_stanza_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(
+        Arc::new(SqliteStore::open(&config(&dir).database, &SqliteOptions::default()).unwrap()),
+        &config(&dir),
+    )
+    .unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let unknown = ask(
+        &engine,
+        &mailbox,
+        "alice",
+        "<query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><after>0000000000000</after></set></query>",
+    );
+    assert_eq!(unknown.unwrap_err().condition, "item-not-found");
+}
+
+/// A store whose first `failures` appends fail, as a database that went away and came back.
+struct Flaky {
+    inner: SqliteStore,
+    failures: AtomicUsize,
+}
+
+impl Store for Flaky {
+    fn append(&self, batch: &[NewItem]) -> Result<(), StoreError> {
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(StoreError::Database("disk I/O error".into()));
+        }
+        self.inner.append(batch)
+    }
+    fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError> {
+        self.inner.find(archive, query)
+    }
+    fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
+        self.inner.last_id()
+    }
+}
+
+#[test]
+fn a_failing_database_releases_deliveries_and_retries_until_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let store = Arc::new(Flaky {
+        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
+        failures: AtomicUsize::new(3),
+    });
+    let engine = Engine::start(store.clone(), &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let archived = engine
+        .archive(
+            archive_ref("localhost", "alice"),
+            "bob@localhost".into(),
+            message("kept"),
+        )
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut logs = Vec::new();
+    let mut released = 0;
+    while released < archived.release_at && Instant::now() < deadline {
+        let d = mailbox.drain();
+        released = d.released;
+        logs.extend(d.completions.into_iter().filter_map(|c| match c {
+            Completion::Log { message, .. } => Some(message),
+            _ => None,
+        }));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        released >= archived.release_at,
+        "delivery must not wait for a failing database"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("disk I/O error") && l.contains("retrying")),
+        "{logs:?}"
+    );
+
+    // The query waits for the retried commit, and finds the message.
+    let response = ask(&engine, &mailbox, "alice", ALL).unwrap();
+    assert_eq!(bodies(&response), ["kept"]);
+    let found: Vec<Item> = store
+        .find(&archive_ref("localhost", "alice"), &Query::default())
+        .unwrap()
+        .items;
+    assert_eq!(found.len(), 1);
+}

@@ -95,18 +95,22 @@ end
 
 local function on_readable()
 	local now_released, completions = archive:drain();
+	if now_released > released then
+		released = now_released;
+		release_waiting();
+	end
 	for _, c in ipairs(completions) do
 		if c.log then
 			module:log(c.log, "%s", c.message);
 		else
 			local callback = pending_queries[c.ticket];
 			pending_queries[c.ticket] = nil;
-			if callback then callback(c); end
+			-- One failing reply must not lose the others taken in the same drain.
+			local ok, err = pcall(callback or function () end, c);
+			if not ok then
+				module:log("error", "Could not send archive query results: %s", err);
+			end
 		end
-	end
-	if now_released > released then
-		released = now_released;
-		release_waiting();
 	end
 end
 
@@ -117,9 +121,10 @@ local watcher = server.watchfd(archive:fd(), on_readable);
 -- already read into it would sit there until the client sends more. Read them once the
 -- connection reads again, as server_epoll's own pausefor() does.
 local function read_buffered(session)
-	local conn = session and session.conn;
+	if not session or session.mam_rs_read_check then return; end
+	local conn = session.conn;
 	local sock = type(conn) == "table" and conn.conn;
-	if session.mam_rs_read_check or not (sock and sock.dirty and conn.onreadable and sock:dirty()) then
+	if not (sock and sock.dirty and conn.onreadable and sock:dirty()) then
 		return;
 	end
 	session.mam_rs_read_check = true;
@@ -286,8 +291,9 @@ module:hook("account-disco-info", function (event)
 	reply:tag("feature", { var = xmlns_st_id }):up();
 end);
 
--- Unload (reload, or the module removed): the native side commits what is queued and joins
--- its threads; the last drain answers queries in flight and releases waiting deliveries.
+-- Unload (reload, or the module removed): closing waits until this host's queries are answered
+-- and its messages committed (the last host to close also joins the threads); the last drain
+-- then sends those answers and releases the waiting deliveries.
 function module.unload()
 	watcher:close();
 	archive:close();

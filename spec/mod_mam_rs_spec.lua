@@ -509,6 +509,19 @@ describe("mod_mam_rs shim", function ()
 			assert.equal("result", session.sent[2].attr.type);
 		end);
 
+		it("answers its query in flight while another host keeps the shared engine running", function ()
+			local delay = { mam_rs_test_query_delay = 0.3 };
+			local m = load({ options = delay });
+			local other = load({ host = "second.localhost", data = m.data, options = delay });
+			archive_from_alice(m, { "one" });
+			local session = fake.session("alice");
+			m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = query_iq("q4", "qid4") });
+			m.unload();
+			assert.equal(2, #session.sent);
+			assert.equal("result", session.sent[2].attr.type);
+			other.unload();
+		end);
+
 		it("releases a delivery waiting in an async runner", function ()
 			local async = require "util.async";
 			local m = load();

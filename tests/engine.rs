@@ -21,6 +21,12 @@ fn config(dir: &tempfile::TempDir) -> Config {
     }
 }
 
+/// An engine over a fresh SQLite store at `cfg.database`.
+fn start(cfg: &Config) -> Engine {
+    let store = SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap();
+    Engine::start(Arc::new(store), cfg).unwrap()
+}
+
 fn archive_ref(host: &str, user: &str) -> ArchiveRef {
     ArchiveRef {
         host: Arc::from(host),
@@ -104,11 +110,7 @@ const ALL: &str = "<query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/p
 #[test]
 fn a_query_sees_every_message_archived_before_it() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::start(
-        Arc::new(SqliteStore::open(&config(&dir).database, &SqliteOptions::default()).unwrap()),
-        &config(&dir),
-    )
-    .unwrap();
+    let engine = start(&config(&dir));
     let mailbox = engine.mailbox().unwrap();
     let mut ids = Vec::new();
     for i in 0..500 {
@@ -172,11 +174,7 @@ fn shutdown_commits_everything_queued() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&dir);
     {
-        let engine = Engine::start(
-            Arc::new(SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap()),
-            &cfg,
-        )
-        .unwrap();
+        let engine = start(&cfg);
         for i in 0..3000 {
             engine
                 .archive(
@@ -207,11 +205,7 @@ fn ids_continue_after_the_newest_stored_id() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&dir);
     let first = {
-        let engine = Engine::start(
-            Arc::new(SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap()),
-            &cfg,
-        )
-        .unwrap();
+        let engine = start(&cfg);
         engine
             .archive(
                 archive_ref("localhost", "alice"),
@@ -221,11 +215,7 @@ fn ids_continue_after_the_newest_stored_id() {
             .unwrap()
             .id
     };
-    let engine = Engine::start(
-        Arc::new(SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap()),
-        &cfg,
-    )
-    .unwrap();
+    let engine = start(&cfg);
     let second = engine
         .archive(
             archive_ref("localhost", "alice"),
@@ -240,11 +230,7 @@ fn ids_continue_after_the_newest_stored_id() {
 #[test]
 fn query_errors_come_back_as_stanza_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::start(
-        Arc::new(SqliteStore::open(&config(&dir).database, &SqliteOptions::default()).unwrap()),
-        &config(&dir),
-    )
-    .unwrap();
+    let engine = start(&config(&dir));
     let mailbox = engine.mailbox().unwrap();
     let unknown = ask(
         &engine,

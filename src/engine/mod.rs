@@ -199,12 +199,18 @@ impl Engine {
             reply: reply.clone(),
         };
         let queries = self.queries.lock();
-        queries
-            .as_ref()
-            .ok_or(EngineError::Closed)?
-            .send(job)
-            .map_err(|_| EngineError::Closed)?;
+        let tx = queries.as_ref().ok_or(EngineError::Closed)?;
+        reply.expect_answer();
+        if tx.send(job).is_err() {
+            reply.answer_not_coming();
+            return Err(EngineError::Closed);
+        }
         Ok(ticket)
+    }
+
+    /// Blocks until rows up to `release_at` are committed, or `timeout` passes.
+    pub fn wait_committed(&self, release_at: u64, timeout: std::time::Duration) -> bool {
+        self.progress.wait_committed(release_at, timeout)
     }
 
     /// Commits every queued row and joins every thread. Safe to call twice.

@@ -12,6 +12,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,8 @@ struct State {
 pub struct Mailbox {
     fd: OwnedFd,
     state: Mutex<State>,
+    /// Queries asked through this mailbox and not yet answered.
+    in_flight: AtomicUsize,
 }
 
 impl Mailbox {
@@ -86,6 +89,7 @@ impl Mailbox {
                 queue: VecDeque::new(),
                 released,
             }),
+            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -105,8 +109,35 @@ impl Mailbox {
 
     /// Queues a completion and wakes the loop.
     pub fn push(&self, completion: Completion) {
+        let answers_query = matches!(completion, Completion::Query { .. });
         self.state.lock().queue.push_back(completion);
+        if answers_query {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
         self.wake();
+    }
+
+    /// Counts a query whose answer will come to this mailbox.
+    pub fn expect_answer(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes back [`Mailbox::expect_answer`] for a query that was not queued after all.
+    pub fn answer_not_coming(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Blocks until every query asked through this mailbox is answered, or `timeout` passes.
+    /// Returns whether none is left.
+    pub fn wait_answered(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Queues a log line for Prosody's log.

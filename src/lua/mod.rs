@@ -12,8 +12,13 @@
 
 mod stanza;
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long closing waits for this host's queries and commits.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 use mlua::prelude::*;
 use mlua::{Table, UserData, UserDataMethods, Value};
@@ -108,6 +113,8 @@ fn should_store(_: &Lua, stanza: Table) -> LuaResult<(bool, &'static str)> {
 struct Archive {
     /// `None` once closed.
     engine: Option<Arc<Engine>>,
+    /// The release mark of the newest message this host archived.
+    last_release: Cell<u64>,
     mailbox: Arc<Mailbox>,
     host: Arc<str>,
     store: Arc<str>,
@@ -129,6 +136,7 @@ fn open(
     Ok((
         Some(Archive {
             engine: Some(engine),
+            last_release: Cell::new(0),
             mailbox,
             host: Arc::from(host),
             store: Arc::from(config.archive_store.as_str()),
@@ -262,9 +270,20 @@ impl UserData for Archive {
             stanza::build(lua, &this.stanza_mt, &xep0313::query_form(), ns::CLIENT)
         });
 
-        // Stops using the engine; the last host to close it commits its queue and joins its threads.
+        // Stops using the engine. Other hosts may keep a shared engine running, so this host's
+        // own work is waited for first: its queries answered, its messages committed. The last
+        // host to close the engine also commits every queued row and joins the threads.
         methods.add_method_mut("close", |_, this, ()| {
-            this.engine.take();
+            if let Some(engine) = this.engine.take() {
+                let answered = this.mailbox.wait_answered(CLOSE_WAIT);
+                let committed = engine.wait_committed(this.last_release.get(), CLOSE_WAIT);
+                if !(answered && committed) {
+                    this.mailbox.log(
+                        crate::engine::Level::Warn,
+                        "Closing the archive before all of this host's work finished (database too slow?)",
+                    );
+                }
+            }
             Ok(())
         });
     }

@@ -83,6 +83,9 @@ module:log("debug", "Archive in %s (mam_rs_native %s)", settings.database, nativ
 local pending_queries = {}; -- ticket -> callback(completion)
 local waiting, waiting_head, waiting_tail = {}, 1, 0; -- { release_at, done }, in release order
 local released = 0;
+-- Set when unloading starts. Prosody removes a module's hooks only after module.unload has
+-- run, and the deliveries released during unload go on to their sessions' next stanzas.
+local closed = false;
 
 local function release_waiting()
 	while waiting[waiting_head] and waiting[waiting_head][1] <= released do
@@ -185,6 +188,7 @@ local function shall_store(user, with)
 end
 
 local function message_handler(event, c2s)
+	if closed then return; end
 	local origin, stanza = event.origin, event.stanza;
 	local log = c2s and origin.log or module._log;
 	local orig_from = stanza.attr.from;
@@ -269,12 +273,14 @@ local function send_query_result(origin, stanza, c)
 end
 
 module:hook("iq-get/self/" .. xmlns_mam .. ":query", function (event)
+	if closed then return; end
 	event.origin.send(st.reply(event.stanza):add_child(archive:query_form()));
 	return true;
 end);
 
 -- The reply is sent from the completion callback, so the session is not paused meanwhile.
 module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
+	if closed then return; end -- Unhandled: the client gets service-unavailable.
 	local origin, stanza = event.origin, event.stanza;
 	origin.mam_requested = true;
 	local ticket = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
@@ -295,6 +301,7 @@ end);
 -- and its messages committed (the last host to close also joins the threads); the last drain
 -- then sends those answers and releases the waiting deliveries.
 function module.unload()
+	closed = true;
 	watcher:close();
 	archive:close();
 	on_readable();

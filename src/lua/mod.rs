@@ -175,7 +175,9 @@ impl Archive {
         user: String,
         with: String,
     ) -> LuaResult<(Option<String>, Option<i64>, Option<String>)> {
-        let engine = self.engine()?;
+        let Some(engine) = self.engine.as_ref() else {
+            return Ok((None, None, Some("the archive is closed".into())));
+        };
         let mut stored = match stanza::to_element(stanza, ns::CLIENT) {
             Ok(el) => el,
             Err(e) => return Ok((None, None, Some(e.to_string()))),

@@ -652,8 +652,8 @@ def loop_thread():
     lt.stop()
 
 
-@pytest.fixture
-def connect(loop_thread):
+def _client_factory(loop_thread):
+    """Yields a connect(server, user, resource=None) function; disconnects its clients after."""
     clients = []
 
     def factory(server, user, resource=None):
@@ -664,21 +664,17 @@ def connect(loop_thread):
     yield factory
     for c in clients:
         c.disconnect()
+
+
+@pytest.fixture
+def connect(loop_thread):
+    yield from _client_factory(loop_thread)
 
 
 @pytest.fixture(scope="module")
 def connect_module(loop_thread):
     """Like connect, but the clients live for the whole test module."""
-    clients = []
-
-    def factory(server, user, resource=None):
-        c = Client(loop_thread, server, user, resource).connect()
-        clients.append(c)
-        return c
-
-    yield factory
-    for c in clients:
-        c.disconnect()
+    yield from _client_factory(loop_thread)
 
 
 # --------------------------------------------------------------------------

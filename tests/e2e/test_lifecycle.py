@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import (
-    MAM_MODULE, NS_CLIENT, NS_MAM, Client, ProsodyServer, restart_server, stanza_ids,
+    MAM_MODULE, NS_CLIENT, Client, ProsodyServer, restart_server, stanza_ids,
     stop_server_keep_data, xml_escape,
 )
 
@@ -110,10 +110,9 @@ def archive_of(client, **kw):
 
 
 def error_lines(srv, since=0):
-    """Error-level log lines of the archive module written after byte offset `since`."""
+    """Error-level log lines (any source: a traceback in a c2s session counts) after byte offset `since`."""
     text = srv.log.read_bytes()[since:].decode(errors="replace")
-    return [ln for ln in text.splitlines()
-            if "\terror\t" in ln and (":%s\t" % srv.module) in ln]
+    return [ln for ln in text.splitlines() if "\terror\t" in ln]
 
 
 # --------------------------------------------------------------------------
@@ -213,13 +212,16 @@ class Querier(threading.Thread):
         return self.replies
 
 
-def check_traffic_archived(bob, sent, prefix):
+def check_traffic_archived(rcpt, sent, prefix, sender_bare):
     """Everything sent was delivered; everything delivered with a stanza-id is archived under it."""
-    seen = wait_delivered(bob, prefix, len(sent))
-    assert [b for b, _ in seen] == sent, "bob received %d of %d messages" % (len(seen), len(sent))
+    seen = wait_delivered(rcpt, prefix, len(sent), timeout=20)
+    if [b for b, _ in seen] != sent:
+        lost = sorted(set(sent) - {b for b, _ in seen})
+        raise AssertionError("%s received %d of %d messages; never delivered: %r"
+                             % (rcpt.bare, len(seen), len(sent), lost[:10]))
     stamped = [(b, s) for b, s in seen if s]
     assert len({s for _, s in stamped}) == len(stamped), "a stanza-id was handed out twice"
-    archived = archive_of(bob, fields={"with": "alice@localhost"})
+    archived = archive_of(rcpt, fields={"with": sender_bare})
     archived = [(b, i) for b, i in archived if b.startswith(prefix)]
     assert len({b for b, _ in archived}) == len(archived), "a message was archived twice"
     by_body = dict(archived)
@@ -232,33 +234,40 @@ def check_traffic_archived(bob, sent, prefix):
     return seen, archived
 
 
+RELOADS = 4
+
+
 def test_module_reload_loses_nothing(servers, clients):
+    """Reload the module several times while two senders keep sending and carol keeps querying.
+
+    Nothing may be lost: every message is delivered (unstamped at worst, while the module is
+    out), and every stamped message is in the archive under the id the recipient saw."""
     srv = servers(ShellServer)
-    alice = clients(srv, "alice")
-    bob = clients(srv, "bob")
+    pairs = [(clients(srv, "alice"), clients(srv, "bob")), (clients(srv, "erin"), clients(srv, "frank"))]
     carol = clients(srv, "carol")
     burst(carol, "dave@localhost", ["carol %d" % i for i in range(5)])
     carol.ping()
     log_offset = srv.log.stat().st_size
 
-    sender = Sender(alice, "bob@localhost", "reload ")
+    senders = [Sender(a, b.bare, "reload-%s " % a.user) for a, b in pairs]
     querier = Querier(carol)
-    sender.start()
-    querier.start()
+    for t in senders + [querier]:
+        t.start()
     try:
-        for _ in range(2):
-            time.sleep(0.7)
+        for _ in range(RELOADS):
+            time.sleep(0.4)
             r = prosodyctl(srv, "shell", "module:reload('%s', 'localhost')" % MAM_MODULE)
             assert r.returncode == 0 and "OK: Module reloaded" in r.stdout, (r.stdout, r.stderr)
-        time.sleep(0.7)
+        time.sleep(0.4)
     finally:
-        sent = sender.stop()
+        sent = [t.stop() for t in senders]
         replies = querier.stop()
 
-    seen, archived = check_traffic_archived(bob, sent, "reload ")
-    # The module works after the reload: the tail of the traffic was stamped and archived.
-    assert seen[-1][1], "the last message (sent after the reloads) has no stanza-id"
-    assert len(archived) > len(sent) // 2, "only %d of %d messages archived" % (len(archived), len(sent))
+    for (a, b), msgs in zip(pairs, sent):
+        seen, archived = check_traffic_archived(b, msgs, "reload-%s " % a.user, a.bare)
+        # The module works after the reloads: the tail of the traffic was stamped and archived.
+        assert seen[-1][1], "the last message (sent after the reloads) has no stanza-id"
+        assert len(archived) > len(msgs) // 2, "only %d of %d messages archived" % (len(archived), len(msgs))
     # Queries in flight around the reload were answered (a result, or an error while unloaded).
     assert replies and all(q.iq.xml is not None for q in replies), "a query got no reply across the reload"
     assert replies[-1].iq.type == "result"
@@ -311,7 +320,7 @@ def test_sighup_reload_loses_nothing(servers, clients):
         sent = sender.stop()
     assert "Received SIGHUP" in srv.log.read_bytes()[log_offset:].decode(errors="replace")
     assert srv.proc.poll() is None
-    seen, archived = check_traffic_archived(bob, sent, "hup ")
+    seen, archived = check_traffic_archived(bob, sent, "hup ", "alice@localhost")
     # A config reload does not touch the module: every message was stamped and archived.
     assert all(s for _, s in seen), "messages without a stanza-id: %r" % [b for b, s in seen if not s][:5]
     assert len(archived) == len(sent)

@@ -52,6 +52,7 @@ fn row(archive: &ArchiveRef, id: ArchiveId, with: String) -> NewItem {
         stanza: stanza(id, &with),
         id,
         with,
+        quota: None,
     }
 }
 

@@ -11,6 +11,8 @@ local async = require "util.async";
 local server = require "net.server";
 local um = require "core.usermanager";
 local rm_load_roster = require "core.rostermanager".load_roster;
+local new_cache = require "util.cache".new;
+local time_now = require "util.time".now;
 
 local xmlns_mam = "urn:xmpp:mam:2";
 local xmlns_mam_ext = "urn:xmpp:mam:2#extended";
@@ -48,24 +50,25 @@ local options = {
 	dont_archive_namespaces = module:get_option("dont_archive_namespaces");
 	archive_store = module:get_option("archive_store");
 	mam_include_total = module:get_option("mam_include_total");
+	mam_smart_enable = module:get_option("mam_smart_enable");
+	storage_archive_item_limit = module:get_option("storage_archive_item_limit");
 	mam_rs_database = module:get_option_path("mam_rs_database", "mam_rs.sqlite", "data");
 	mam_rs_query_workers = module:get_option("mam_rs_query_workers");
 	mam_rs_test_query_delay = module:get_option("mam_rs_test_query_delay");
 };
+-- Stock counts totals by default only while messages expire (mod_mam.lua:601-606).
+local expires_after = module:get_option("archive_expires_after", "1w");
+if options.mam_include_total == nil and expires_after == "never" then
+	options.mam_include_total = false;
+end
 local settings, config_errors = native.parse_config(options);
 for _, message in ipairs(config_errors) do
 	module:log("error", "%s", message);
 end
 
 -- Stock options this version does not act on yet: say so rather than ignore them silently.
-local expires_after = module:get_option("archive_expires_after", "1w");
 if expires_after ~= "never" and expires_after ~= false then
 	module:log("warn", "archive_expires_after = %q: message expiry is not implemented yet in mod_mam_rs; nothing is deleted", tostring(expires_after));
-end
-for _, name in ipairs({ "mam_smart_enable", "storage_archive_item_limit" }) do
-	if module:get_option(name) ~= nil then
-		module:log("warn", "%s is not implemented yet in mod_mam_rs and has no effect", name);
-	end
 end
 
 if prosody.process_type == "prosodyctl" then
@@ -178,13 +181,71 @@ local function user_exists(user)
 	return prosody.bare_sessions[user .. "@" .. host] ~= nil or um.user_exists(user, host);
 end
 
--- The default archiving rule, until per-user preferences exist.
+-- Preferences (mamprefs.lib.lua), kept where stock mod_mam keeps them: the
+-- <archive_store>_prefs keyval store, in Prosody's stored form ({ [false] = default,
+-- [jid] = true|false }), cached on the user's bare session as `archive_prefs`. So prefs carry
+-- over to and from stock, and mod_mam_adhoc (which writes through mod_mam/mamprefs) is seen.
+local prefs_store = module:open_store(settings.archive_store .. "_prefs");
+local user_sessions = prosody.hosts[host].sessions;
+local offline_prefs = new_cache(1000); -- username -> stored prefs, or false for none
+local stored_default = ({ always = true, never = false, roster = "roster" })[settings.default_archive_policy];
+
+local function load_prefs(user)
+	local bare = user_sessions[user];
+	local cached = bare and bare.archive_prefs;
+	if cached then return cached; end
+	cached = offline_prefs:get(user);
+	if cached == nil then
+		local stored, err = prefs_store:get(user);
+		if err then
+			module:log("error", "Could not load archive preferences of %s: %s", user, err);
+			return nil;
+		end
+		cached = stored or false;
+		offline_prefs:set(user, cached);
+	end
+	if bare and cached then bare.archive_prefs = cached; end
+	return cached or nil;
+end
+
+local function set_prefs(user, prefs)
+	local ok, err = prefs_store:set(user, prefs);
+	if not ok then return nil, err; end
+	offline_prefs:set(user, prefs or false);
+	local bare = user_sessions[user];
+	if bare then bare.archive_prefs = prefs; end
+	return true;
+end
+
+-- `explicit`: the user's client just used MAM, which under mam_smart_enable persists the default.
+local function get_prefs(user, explicit)
+	local prefs = load_prefs(user);
+	if prefs then return prefs; end
+	if not settings.mam_smart_enable then
+		return { [false] = stored_default };
+	elseif explicit then
+		prefs = { [false] = stored_default };
+		set_prefs(user, prefs);
+		return prefs;
+	end
+	return { [false] = false };
+end
+
+-- Others may write the store and the session cache directly (mod_mam_adhoc through
+-- mod_mam/mamprefs): once the user's session goes, read the store again next time.
+module:hook("pre-resource-unbind", function (event)
+	offline_prefs:set(event.session.username, nil);
+end);
+
 local function shall_store(user, with)
-	local policy = settings.default_archive_policy;
-	if policy == "roster" then
+	local prefs = get_prefs(user);
+	local rule = prefs[with];
+	if rule ~= nil then return rule; end
+	local default = prefs[false];
+	if default == "roster" then
 		return rm_load_roster(user, host)[with] ~= nil;
 	end
-	return policy == "always";
+	return default == true or default == "always";
 end
 
 local function message_handler(event, c2s)
@@ -205,6 +266,10 @@ local function message_handler(event, c2s)
 		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), payload.reason);
 		return;
 	end
+	if settings.storage_archive_item_limit == 0 then
+		log("debug", "Not archiving stanza: %s (storage_archive_item_limit is 0)", stanza:top_tag());
+		return;
+	end
 	if not (c2s or user_exists(store_user)) or not shall_store(store_user, with) then
 		log("debug", "Not archiving stanza: %s (prefs)", stanza:top_tag());
 		return;
@@ -217,6 +282,9 @@ local function message_handler(event, c2s)
 	end
 	local delivered = st.clone(stanza);
 	delivered:tag("stanza-id", { xmlns = xmlns_st_id, by = store_user .. "@" .. host, id = id }):up();
+	if delivered.set_meta then -- Prosody 13+; modules such as mod_mam_smart_retention read it.
+		delivered:set_meta("archive-id", id);
+	end
 	event.stanza = delivered;
 	wait_committed(release_at, origin);
 	module:fire_event("archive-message-added", { origin = origin, stanza = stanza, for_user = store_user, id = id });
@@ -261,31 +329,62 @@ end);
 
 -- Query path
 
-local function send_query_result(origin, stanza, c)
+-- Sends an answer from the native side: the result messages, then the iq reply.
+local function send_answer(origin, stanza, c)
 	if c.messages then
 		for _, message in ipairs(c.messages) do
 			origin.send(message);
 		end
-		origin.send(st.reply(stanza):add_child(c.fin));
+		origin.send(st.reply(stanza):add_child(c.payload));
 	else
 		origin.send(st.error_reply(stanza, c.error_type, c.condition, c.text));
 	end
 end
 
+module:hook("iq/self/" .. xmlns_mam .. ":prefs", function (event)
+	if closed then return; end
+	local origin, stanza = event.origin, event.stanza;
+	local user = origin.username;
+	if stanza.attr.type == "set" then
+		local ok, err = set_prefs(user, native.prefs_from_element(stanza.tags[1]));
+		if not ok then
+			origin.send(st.error_reply(stanza, "cancel", "internal-server-error", "Error storing preferences: " .. tostring(err)));
+			return true;
+		end
+	end
+	origin.send(st.reply(stanza):add_child(archive:prefs_element(get_prefs(user, true))));
+	return true;
+end);
+
 module:hook("iq-get/self/" .. xmlns_mam .. ":query", function (event)
 	if closed then return; end
+	get_prefs(event.origin.username, true);
 	event.origin.send(st.reply(event.stanza):add_child(archive:query_form()));
 	return true;
 end);
 
--- The reply is sent from the completion callback, so the session is not paused meanwhile.
+-- Replies are sent from the completion callback, so the session is not paused meanwhile.
 module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	if closed then return; end -- Unhandled: the client gets service-unavailable.
 	local origin, stanza = event.origin, event.stanza;
 	origin.mam_requested = true;
+	get_prefs(origin.username, true);
+	local start_time = time_now();
 	local ticket = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
 	pending_queries[ticket] = function (c)
-		send_query_result(origin, stanza, c);
+		send_answer(origin, stanza, c);
+		if c.messages then
+			module:fire_event("archive-query", { origin = origin, start_time = start_time, end_id = c.last_id });
+		end
+	end;
+	return true;
+end);
+
+module:hook("iq-get/self/" .. xmlns_mam .. ":metadata", function (event)
+	if closed then return; end
+	local origin, stanza = event.origin, event.stanza;
+	pending_queries[archive:metadata(origin.username)] = function (c)
+		send_answer(origin, stanza, c);
 	end;
 	return true;
 end);

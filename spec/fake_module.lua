@@ -9,7 +9,15 @@
 -- its own engine. fake.cleanup() unloads every instance still loaded and removes the
 -- directories.
 
-local ROOT = os.getenv("MAM_RS_ROOT") or "/work/main";
+-- The checkout this file is in (spec/..), as an absolute path, so a clone tests its own files.
+local ROOT = os.getenv("MAM_RS_ROOT");
+if not ROOT or ROOT == "" then
+	ROOT = debug.getinfo(1, "S").source:match("^@(.*)/spec/[^/]*$") or ".";
+	if ROOT:sub(1, 1) ~= "/" then
+		local pwd = io.popen("pwd"):read("l");
+		ROOT = ROOT == "." and pwd or (pwd .. "/" .. ROOT:gsub("^%./", ""));
+	end
+end
 local PROSODY = os.getenv("PROSODY_LIB") or "/usr/lib/prosody";
 
 package.path = package.path .. ";" .. PROSODY .. "/?.lua";
@@ -88,6 +96,8 @@ end
 --   loaded       host -> set of module names for core.modulemanager.is_loaded
 --   shim         the shim file (default M.SHIM)
 -- Returns the instance, or nil and the error when the shim raised one.
+local stores = {};
+
 function M.load(opts)
 	opts = opts or {};
 	local host = opts.host or "localhost";
@@ -135,6 +145,24 @@ function M.load(opts)
 	function mod:add_timer(delay, fn)
 		table.insert(m.timers, { delay = delay, fn = fn });
 	end
+	-- A keyval store in memory, shared by every load on the same data directory and host (as
+	-- Prosody's storage outlives a module reload). opts.store_fails makes set() fail.
+	m.user_sessions = opts.user_sessions or {};
+	function mod:open_store(name)
+		local key = m.data .. "|" .. host .. "|" .. name;
+		local data = stores[key] or {};
+		stores[key] = data;
+		m.stores = m.stores or {};
+		m.stores[name] = data;
+		return {
+			get = function (_, user) return data[user]; end;
+			set = function (_, user, value)
+				if opts.store_fails then return nil, "disk full"; end
+				data[user] = value;
+				return true;
+			end;
+		};
+	end
 
 	-- The requires the shim makes, faked.
 	local server = {};
@@ -174,7 +202,7 @@ function M.load(opts)
 			paths = { data = m.data, installer = opts.installer },
 			process_type = opts.process_type or "prosody",
 			bare_sessions = opts.bare_sessions or {},
-			hosts = {},
+			hosts = { [host] = { sessions = m.user_sessions } },
 		},
 	}, { __index = _G });
 

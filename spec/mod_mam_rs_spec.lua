@@ -61,6 +61,32 @@ local function run_query(m, iq)
 	return session.sent, session;
 end
 
+-- Sends a prefs iq (get, or set with `prefs`) and returns the reply.
+local function prefs_iq(m, prefs, session)
+	session = session or fake.session("alice");
+	local iq = st.iq({ type = prefs and "set" or "get", id = "p1", from = "alice@localhost/res" });
+	iq:add_child(prefs or st.stanza("prefs", { xmlns = XMLNS_MAM }));
+	assert.is_true(m.fire("iq/self/" .. XMLNS_MAM .. ":prefs", { origin = session, stanza = iq }));
+	return session.sent[#session.sent];
+end
+
+local function prefs_el(default, always, never)
+	local p = st.stanza("prefs", { xmlns = XMLNS_MAM, default = default }):tag("always");
+	for _, j in ipairs(always or {}) do p:text_tag("jid", j); end
+	p:up():tag("never");
+	for _, j in ipairs(never or {}) do p:text_tag("jid", j); end
+	return p:up();
+end
+
+local function jids(reply, list)
+	local found = {};
+	for j in reply:get_child("prefs", XMLNS_MAM):get_child(list):childtags("jid") do
+		table.insert(found, j:get_text());
+	end
+	table.sort(found);
+	return found;
+end
+
 local function load(opts)
 	local m, err = fake.load(opts);
 	assert(m, err);
@@ -144,7 +170,11 @@ describe("mod_mam_rs shim", function ()
 				["message/offline/broadcast @ 0"] = 1,
 				["iq-get/self/urn:xmpp:mam:2:query @ 0"] = 1,
 				["iq-set/self/urn:xmpp:mam:2:query @ 0"] = 1,
+				["iq/self/urn:xmpp:mam:2:prefs @ 0"] = 1,
+				["iq-get/self/urn:xmpp:mam:2:metadata @ 0"] = 1,
 				["account-disco-info @ 0"] = 1,
+				-- Ours: forget cached prefs when a session goes (mod_mam_adhoc writes the store).
+				["pre-resource-unbind @ 0"] = 1,
 			}, got);
 		end);
 
@@ -473,6 +503,153 @@ describe("mod_mam_rs shim", function ()
 				if field.attr.var == "FORM_TYPE" then form_type = field:get_child_text("value"); end
 			end
 			assert.equal(XMLNS_MAM, form_type);
+		end);
+	end);
+
+	describe("preferences", function ()
+		it("a get on a fresh account gives the configured default and both empty lists", function ()
+			local m = load({ options = { default_archive_policy = "roster" } });
+			local reply = prefs_iq(m);
+			assert.equal("result", reply.attr.type);
+			local prefs = reply:get_child("prefs", XMLNS_MAM);
+			assert.equal("roster", prefs.attr.default);
+			assert.is_not_nil(prefs:get_child("always"));
+			assert.is_not_nil(prefs:get_child("never"));
+			assert.same({}, m.stores.archive_prefs, "a plain get stores nothing");
+		end);
+
+		it("a set is stored in stock's form, replaces everything, and is echoed", function ()
+			local m = load();
+			prefs_iq(m, prefs_el("never", { "Romeo@Montague.LIT" }, { "tybalt@capulet.lit" }));
+			assert.same({ [false] = false, ["romeo@montague.lit"] = true, ["tybalt@capulet.lit"] = false },
+				m.stores.archive_prefs.alice);
+			local reply = prefs_iq(m, prefs_el("always", {}, { "x@y" }));
+			assert.same({ [false] = true, ["x@y"] = false }, m.stores.archive_prefs.alice);
+			assert.equal("always", reply:get_child("prefs", XMLNS_MAM).attr.default);
+			assert.same({}, jids(reply, "always"));
+			assert.same({ "x@y" }, jids(reply, "never"));
+		end);
+
+		it("prefs stored by stock mod_mam are used as they are", function ()
+			local data = fake.tempdir();
+			local m = load({ data = data });
+			m.stores.archive_prefs.alice = { [false] = "roster", ["bob@localhost"] = false };
+			local reply = prefs_iq(m);
+			assert.equal("roster", reply:get_child("prefs", XMLNS_MAM).attr.default);
+			assert.same({ "bob@localhost" }, jids(reply, "never"));
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "no") };
+			m.handler("pre-message/bare", 0)(event);
+			assert.same({}, stanza_ids(event.stanza), "never-JID archived");
+		end);
+
+		it("decide archiving: always-JID despite default never, nothing without a default", function ()
+			local m = load();
+			prefs_iq(m, prefs_el("never", { "bob@localhost" }));
+			local to_bob = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "a") };
+			local to_carol = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "carol@localhost", "b") };
+			m.handler("pre-message/bare", 0)(to_bob);
+			m.handler("pre-message/bare", 0)(to_carol);
+			assert.equal(1, #stanza_ids(to_bob.stanza));
+			assert.equal(0, #stanza_ids(to_carol.stanza));
+			prefs_iq(m, prefs_el(nil, {}));
+			local again = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "c") };
+			m.handler("pre-message/bare", 0)(again);
+			assert.equal(0, #stanza_ids(again.stanza), "no default means archive nothing");
+		end);
+
+		it("a store failure is an internal-server-error naming the cause", function ()
+			local m = load({ store_fails = true });
+			local reply = prefs_iq(m, prefs_el("always"));
+			assert.equal("error", reply.attr.type);
+			local err = reply:get_child("error");
+			assert.equal("cancel", err.attr.type);
+			assert.is_not_nil(err:get_child("internal-server-error", XMLNS_STANZAS));
+			assert.truthy(err:get_child_text("text", XMLNS_STANZAS):find("disk full", 1, true));
+		end);
+
+		it("the cache follows writes made by others once the user's session goes", function ()
+			local m = load();
+			prefs_iq(m, prefs_el("always"));
+			-- mod_mam_adhoc writes the store directly (through mod_mam/mamprefs).
+			m.stores.archive_prefs.alice = { [false] = false };
+			m.fire("pre-resource-unbind", { session = fake.session("alice") });
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "x") };
+			m.handler("pre-message/bare", 0)(event);
+			assert.equal(0, #stanza_ids(event.stanza));
+		end);
+	end);
+
+	describe("mam_smart_enable", function ()
+		it("archives nothing until the client uses MAM, then persists the default", function ()
+			local m = load({ options = { mam_smart_enable = true } });
+			local before = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "1") };
+			m.handler("pre-message/bare", 0)(before);
+			assert.equal(0, #stanza_ids(before.stanza));
+			assert.is_nil(m.stores.archive_prefs.alice);
+			run_query(m, query_iq("q1"));
+			assert.same({ [false] = true }, m.stores.archive_prefs.alice);
+			local after = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "2") };
+			m.handler("pre-message/bare", 0)(after);
+			assert.equal(1, #stanza_ids(after.stanza));
+		end);
+
+		it("an explicit never stays never", function ()
+			local m = load({ options = { mam_smart_enable = true } });
+			prefs_iq(m, prefs_el("never"));
+			run_query(m, query_iq("q1"));
+			assert.same({ [false] = false }, m.stores.archive_prefs.alice);
+		end);
+	end);
+
+	describe("metadata", function ()
+		it("is empty for an empty archive, else names the first and last message", function ()
+			local m = load();
+			local function metadata()
+				local session = fake.session("alice");
+				local iq = st.iq({ type = "get", id = "m1", from = "alice@localhost/res" }):tag("metadata", { xmlns = XMLNS_MAM }):up();
+				assert.is_true(m.fire("iq-get/self/" .. XMLNS_MAM .. ":metadata", { origin = session, stanza = iq }));
+				assert.is_true(m.wait_for(function () return #session.sent > 0; end));
+				return session.sent[1]:get_child("metadata", XMLNS_MAM);
+			end
+			assert.same({}, metadata().tags);
+			local ids = archive_from_alice(m, { "a", "b", "c" });
+			local md = metadata();
+			assert.equal(ids[1], md:get_child("start").attr.id);
+			assert.equal(ids[3], md:get_child("end").attr.id);
+			assert.truthy(md:get_child("end").attr.timestamp:match("^%d%d%d%d%-%d%d%-%d%dT"));
+		end);
+	end);
+
+	describe("events", function ()
+		it("archive-query carries the origin, the start time and the newest id returned", function ()
+			local m = load();
+			local ids = archive_from_alice(m, { "a", "b" });
+			local seen;
+			m.module:hook("archive-query", function (e) seen = e; end);
+			local _, session = run_query(m, query_iq("q1"));
+			assert.is_not_nil(seen);
+			assert.equal(session, seen.origin);
+			assert.equal(ids[2], seen.end_id);
+			assert.is_number(seen.start_time);
+		end);
+	end);
+
+	describe("storage_archive_item_limit", function ()
+		it("0 archives nothing", function ()
+			local m = load({ options = { storage_archive_item_limit = 0 } });
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "x") };
+			m.handler("pre-message/bare", 0)(event);
+			assert.equal(0, #stanza_ids(event.stanza));
+		end);
+
+		it("keeps the archive at the limit, dropping the oldest", function ()
+			local m = load({ options = { storage_archive_item_limit = 3 } });
+			local ids = archive_from_alice(m, { "1", "2", "3", "4" });
+			local sent = run_query(m, query_iq("q1"));
+			local got = {};
+			for i = 1, #sent - 1 do table.insert(got, sent[i]:get_child("result", XMLNS_MAM).attr.id); end
+			-- 3 rows at the limit: down to floor(3 * 0.99) = 2, then the new one makes 3 again.
+			assert.same({ ids[2], ids[3], ids[4] }, got);
 		end);
 	end);
 

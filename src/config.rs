@@ -87,6 +87,11 @@ pub struct Config {
     pub archive_store: String,
     /// `mam_include_total`: whether result sets carry `<count>` (default true).
     pub mam_include_total: bool,
+    /// `storage_archive_item_limit`: most messages kept per archive; the oldest 1% go when it
+    /// is reached (default: no limit, as stock mod_mam on SQL storage).
+    pub storage_archive_item_limit: Option<u32>,
+    /// `mam_smart_enable`: archive nothing for a user until a MAM-capable client uses MAM.
+    pub mam_smart_enable: bool,
     /// `mam_rs_database`: the SQLite file (default `mam_rs.sqlite` in Prosody's data directory;
     /// resolved by the shim, which knows the data directory).
     pub database: PathBuf,
@@ -105,6 +110,8 @@ impl Default for Config {
             dont_archive_namespaces: BTreeSet::from([CHATSTATES.to_string()]),
             archive_store: "archive".to_string(),
             mam_include_total: true,
+            storage_archive_item_limit: None,
+            mam_smart_enable: false,
             database: PathBuf::from("mam_rs.sqlite"),
             query_workers: 2,
             test_query_delay: Duration::ZERO,
@@ -207,6 +214,20 @@ pub fn from_options(raw: &BTreeMap<String, RawValue>) -> (Config, Vec<ConfigErro
     });
     check("mam_include_total", "true or false", &mut |v| {
         as_bool(v).map(|b| config.mam_include_total = b).is_some()
+    });
+    check(
+        "storage_archive_item_limit",
+        "a whole number from 0 up",
+        &mut |v| match as_whole(v) {
+            Some(n) if (0..=u32::MAX as i64).contains(&n) => {
+                config.storage_archive_item_limit = Some(n as u32);
+                true
+            }
+            _ => false,
+        },
+    );
+    check("mam_smart_enable", "true or false", &mut |v| {
+        as_bool(v).map(|b| config.mam_smart_enable = b).is_some()
     });
     check("mam_rs_database", "a file path", &mut |v| match v {
         RawValue::String(s) if !s.is_empty() => {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mam_rs_native::config::Config;
-use mam_rs_native::engine::{Completion, Engine, Mailbox, QueryRequest};
+use mam_rs_native::engine::{Answer, Completion, Engine, Mailbox, QueryRequest, Request};
 use mam_rs_native::id::ArchiveId;
-use mam_rs_native::protocol::xep0313::{Limits, Response};
+use mam_rs_native::protocol::xep0313::Limits;
 use mam_rs_native::protocol::StanzaError;
 use mam_rs_native::store::sqlite::{SqliteOptions, SqliteStore};
 use mam_rs_native::store::{ArchiveRef, Item, NewItem, Page, Query, Store, StoreError};
@@ -46,7 +46,7 @@ fn query(xml: &str) -> Element {
 }
 
 /// Waits for the completion of `ticket` in `mailbox`, keeping the largest release mark seen.
-fn wait_for(mailbox: &Mailbox, ticket: u64) -> Result<Response, StanzaError> {
+fn wait_for(mailbox: &Mailbox, ticket: u64) -> Result<Answer, StanzaError> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         for c in mailbox.drain().completions {
@@ -64,7 +64,7 @@ fn wait_for(mailbox: &Mailbox, ticket: u64) -> Result<Response, StanzaError> {
     }
 }
 
-fn bodies(response: &Response) -> Vec<String> {
+fn bodies(response: &Answer) -> Vec<String> {
     response
         .messages
         .iter()
@@ -85,12 +85,12 @@ fn ask(
     mailbox: &Arc<Mailbox>,
     user: &str,
     xml: &str,
-) -> Result<Response, StanzaError> {
+) -> Result<Answer, StanzaError> {
     let ticket = engine
         .query(
             QueryRequest {
                 archive: archive_ref("localhost", user),
-                query: query(xml),
+                request: Request::Query(query(xml)),
                 to: Some(format!("{user}@localhost/r")),
                 from: None,
                 limits: Limits {
@@ -120,6 +120,7 @@ fn a_query_sees_every_message_archived_before_it() {
                     archive_ref("localhost", "alice"),
                     "bob@localhost".into(),
                     message(&format!("m{i:03}")),
+                    None,
                 )
                 .unwrap()
                 .id,
@@ -133,7 +134,8 @@ fn a_query_sees_every_message_archived_before_it() {
         ids.windows(2).all(|w| w[0] < w[1]),
         "ids are handed out in increasing order"
     );
-    assert!(response.complete);
+    assert_eq!(response.payload.attr("complete"), Some("true"));
+    assert_eq!(response.last_id, Some(ids[499].to_string()));
 }
 
 #[test]
@@ -152,6 +154,7 @@ fn release_marks_reach_every_host_and_results_only_the_asker() {
             archive_ref("localhost", "alice"),
             "bob@localhost".into(),
             message("x"),
+            None,
         )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -181,6 +184,7 @@ fn shutdown_commits_everything_queued() {
                     archive_ref("localhost", "alice"),
                     "bob@localhost".into(),
                     message(&format!("{i}")),
+                    None,
                 )
                 .unwrap();
         }
@@ -211,6 +215,7 @@ fn ids_continue_after_the_newest_stored_id() {
                 archive_ref("localhost", "alice"),
                 "bob@localhost".into(),
                 message("a"),
+                None,
             )
             .unwrap()
             .id
@@ -221,10 +226,56 @@ fn ids_continue_after_the_newest_stored_id() {
             archive_ref("localhost", "alice"),
             "bob@localhost".into(),
             message("b"),
+            None,
         )
         .unwrap()
         .id;
     assert!(second > first);
+}
+
+#[test]
+fn metadata_names_the_first_and_last_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(&config(&dir));
+    let mailbox = engine.mailbox().unwrap();
+    let metadata = |engine: &Engine| {
+        let ticket = engine
+            .query(
+                QueryRequest {
+                    archive: archive_ref("localhost", "alice"),
+                    request: Request::Metadata,
+                    to: None,
+                    from: None,
+                    limits: Limits::default(),
+                },
+                &mailbox,
+            )
+            .unwrap();
+        wait_for(&mailbox, ticket).unwrap().payload
+    };
+    assert_eq!(metadata(&engine).children().count(), 0, "empty archive");
+    let ids: Vec<ArchiveId> = (0..3)
+        .map(|i| {
+            engine
+                .archive(
+                    archive_ref("localhost", "alice"),
+                    "bob@localhost".into(),
+                    message(&i.to_string()),
+                    None,
+                )
+                .unwrap()
+                .id
+        })
+        .collect();
+    let el = metadata(&engine);
+    let id_of = |name: &str| {
+        el.children()
+            .find(|c| c.name() == name)
+            .and_then(|c| c.attr("id"))
+            .map(str::to_owned)
+    };
+    assert_eq!(id_of("start"), Some(ids[0].to_string()));
+    assert_eq!(id_of("end"), Some(ids[2].to_string()));
 }
 
 #[test]
@@ -278,6 +329,7 @@ fn a_failing_database_releases_deliveries_and_retries_until_written() {
             archive_ref("localhost", "alice"),
             "bob@localhost".into(),
             message("kept"),
+            None,
         )
         .unwrap();
 

@@ -35,7 +35,8 @@ use crate::protocol::xep0313::Limits;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{ArchiveRef, Store, StoreError};
 use wake::Progress;
-pub use wake::{Completion, Drained, Level, Mailbox};
+pub use wake::{Answer, Completion, Drained, Level, Mailbox};
+pub use worker::Request;
 use worker::{Job, Worker};
 use writer::{Row, Writer, WriterMsg};
 
@@ -60,12 +61,11 @@ pub struct Archived {
     pub release_at: u64,
 }
 
-/// An archive query, as the loop hands it over.
+/// A query or metadata request, as the loop hands it over.
 #[derive(Debug)]
 pub struct QueryRequest {
     pub archive: ArchiveRef,
-    /// The `<query xmlns="urn:xmpp:mam:2">` element.
-    pub query: Element,
+    pub request: Request,
     /// `to` and `from` of the result messages.
     pub to: Option<String>,
     pub from: Option<String>,
@@ -161,12 +161,14 @@ impl Engine {
         Ok(self.progress.subscribe()?)
     }
 
-    /// Queues a message for the archive and returns its id. `stanza` is the copy to store.
+    /// Queues a message for the archive and returns its id. `stanza` is the copy to store;
+    /// `quota` is the archive's `storage_archive_item_limit`, if any.
     pub fn archive(
         &self,
         archive: ArchiveRef,
         with: String,
         stanza: Element,
+        quota: Option<u32>,
     ) -> Result<Archived, EngineError> {
         let writer = self.writer.lock();
         let tx = writer.as_ref().ok_or(EngineError::Closed)?;
@@ -178,6 +180,7 @@ impl Engine {
             id,
             with,
             stanza,
+            quota,
         }))
         .map_err(|_| EngineError::Closed)?;
         let release_at = id.as_i64() as u64;
@@ -191,7 +194,7 @@ impl Engine {
         let job = Job {
             ticket,
             archive: request.archive,
-            query: request.query,
+            request: request.request,
             to: request.to,
             from: request.from,
             seen: self.last_handed_out.load(Ordering::Acquire),

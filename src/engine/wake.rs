@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::protocol::xep0313::Response;
+use minidom::Element;
+
 use crate::protocol::StanzaError;
 
 /// Severity of a log line, mapped to Prosody's levels by the shim.
@@ -39,13 +40,24 @@ impl Level {
     }
 }
 
+/// The answer to a request: stanzas to send, then the reply to the iq.
+#[derive(Debug)]
+pub struct Answer {
+    /// Result messages, in the order to send them.
+    pub messages: Vec<Element>,
+    /// The child of the iq result: `<fin>` for a query, `<metadata>` for a metadata request.
+    pub payload: Element,
+    /// The chronologically newest archive id among `messages`.
+    pub last_id: Option<String>,
+}
+
 /// Work finished off the loop, for the loop to act on.
 #[derive(Debug)]
 pub enum Completion {
-    /// A query finished: the result stanzas and `<fin>`, or an error for the client.
+    /// A request finished: its answer, or an error for the client.
     Query {
         ticket: u64,
-        result: Result<Response, StanzaError>,
+        result: Result<Answer, StanzaError>,
     },
     /// Something for Prosody's log.
     Log { level: Level, message: String },

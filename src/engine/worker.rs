@@ -11,22 +11,30 @@ use std::time::Duration;
 use minidom::Element;
 use parking_lot::Mutex;
 
-use super::wake::{Completion, Level, Mailbox, Progress};
-use crate::protocol::xep0313::{respond, Limits, MamQuery, Response};
-use crate::protocol::StanzaError;
-use crate::store::{ArchiveRef, Store, StoreError};
+use super::wake::{Answer, Completion, Level, Mailbox, Progress};
+use crate::protocol::xep0313::{self, respond, Limits, MamQuery};
+use crate::protocol::{ns, StanzaError};
+use crate::store::{ArchiveRef, Query, Store, StoreError};
 
 /// How long a query waits for earlier messages to be committed before it runs anyway (only
 /// reached when the database is failing).
 const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(10);
 
-/// One archive query.
+/// What a client asked of its archive.
+#[derive(Debug)]
+pub enum Request {
+    /// A search: the `<query xmlns="urn:xmpp:mam:2">` element.
+    Query(Element),
+    /// The first and last message (`<metadata xmlns="urn:xmpp:mam:2"/>`).
+    Metadata,
+}
+
+/// One request, queued for a worker.
 #[derive(Debug)]
 pub struct Job {
     pub ticket: u64,
     pub archive: ArchiveRef,
-    /// The `<query xmlns="urn:xmpp:mam:2">` element.
-    pub query: Element,
+    pub request: Request,
     /// `to` and `from` for the result messages (the iq's `from` and `to`).
     pub to: Option<String>,
     pub from: Option<String>,
@@ -59,7 +67,7 @@ impl Worker {
         }
     }
 
-    fn answer(&self, job: Job) -> Result<Response, StanzaError> {
+    fn answer(&self, job: Job) -> Result<Answer, StanzaError> {
         if !self
             .progress
             .wait_committed(job.seen, READ_YOUR_WRITES_WAIT)
@@ -72,24 +80,32 @@ impl Worker {
         if !self.test_delay.is_zero() {
             std::thread::sleep(self.test_delay);
         }
-        let query = MamQuery::parse(&job.query)?;
+        match &job.request {
+            Request::Query(query) => self.search(&job, query),
+            Request::Metadata => self.metadata(&job),
+        }
+    }
+
+    fn find(&self, job: &Job, query: &Query) -> Result<crate::store::Page, StanzaError> {
+        self.store.find(&job.archive, query).map_err(|e| match e {
+            StoreError::ItemNotFound => StanzaError::item_not_found(),
+            other => {
+                job.reply.log(
+                    Level::Error,
+                    format!(
+                        "Archive query for {}@{} failed: {other}",
+                        job.archive.user, job.archive.host
+                    ),
+                );
+                StanzaError::internal_server_error()
+            }
+        })
+    }
+
+    fn search(&self, job: &Job, query: &Element) -> Result<Answer, StanzaError> {
+        let query = MamQuery::parse(query)?;
         let plan = query.plan(&job.limits);
-        let page = self
-            .store
-            .find(&job.archive, &plan.store)
-            .map_err(|e| match e {
-                StoreError::ItemNotFound => StanzaError::item_not_found(),
-                other => {
-                    job.reply.log(
-                        Level::Error,
-                        format!(
-                            "Archive query for {}@{} failed: {other}",
-                            job.archive.user, job.archive.host
-                        ),
-                    );
-                    StanzaError::internal_server_error()
-                }
-            })?;
+        let page = self.find(job, &plan.store)?;
         let response = respond(&query, &plan, page, job.to.as_deref(), job.from.as_deref());
         for skipped in &response.skipped {
             job.reply.log(
@@ -100,6 +116,40 @@ impl Worker {
                 ),
             );
         }
-        Ok(response)
+        let last_id = response
+            .fin
+            .get_child("set", ns::RSM)
+            .and_then(|set| set.get_child("last", ns::RSM))
+            .map(Element::text);
+        Ok(Answer {
+            messages: response.messages,
+            payload: response.fin,
+            last_id,
+        })
+    }
+
+    fn metadata(&self, job: &Job) -> Result<Answer, StanzaError> {
+        let edge = |reverse| -> Result<Option<(String, i64)>, StanzaError> {
+            let query = Query {
+                limit: Some(1),
+                reverse,
+                ..Query::default()
+            };
+            let page = self.find(job, &query)?;
+            Ok(page
+                .items
+                .first()
+                .map(|item| (item.id.to_string(), item.id.micros())))
+        };
+        let (first, last) = (edge(false)?, edge(true)?);
+        let payload = xep0313::metadata(
+            first.as_ref().map(|(id, t)| (id.as_str(), *t)),
+            last.as_ref().map(|(id, t)| (id.as_str(), *t)),
+        );
+        Ok(Answer {
+            messages: Vec::new(),
+            payload,
+            last_id: None,
+        })
     }
 }

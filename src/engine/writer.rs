@@ -31,8 +31,12 @@ pub struct Row {
     pub id: ArchiveId,
     pub with: String,
     pub stanza: Element,
+    pub quota: Option<u32>,
 }
 
+// Nearly every message is a Row and Stop is sent once: boxing rows would only add an
+// allocation per archived message.
+#[allow(clippy::large_enum_variant)]
 pub enum WriterMsg {
     Row(Row),
     /// Commit what is queued and exit.
@@ -86,6 +90,7 @@ impl Writer {
                 id: row.id,
                 with: row.with,
                 stanza,
+                quota: row.quota,
             }),
             failed => {
                 let why = match failed {

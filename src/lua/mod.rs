@@ -7,8 +7,10 @@
 //! - `parse_config(options) -> settings, errors`: checks option values; `errors` is a list of
 //!   log lines, each naming the option, the value and what is accepted.
 //! - `should_store(stanza) -> bool, reason`: stock mod_mam's default archiving decision.
+//! - `prefs_from_element(prefs) -> table`: a `<prefs>` element in Prosody's stored form.
 //! - `open(host, options, stanza_mt) -> archive | nil, message`: the per-host handle, whose
-//!   methods are `fd`, `archive`, `query`, `drain`, `query_form` and `close`.
+//!   methods are `fd`, `archive`, `query`, `metadata`, `drain`, `query_form`, `prefs_element`
+//!   and `close`.
 
 mod stanza;
 
@@ -20,13 +22,15 @@ use std::time::Duration;
 /// How long closing waits for this host's queries and commits.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
+use minidom::Element;
 use mlua::prelude::*;
 use mlua::{Table, UserData, UserDataMethods, Value};
 
 use crate::config::{self, Config, RawValue};
-use crate::engine::{Completion, Engine, Mailbox, QueryRequest};
+use crate::engine::{Completion, Engine, Mailbox, QueryRequest, Request};
 use crate::policy;
 use crate::protocol::xep0313::{self, Limits};
+use crate::protocol::xep0441::{DefaultRule, Prefs};
 use crate::protocol::{ns, xep0359};
 use crate::store::ArchiveRef;
 
@@ -37,6 +41,10 @@ fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
     exports.set("parse_config", lua.create_function(parse_config)?)?;
     exports.set("should_store", lua.create_function(should_store)?)?;
     exports.set("open", lua.create_function(open)?)?;
+    exports.set(
+        "prefs_from_element",
+        lua.create_function(prefs_from_element)?,
+    )?;
     Ok(exports)
 }
 
@@ -93,6 +101,11 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Vec<String>)> {
     )?;
     settings.set("archive_store", config.archive_store.as_str())?;
     settings.set("mam_include_total", config.mam_include_total)?;
+    settings.set("mam_smart_enable", config.mam_smart_enable)?;
+    settings.set(
+        "storage_archive_item_limit",
+        config.storage_archive_item_limit,
+    )?;
     settings.set("database", config.database.to_string_lossy().as_ref())?;
     settings.set(
         "dont_archive_namespaces",
@@ -119,6 +132,7 @@ struct Archive {
     host: Arc<str>,
     store: Arc<str>,
     strip: BTreeSet<String>,
+    quota: Option<u32>,
     limits: Limits,
     stanza_mt: Table,
 }
@@ -141,6 +155,7 @@ fn open(
             host: Arc::from(host),
             store: Arc::from(config.archive_store.as_str()),
             strip: config.dont_archive_namespaces.clone(),
+            quota: config.storage_archive_item_limit,
             limits: Limits {
                 default_max: config.default_page_size,
                 max_max: config.max_archive_query_results,
@@ -186,7 +201,7 @@ impl Archive {
         if !policy::strip_for_storage(&mut stored, &self.strip) {
             return Ok((None, None, Some("empty when stripped".into())));
         }
-        match engine.archive(self.archive_ref(user), with, stored) {
+        match engine.archive(self.archive_ref(user), with, stored, self.quota) {
             Ok(archived) => Ok((
                 Some(archived.id.to_string()),
                 Some(archived.release_at as i64),
@@ -195,6 +210,78 @@ impl Archive {
             Err(e) => Ok((None, None, Some(e.to_string()))),
         }
     }
+}
+
+impl Archive {
+    fn ask(
+        &self,
+        request: Request,
+        user: String,
+        to: Option<String>,
+        from: Option<String>,
+    ) -> LuaResult<u64> {
+        let request = QueryRequest {
+            archive: self.archive_ref(user),
+            request,
+            to,
+            from,
+            limits: self.limits,
+        };
+        self.engine()?
+            .query(request, &self.mailbox)
+            .map_err(LuaError::external)
+    }
+}
+
+/// Prosody's stored form of preferences (mamprefs.lib.lua): `[false]` holds the default
+/// (`true`, `false` or `"roster"`; 13.0 also writes `"always"` / `"never"`), and each JID key
+/// holds `true` (always) or `false` (never).
+fn prefs_from_table(t: &Table) -> LuaResult<Prefs> {
+    let mut prefs = Prefs::default();
+    for pair in t.pairs::<Value, Value>() {
+        match pair? {
+            (Value::Boolean(false), v) => {
+                prefs.default = match v {
+                    Value::Boolean(true) => Some(DefaultRule::Always),
+                    Value::Boolean(false) => Some(DefaultRule::Never),
+                    Value::String(s) => DefaultRule::parse(&s.to_str()?),
+                    _ => None,
+                }
+            }
+            (Value::String(jid), Value::Boolean(always)) => {
+                let list = if always {
+                    &mut prefs.always
+                } else {
+                    &mut prefs.never
+                };
+                list.push(jid.to_str()?.to_owned());
+            }
+            _ => {}
+        }
+    }
+    prefs.always.sort();
+    prefs.never.sort();
+    Ok(prefs)
+}
+
+/// The stored form of a `<prefs>` element (see [`prefs_from_table`]).
+fn prefs_from_element(lua: &Lua, el: Table) -> LuaResult<Table> {
+    let prefs = Prefs::parse(&stanza::to_element(&el, ns::CLIENT)?);
+    let t = lua.create_table()?;
+    if let Some(default) = prefs.default {
+        match default {
+            DefaultRule::Always => t.raw_set(false, true)?,
+            DefaultRule::Never => t.raw_set(false, false)?,
+            DefaultRule::Roster => t.raw_set(false, "roster")?,
+        }
+    }
+    for jid in &prefs.always {
+        t.raw_set(jid.as_str(), true)?;
+    }
+    for jid in &prefs.never {
+        t.raw_set(jid.as_str(), false)?;
+    }
+    Ok(t)
 }
 
 impl UserData for Archive {
@@ -211,18 +298,23 @@ impl UserData for Archive {
         methods.add_method(
             "query",
             |_, this, (query, user, to, from): (Table, String, Option<String>, Option<String>)| {
-                let request = QueryRequest {
-                    archive: this.archive_ref(user),
-                    query: stanza::to_element(&query, ns::CLIENT)?,
-                    to,
-                    from,
-                    limits: this.limits,
-                };
-                this.engine()?
-                    .query(request, &this.mailbox)
-                    .map_err(LuaError::external)
+                let query = stanza::to_element(&query, ns::CLIENT)?;
+                this.ask(Request::Query(query), user, to, from)
             },
         );
+
+        methods.add_method("metadata", |_, this, user: String| {
+            this.ask(Request::Metadata, user, None, None)
+        });
+
+        methods.add_method("prefs_element", |lua, this, prefs: Table| {
+            stanza::build(
+                lua,
+                &this.stanza_mt,
+                &Element::from(&prefs_from_table(&prefs)?),
+                ns::CLIENT,
+            )
+        });
 
         methods.add_method("drain", |lua, this, ()| {
             let drained = this.mailbox.drain();
@@ -246,10 +338,15 @@ impl UserData for Archive {
                                 }
                                 entry.set("messages", messages)?;
                                 entry.set(
-                                    "fin",
-                                    stanza::build(lua, &this.stanza_mt, &response.fin, ns::CLIENT)?,
+                                    "payload",
+                                    stanza::build(
+                                        lua,
+                                        &this.stanza_mt,
+                                        &response.payload,
+                                        ns::CLIENT,
+                                    )?,
                                 )?;
-                                entry.set("complete", response.complete)?;
+                                entry.set("last_id", response.last_id)?;
                             }
                             Err(e) => {
                                 entry.set("error_type", e.kind.as_str())?;

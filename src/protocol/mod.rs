@@ -16,6 +16,7 @@ pub mod xep0059;
 pub mod xep0082;
 pub mod xep0313;
 pub mod xep0359;
+pub mod xep0441;
 
 /// Namespaces used across the protocol layer.
 pub mod ns {
@@ -140,6 +141,14 @@ impl PreppedJid {
                 None => None,
             },
         })
+    }
+
+    /// The whole prepared JID, with its resource if it has one (Prosody's `jid.prep`).
+    pub fn full(&self) -> String {
+        match &self.resource {
+            Some(resource) => format!("{}/{resource}", self.bare()),
+            None => self.bare(),
+        }
     }
 
     /// The bare JID, `node@domain` or `domain`.

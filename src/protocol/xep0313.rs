@@ -1050,3 +1050,43 @@ mod tests {
         assert_eq!(wire, expected);
     }
 }
+
+/// The `<metadata xmlns="urn:xmpp:mam:2">` reply (M:236-269): the first and last message of the
+/// archive, each as `(id, Unix microseconds)`; an empty element for an empty archive.
+pub fn metadata(first: Option<(&str, i64)>, last: Option<(&str, i64)>) -> Element {
+    let mut el = Element::builder("metadata", ns::MAM);
+    for (name, item) in [("start", first), ("end", last)] {
+        if let Some((id, micros)) = item {
+            el = el.append(
+                Element::builder(name, ns::MAM)
+                    .attr(attr_name("id"), id)
+                    .attr(attr_name("timestamp"), xep0082::format(micros))
+                    .build(),
+            );
+        }
+    }
+    el.build()
+}
+
+#[cfg(test)]
+mod metadata_tests {
+    use super::*;
+
+    #[test]
+    fn empty_archive_gives_an_empty_element() {
+        let el = metadata(None, None);
+        assert!(el.is("metadata", ns::MAM));
+        assert_eq!(el.children().count(), 0);
+    }
+
+    #[test]
+    fn start_and_end_carry_id_and_timestamp() {
+        let el = metadata(Some(("a", 1_000_000)), Some(("b", 2_500_000)));
+        let start = el.get_child("start", ns::MAM).unwrap();
+        let end = el.get_child("end", ns::MAM).unwrap();
+        assert_eq!(start.attr("id"), Some("a"));
+        assert_eq!(start.attr("timestamp"), Some("1970-01-01T00:00:01Z"));
+        assert_eq!(end.attr("id"), Some("b"));
+        assert_eq!(end.attr("timestamp"), Some("1970-01-01T00:00:02.500000Z"));
+    }
+}

@@ -33,6 +33,9 @@ pub struct NewItem {
     pub with: String,
     /// The stored copy of the stanza, serialised XML with `xmlns="jabber:client"` on the top element.
     pub stanza: String,
+    /// `storage_archive_item_limit`: when the archive already holds this many rows, its oldest
+    /// rows are removed first, down to 99% of the limit (stock's truncation, #1545).
+    pub quota: Option<u32>,
 }
 
 /// A row read back.

@@ -88,6 +88,8 @@ const INSERT_MESSAGE: &str =
 const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM messages WHERE id = ?1 AND aid = ?2";
 const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM archives WHERE aid = ?1";
 const SELECT_LAST_ID: &str = "SELECT max(id) FROM messages";
+const DELETE_OLDEST: &str =
+    "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE aid = ?1 ORDER BY id LIMIT ?2)";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates its schema to
@@ -338,6 +340,9 @@ impl Store for SqliteStore {
                 let with_id = self
                     .jid_for_write(&tx, &item.with, &mut fresh)
                     .map_err(db)?;
+                if let Some(quota) = item.quota {
+                    make_room(&tx, aid, quota)?;
+                }
                 insert
                     .execute((item.id.as_i64(), aid, with_id, &item.stanza))
                     .map_err(db)?;
@@ -373,6 +378,22 @@ impl Store for SqliteStore {
             .map_err(db)?;
         max.map(stored_id).transpose()
     }
+}
+
+/// Stock's quota rule (mod_mam.lua:439-458 with #1545): an archive at or over `quota` rows
+/// loses its oldest rows down to `floor(quota * 0.99)` before the next row goes in.
+fn make_room(conn: &Connection, aid: i64, quota: u32) -> Result<(), StoreError> {
+    let count: i64 = conn
+        .prepare_cached(SELECT_ITEM_COUNT)
+        .and_then(|mut stmt| stmt.query_row([aid], |row| row.get(0)))
+        .map_err(db)?;
+    if count >= i64::from(quota) {
+        let keep = i64::from(quota) * 99 / 100;
+        conn.prepare_cached(DELETE_OLDEST)
+            .and_then(|mut stmt| stmt.execute((aid, count - keep)))
+            .map_err(db)?;
+    }
+    Ok(())
 }
 
 /// Ids created by the current write transaction, cached only once it commits.

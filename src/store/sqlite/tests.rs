@@ -44,6 +44,7 @@ fn row(archive: &ArchiveRef, id: ArchiveId, with: &str) -> NewItem {
         id,
         with: with.to_owned(),
         stanza: format!("<message xmlns='jabber:client' id='{id}'><body>hi</body></message>"),
+        quota: None,
     }
 }
 
@@ -829,4 +830,59 @@ fn readers_run_beside_the_writer() {
     for reader in readers {
         reader.join().unwrap();
     }
+}
+
+#[test]
+fn a_full_archive_loses_its_oldest_rows_down_to_99_percent() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let quota = |n: i64| NewItem {
+        quota: Some(200),
+        ..row(&romeo(), id(n), "juliet@capulet.lit")
+    };
+    store
+        .append(&(0..200).map(quota).collect::<Vec<_>>())
+        .unwrap();
+    // Other archives do not count against romeo's quota, nor lose rows.
+    let other = archive("example.com", "benvolio", "archive");
+    store.append(&[row(&other, id(500), "x@y")]).unwrap();
+
+    store.append(&[quota(200)]).unwrap();
+    let all = find(
+        &store,
+        Query {
+            total: true,
+            limit: Some(1000),
+            ..Query::default()
+        },
+    );
+    // 200 rows at the limit: down to floor(200 * 0.99) = 198, then the new one.
+    assert_eq!(all.total, Some(199));
+    assert_eq!(numbers(&all).first(), Some(&2), "the two oldest rows went");
+    assert_eq!(numbers(&all).last(), Some(&200));
+    // Under the limit nothing more goes.
+    store.append(&[quota(201)]).unwrap();
+    assert_eq!(
+        find(
+            &store,
+            Query {
+                total: true,
+                limit: Some(0),
+                ..Query::default()
+            }
+        )
+        .total,
+        Some(200)
+    );
+    let others = store
+        .find(
+            &other,
+            &Query {
+                total: true,
+                limit: Some(0),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(others.total, Some(1));
 }

@@ -79,6 +79,7 @@ if require "core.modulemanager".is_loaded(host, "mam") then
 	module:log("error", "mod_mam is loaded on %s too; load only one of mod_mam and mod_mam_rs", host);
 end
 
+local host_events = prosody.hosts[host].events;
 local archive = assert(native.open(host, options, st.stanza_mt));
 module:log("debug", "Archive in %s (mam_rs_native %s)", settings.database, native.version);
 
@@ -275,7 +276,8 @@ local function message_handler(event, c2s)
 		return;
 	end
 
-	local id, release_at, why = archive:archive(stanza, store_user, with);
+	local listened = host_events.get_handlers("archive-message-added");
+	local id, release_at, why, stored = archive:archive(stanza, store_user, with, listened and true);
 	if not id then
 		log(why == "empty when stripped" and "debug" or "error", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
 		return;
@@ -287,7 +289,9 @@ local function message_handler(event, c2s)
 	end
 	event.stanza = delivered;
 	wait_committed(release_at, origin);
-	module:fire_event("archive-message-added", { origin = origin, stanza = stanza, for_user = store_user, id = id });
+	if listened then
+		module:fire_event("archive-message-added", { origin = origin, stanza = stored, for_user = store_user, id = id });
+	end
 end
 
 local function c2s_message_handler(event)

@@ -410,12 +410,18 @@ describe("mod_mam_rs shim", function ()
 			local m = load();
 			local added;
 			m.module:hook("archive-message-added", function (e) added = e; end);
-			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			local message = chat("alice@localhost/res", "bob@localhost", "hello"):tag("active", { xmlns = XMLNS_CHATSTATES }):up();
+			local event = { origin = fake.session("alice"), stanza = message };
 			m.handler("pre-message/bare", 0)(event);
 			assert.is_table(added);
 			assert.equal("alice", added.for_user);
 			assert.equal(stanza_ids(event.stanza)[1].attr.id, added.id);
+			-- The stored copy, as stock passes it: chat state stripped, no stanza-id, a real stanza.
+			assert.is_true(st.is_stanza(added.stanza));
+			assert.equal("hello", added.stanza:get_child_text("body"));
+			assert.is_nil(added.stanza:get_child("active", XMLNS_CHATSTATES));
 			assert.same({}, stanza_ids(added.stanza));
+			assert.is_not_nil(event.stanza:get_child("active", XMLNS_CHATSTATES), "the live copy keeps it");
 		end);
 
 		it("inside an async runner, the handler waits until the row is committed", function ()

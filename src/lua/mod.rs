@@ -183,31 +183,42 @@ impl Archive {
     }
 
     /// Stores a copy of `stanza` in `user`'s archive. Returns the id and the release mark, or
-    /// only the reason it was not stored.
+    /// only the reason it was not stored; with `want_stored`, also the stored copy as a stanza
+    /// (for `archive-message-added`; built only when someone listens).
     fn archive(
         &self,
+        lua: &Lua,
         stanza: &Table,
         user: String,
         with: String,
-    ) -> LuaResult<(Option<String>, Option<i64>, Option<String>)> {
+        want_stored: bool,
+    ) -> LuaResult<(Option<String>, Option<i64>, Option<String>, Option<Table>)> {
         let Some(engine) = self.engine.as_ref() else {
-            return Ok((None, None, Some("the archive is closed".into())));
+            return Ok((None, None, Some("the archive is closed".into()), None));
         };
         let mut stored = match stanza::to_element(stanza, ns::CLIENT) {
             Ok(el) => el,
-            Err(e) => return Ok((None, None, Some(e.to_string()))),
+            Err(e) => return Ok((None, None, Some(e.to_string()), None)),
         };
         xep0359::remove_own_stanza_ids(&mut stored, &user, &self.host);
         if !policy::strip_for_storage(&mut stored, &self.strip) {
-            return Ok((None, None, Some("empty when stripped".into())));
+            return Ok((None, None, Some("empty when stripped".into()), None));
         }
+        let copy = match want_stored {
+            true => Some(stanza::build(lua, &self.stanza_mt, &stored, ns::CLIENT)?),
+            false => None,
+        };
         match engine.archive(self.archive_ref(user), with, stored, self.quota) {
-            Ok(archived) => Ok((
-                Some(archived.id.to_string()),
-                Some(archived.release_at as i64),
-                None,
-            )),
-            Err(e) => Ok((None, None, Some(e.to_string()))),
+            Ok(archived) => {
+                self.last_release.set(archived.release_at);
+                Ok((
+                    Some(archived.id.to_string()),
+                    Some(archived.release_at as i64),
+                    None,
+                    copy,
+                ))
+            }
+            Err(e) => Ok((None, None, Some(e.to_string()), None)),
         }
     }
 }
@@ -290,8 +301,10 @@ impl UserData for Archive {
 
         methods.add_method(
             "archive",
-            |_, this, (stanza, user, with): (Table, String, String)| {
-                this.archive(&stanza, user, with)
+            |lua,
+             this,
+             (stanza, user, with, want_stored): (Table, String, String, Option<bool>)| {
+                this.archive(lua, &stanza, user, with, want_stored.unwrap_or(false))
             },
         );
 

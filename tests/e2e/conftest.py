@@ -734,3 +734,29 @@ def restart_server(srv, timeout=15.0):
         if b"Failed to open server port" not in srv.log.read_bytes()[offset:]:
             break
     raise RuntimeError("prosody did not restart (%s)\n--- log tail ---\n%s" % (srv.workdir, srv.log_tail(50)))
+
+
+# --------------------------------------------------------------------------
+# Extra modules and test-only plugins (tests/e2e/plugins); used by test_events.py and
+# test_interplay.py. Only adds to the harness above.
+
+E2E_PLUGIN_DIR = Path(__file__).resolve().parent / "plugins"
+
+
+class ModulesServer(ProsodyServer):
+    """A ProsodyServer with `extra_modules` appended to modules_enabled and tests/e2e/plugins
+    added to plugin_paths (for test-only plugins such as mod_mam_e2e_probe)."""
+
+    def __init__(self, extra_config=(), extra_modules=(), **kw):
+        super().__init__(extra_config, **kw)
+        self.extra_modules = list(extra_modules)
+
+    def _write_config(self):
+        super()._write_config()
+        text = self.cfg.read_text()
+        mods_old = '"%s" }' % self.module
+        paths_old = 'plugin_paths = { "%s" }' % (REPO / "build" / "plugins")
+        assert mods_old in text and paths_old in text, "unexpected config layout in %s" % self.cfg
+        text = text.replace(mods_old, '"%s"%s }' % (self.module, "".join(', "%s"' % m for m in self.extra_modules)), 1)
+        text = text.replace(paths_old, 'plugin_paths = { "%s", "%s" }' % (REPO / "build" / "plugins", E2E_PLUGIN_DIR), 1)
+        self.cfg.write_text(text)

@@ -760,3 +760,18 @@ class ModulesServer(ProsodyServer):
         text = text.replace(mods_old, '"%s"%s }' % (self.module, "".join(', "%s"' % m for m in self.extra_modules)), 1)
         text = text.replace(paths_old, 'plugin_paths = { "%s", "%s" }' % (REPO / "build" / "plugins", E2E_PLUGIN_DIR), 1)
         self.cfg.write_text(text)
+
+
+# --------------------------------------------------------------------------
+# Small helpers shared by the test modules.
+
+def token():
+    """A short unique string for message bodies."""
+    return uuid.uuid4().hex[:12]
+
+
+def exchange(sender, recipient, text):
+    """sender -> recipient's bare JID; waits for delivery (archiving happens before it)."""
+    mid = sender.send_message(recipient.bare, text)
+    recipient.wait_id(mid)
+    return text

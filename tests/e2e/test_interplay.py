@@ -12,13 +12,12 @@
 
 import asyncio
 import time
-import uuid
 
 import pytest
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
 
-from conftest import NS_CLIENT, NS_FORWARD, NS_MAM, USERS, Client, ModulesServer, _Xmpp, stanza_ids
+from conftest import NS_CLIENT, NS_FORWARD, NS_MAM, USERS, Client, ModulesServer, _Xmpp, stanza_ids, token
 
 NS_SM = "urn:xmpp:sm:3"
 NS_CARBONS = "urn:xmpp:carbons:2"
@@ -144,9 +143,6 @@ def raw_connect(loop_thread):
     for c in made:
         c.disconnect()
 
-
-def token():
-    return uuid.uuid4().hex[:10]
 
 
 def errors_from(client, jid_bare, since=0):

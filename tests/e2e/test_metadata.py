@@ -6,7 +6,7 @@ Stock: an iq-get/self handler only. Empty archive -> <metadata/> with no childre
 
 import pytest
 
-from conftest import NS_MAM, NS_STANZAS, USERS, ProsodyServer, stamp_to_epoch
+from conftest import NS_MAM, USERS, ProsodyServer, stamp_to_epoch
 
 META_USERS = USERS + ("empty", "meta1", "meta2")
 METADATA = "<metadata xmlns='urn:xmpp:mam:2'/>"

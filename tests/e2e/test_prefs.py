@@ -8,12 +8,11 @@ store, so they carry over between mod_mam and mod_mam_rs.
 """
 
 import sqlite3
-import uuid
 
 import pytest
 
 from conftest import (
-    MAM_MODULE, NS_MAM, NS_STANZAS, USERS, ProsodyServer, restart_server, stop_server_keep_data, xml_escape,
+    NS_MAM, USERS, ProsodyServer, exchange, restart_server, stop_server_keep_data, token, xml_escape,
 )
 
 PREFS_USERS = USERS + ("fresh", "pa", "pb", "pc", "pd", "pe", "pf", "pg")
@@ -64,15 +63,6 @@ def set_prefs(client, default=None, always=(), never=(), **kw):
     return parse_prefs(client.iq("set", prefs_xml(default, always, never, **kw)))
 
 
-def token():
-    return uuid.uuid4().hex[:12]
-
-
-def exchange(sender, recipient, text):
-    """sender -> recipient's bare JID; waits for delivery (archiving happens before it)."""
-    mid = sender.send_message(recipient.bare, text)
-    recipient.wait_id(mid)
-    return text
 
 
 def archived(client, with_jid):

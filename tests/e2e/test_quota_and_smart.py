@@ -11,11 +11,10 @@ enforced by the storage driver; stock 0.12 SQL honours storage_archive_item_limi
 import math
 import sqlite3
 import time
-import uuid
 
 import pytest
 
-from conftest import NS_CLIENT, USERS, ProsodyServer, stanza_ids, xml_escape
+from conftest import USERS, ProsodyServer, exchange, stanza_ids, token, xml_escape
 
 SMART_USERS = USERS + ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8")
 
@@ -27,14 +26,6 @@ def smart():
     srv.stop()
 
 
-def token():
-    return uuid.uuid4().hex[:12]
-
-
-def exchange(sender, recipient, text):
-    mid = sender.send_message(recipient.bare, text)
-    recipient.wait_id(mid)
-    return text
 
 
 def bodies(client, t, **kw):

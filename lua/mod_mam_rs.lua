@@ -58,17 +58,17 @@ local options = {
 };
 -- Stock counts totals by default only while messages expire (mod_mam.lua:601-606).
 local expires_after = module:get_option("archive_expires_after", "1w");
-if options.mam_include_total == nil and expires_after == "never" then
+local never_expires = expires_after == "never" or expires_after == false
+	or (type(expires_after) == "number" and expires_after < 0);
+if options.mam_include_total == nil and never_expires then
 	options.mam_include_total = false;
 end
-local settings, config_errors = native.parse_config(options);
-for _, message in ipairs(config_errors) do
-	module:log("error", "%s", message);
-end
-
--- Stock options this version does not act on yet: say so rather than ignore them silently.
-if expires_after ~= "never" and expires_after ~= false then
-	module:log("warn", "archive_expires_after = %q: message expiry is not implemented yet in mod_mam_rs; nothing is deleted", tostring(expires_after));
+options.archive_expires_after = module:get_option("archive_expires_after");
+options.archive_cleanup_interval = module:get_option("archive_cleanup_interval");
+options.mam_remove_expired_messages_period = module:get_option("mam_remove_expired_messages_period");
+local settings, config_lines = native.parse_config(options);
+for _, line in ipairs(config_lines) do
+	module:log(line.level, "%s", line.message);
 end
 
 if prosody.process_type == "prosodyctl" then
@@ -84,7 +84,7 @@ local archive = assert(native.open(host, options, st.stanza_mt));
 module:log("debug", "Archive in %s (mam_rs_native %s)", settings.database, native.version);
 
 -- Completions: the native side wakes us through an eventfd.
-local pending_queries = {}; -- ticket -> callback(completion)
+local pending = {}; -- ticket -> callback(completion), for queries and expiry runs
 local waiting, waiting_head, waiting_tail = {}, 1, 0; -- { release_at, done }, in release order
 local released = 0;
 -- Set when unloading starts. Prosody removes a module's hooks only after module.unload has
@@ -110,12 +110,12 @@ local function on_readable()
 		if c.log then
 			module:log(c.log, "%s", c.message);
 		else
-			local callback = pending_queries[c.ticket];
-			pending_queries[c.ticket] = nil;
-			-- One failing reply must not lose the others taken in the same drain.
+			local callback = pending[c.ticket];
+			pending[c.ticket] = nil;
+			-- One failing callback must not lose the others taken in the same drain.
 			local ok, err = pcall(callback or function () end, c);
 			if not ok then
-				module:log("error", "Could not send archive query results: %s", err);
+				module:log("error", "Could not complete an archive request: %s", err);
 			end
 		end
 	end
@@ -375,7 +375,7 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	get_prefs(origin.username, true);
 	local start_time = time_now();
 	local ticket = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
-	pending_queries[ticket] = function (c)
+	pending[ticket] = function (c)
 		send_answer(origin, stanza, c);
 		if c.messages then
 			module:fire_event("archive-query", { origin = origin, start_time = start_time, end_id = c.last_id });
@@ -387,11 +387,38 @@ end);
 module:hook("iq-get/self/" .. xmlns_mam .. ":metadata", function (event)
 	if closed then return; end
 	local origin, stanza = event.origin, event.stanza;
-	pending_queries[archive:metadata(origin.username)] = function (c)
+	pending[archive:metadata(origin.username)] = function (c)
 		send_answer(origin, stanza, c);
 	end;
 	return true;
 end);
+
+-- Expiry (stock: mod_mam.lua:505-599, a daily job with one unbounded DELETE on the loop).
+-- Here the writer thread removes expired messages in short batches between its commits.
+local cleanup_running = false;
+local function remove_expired()
+	if closed then return; end
+	if not cleanup_running then
+		cleanup_running = true;
+		local started = time_now();
+		local cutoff = math.floor((started - settings.archive_expires_after) * 1e6);
+		pending[archive:expire(cutoff)] = function (c)
+			cleanup_running = false;
+			if c.expire_error then
+				module:log("error", "Removing expired messages failed: %s", c.expire_error);
+			else
+				module:log(c.expired > 0 and "info" or "debug", "Deleted %d expired messages in %.3f s", c.expired, time_now() - started);
+			end
+		end;
+	end
+	return settings.cleanup_interval;
+end
+
+if settings.archive_expires_after then
+	module:add_timer(math.min(settings.cleanup_interval, 60), remove_expired);
+else
+	module:log("debug", "Archive expiry disabled");
+end
 
 module:hook("account-disco-info", function (event)
 	local reply = event.reply or event.stanza;

@@ -659,6 +659,56 @@ describe("mod_mam_rs shim", function ()
 		end);
 	end);
 
+	describe("expiry", function ()
+		local function expiry_timer(m)
+			for _, t in ipairs(m.timers) do
+				if t.fn ~= nil and t.delay ~= 0 then return t; end
+			end
+		end
+
+		it("runs on archive_cleanup_interval and removes what is older than archive_expires_after", function ()
+			local m = load({ options = { archive_expires_after = 1, archive_cleanup_interval = 5 } });
+			local timer = assert(expiry_timer(m), "no expiry timer");
+			assert.equal(5, timer.delay);
+			archive_from_alice(m, { "old 1", "old 2" });
+			os.execute("sleep 1.2");
+			local kept = archive_from_alice(m, { "new" });
+			assert.equal(5, timer.fn(), "the timer repeats every interval");
+			assert.is_true(m.wait_for(function () return m.logged("info", "Deleted 2 expired messages") == 1; end));
+			local sent = run_query(m, query_iq("q1"));
+			assert.equal(2, #sent);
+			assert.equal(kept[1], sent[1]:get_child("result", XMLNS_MAM).attr.id);
+		end);
+
+		it("defaults to one week, checked every 4 hours at most a minute after start", function ()
+			local m = load();
+			assert.equal(60, assert(expiry_timer(m)).delay);
+			assert.equal(0, m.logged("error", "archive_expires_after"));
+		end);
+
+		it("\"never\" and false schedule nothing", function ()
+			for _, never in ipairs({ "never", false }) do
+				local m = load({ options = { archive_expires_after = never } });
+				assert.is_nil(expiry_timer(m));
+				m.unload();
+			end
+		end);
+
+		it("an unreadable value is one error naming the option, and disables expiry", function ()
+			local m = load({ options = { archive_expires_after = "forever" } });
+			assert.equal(1, m.logged("error", "'archive_expires_after'"));
+			assert.equal(1, m.logged("error", "\"forever\""));
+			assert.is_nil(expiry_timer(m));
+			archive_from_alice(m, { "still archived" });
+		end);
+
+		it("an ambiguous \"2m\" is read as months, with a warning naming the full syntax", function ()
+			local m = load({ options = { archive_expires_after = "2m" } });
+			assert.equal(1, m.logged("warn", "full syntax"));
+			assert.is_not_nil(expiry_timer(m));
+		end);
+	end);
+
 	describe("unload", function ()
 		it("closes the watcher and the archive, and loses nothing queued", function ()
 			local data = fake.tempdir();

@@ -8,6 +8,7 @@
 //!
 //! It does not read files, talk to Prosody or start anything.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
@@ -69,6 +70,110 @@ impl DefaultPolicy {
     }
 }
 
+/// How long messages are kept (`archive_expires_after`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Expiry {
+    /// Kept forever (`"never"`, `false`, a negative number).
+    Never,
+    /// Removed once older than this many seconds.
+    After(f64),
+}
+
+/// Seconds in Prosody 13's period units (util/human/io.lua `parse_duration`).
+const MINUTE: f64 = 60.0;
+const HOUR: f64 = 3600.0;
+const DAY: f64 = 86400.0;
+const WEEK: f64 = 7.0 * DAY;
+const MONTH: f64 = 31.0 * DAY;
+const YEAR: f64 = 365.2425 * DAY;
+
+/// Reads a period the way Prosody 13's `module:get_option_period` does: a number is seconds (a
+/// negative one means never), `"never"` and `false` mean never, and a string is a count and a
+/// unit ("1d", "2 weeks", "3 hours", "2 months", "1y"). Units that are ambiguous or missing
+/// ("2m", "10") are read as upstream's lax parser does (m = months, none = seconds) with a
+/// warning naming the full syntax. Returns the period and that warning, or an error text.
+pub fn parse_period(v: &RawValue) -> Result<(Expiry, Option<String>), &'static str> {
+    match v {
+        RawValue::Bool(false) => return Ok((Expiry::Never, None)),
+        RawValue::Integer(n) => {
+            let expiry = if *n >= 0 { Expiry::After(*n as f64) } else { Expiry::Never };
+            return Ok((expiry, None));
+        }
+        RawValue::Number(n) if n.is_finite() => {
+            let expiry = if *n >= 0.0 { Expiry::After(*n) } else { Expiry::Never };
+            return Ok((expiry, None));
+        }
+        RawValue::String(s) if s == "never" => return Ok((Expiry::Never, None)),
+        RawValue::String(_) => {}
+        _ => return Err("a number of seconds, a period such as \"1d\", \"2 weeks\", \"3 hours\", \"1y\", or \"never\""),
+    }
+    let RawValue::String(text) = v else {
+        unreachable!()
+    };
+    let lower = text.to_lowercase();
+    // Lua: (%d+)%s*([smhdwy]?[io]?n?), found anywhere in the string.
+    let Some(start) = lower.find(|c: char| c.is_ascii_digit()) else {
+        return Err("a number of seconds, a period such as \"1d\", \"2 weeks\", \"3 hours\", \"1y\", or \"never\"");
+    };
+    let rest = &lower[start..];
+    let digits_end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let count: f64 = rest[..digits_end]
+        .parse()
+        .map_err(|_| "a whole number of units")?;
+    let mut unit = rest[digits_end..]
+        .trim_start_matches(char::is_whitespace)
+        .chars();
+    let mut taken = String::new();
+    let mut next_if = |set: &str, taken: &mut String| {
+        let mut probe = unit.clone();
+        if let Some(c) = probe.next() {
+            if set.contains(c) {
+                taken.push(c);
+                unit = probe;
+            }
+        }
+    };
+    next_if("smhdwy", &mut taken);
+    next_if("io", &mut taken);
+    next_if("n", &mut taken);
+    let strict = match taken.as_str() {
+        "s" => Some(1.0),
+        "min" => Some(MINUTE),
+        "h" | "ho" => Some(HOUR),
+        "d" => Some(DAY),
+        "w" => Some(WEEK),
+        "mon" => Some(MONTH),
+        "y" => Some(YEAR),
+        _ => None,
+    };
+    if let Some(unit) = strict {
+        return Ok((Expiry::After(count * unit), None));
+    }
+    // Upstream's lax reading, with its warning.
+    let lax = match taken.chars().next() {
+        None => 1.0,
+        Some('m') if taken.starts_with("mi") => MINUTE,
+        Some('m') => MONTH,
+        Some('s') => 1.0,
+        Some('h') => HOUR,
+        Some('d') => DAY,
+        Some('w') => WEEK,
+        Some('y') => YEAR,
+        Some(_) => {
+            return Err("a period such as \"1d\", \"2 weeks\", \"3 hours\", \"1y\", or \"never\"")
+        }
+    };
+    let seconds = count * lax;
+    Ok((
+        Expiry::After(seconds),
+        Some(format!(
+            "ambiguous period {text:?}, read as {seconds} seconds; use the full syntax, e.g. \"2 months\", \"5 minutes\", \"10 seconds\""
+        )),
+    ))
+}
+
 /// The chat states namespace, stripped from stored copies by default.
 pub const CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
 
@@ -92,6 +197,11 @@ pub struct Config {
     pub storage_archive_item_limit: Option<u32>,
     /// `mam_smart_enable`: archive nothing for a user until a MAM-capable client uses MAM.
     pub mam_smart_enable: bool,
+    /// `archive_expires_after` (default one week).
+    pub archive_expires_after: Expiry,
+    /// `archive_cleanup_interval` in seconds, or Prosody 13's
+    /// `mam_remove_expired_messages_period` (default 4 hours).
+    pub cleanup_interval: f64,
     /// `mam_rs_database`: the SQLite file (default `mam_rs.sqlite` in Prosody's data directory;
     /// resolved by the shim, which knows the data directory).
     pub database: PathBuf,
@@ -112,6 +222,8 @@ impl Default for Config {
             mam_include_total: true,
             storage_archive_item_limit: None,
             mam_smart_enable: false,
+            archive_expires_after: Expiry::After(WEEK),
+            cleanup_interval: 4.0 * HOUR,
             database: PathBuf::from("mam_rs.sqlite"),
             query_workers: 2,
             test_query_delay: Duration::ZERO,
@@ -124,33 +236,82 @@ impl Default for Config {
 pub struct ConfigError {
     pub option: &'static str,
     pub value: String,
-    pub expected: &'static str,
+    /// What is accepted (for an error), or what was understood (for a warning).
+    pub expected: Cow<'static, str>,
+    pub severity: Severity,
+}
+
+/// How bad a [`ConfigError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The value was not usable; the default is used instead (expiry: disabled).
+    Error,
+    /// The value was read, but not as written; said so the admin can make it exact.
+    Warning,
+}
+
+impl ConfigError {
+    fn invalid(option: &'static str, value: &RawValue, expected: &'static str) -> ConfigError {
+        ConfigError {
+            option,
+            value: value.to_string(),
+            expected: Cow::Borrowed(expected),
+            severity: Severity::Error,
+        }
+    }
+
+    /// Prosody's log level for this line.
+    pub fn level(&self) -> &'static str {
+        match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warn",
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid value {} for option '{}': expected {}; using the default",
-            self.value, self.option, self.expected
-        )
+        match self.severity {
+            Severity::Warning => write!(
+                f,
+                "option '{}' = {}: {}",
+                self.option, self.value, self.expected
+            ),
+            Severity::Error => {
+                let consequence = match self.option {
+                    "archive_expires_after" => "message expiry is disabled until this is fixed",
+                    _ => "using the default",
+                };
+                write!(
+                    f,
+                    "invalid value {} for option '{}': expected {}; {consequence}",
+                    self.value, self.option, self.expected
+                )
+            }
+        }
     }
 }
 
 /// Builds a [`Config`] from option values; options absent from `raw` keep their defaults.
 /// Returns the configuration and every error found.
 pub fn from_options(raw: &BTreeMap<String, RawValue>) -> (Config, Vec<ConfigError>) {
+    let mut warnings = Vec::new();
+    let (config, mut errors) = read_options(raw, &mut warnings);
+    errors.extend(warnings);
+    (config, errors)
+}
+
+fn read_options(
+    raw: &BTreeMap<String, RawValue>,
+    warnings: &mut Vec<ConfigError>,
+) -> (Config, Vec<ConfigError>) {
     let mut config = Config::default();
     let mut errors = Vec::new();
     let mut check =
         |option: &'static str, expected: &'static str, apply: &mut dyn FnMut(&RawValue) -> bool| {
             if let Some(value) = raw.get(option) {
                 if !apply(value) {
-                    errors.push(ConfigError {
-                        option,
-                        value: value.to_string(),
-                        expected,
-                    });
+                    errors.push(ConfigError::invalid(option, value, expected));
                 }
             }
         };
@@ -229,6 +390,29 @@ pub fn from_options(raw: &BTreeMap<String, RawValue>) -> (Config, Vec<ConfigErro
     check("mam_smart_enable", "true or false", &mut |v| {
         as_bool(v).map(|b| config.mam_smart_enable = b).is_some()
     });
+    // An unreadable expiry disables expiry rather than falling back to the default: deleting
+    // after a week what the admin meant to keep for a year would lose data.
+    match read_period(raw, "archive_expires_after", warnings) {
+        Some(expiry) => config.archive_expires_after = expiry,
+        None if raw.contains_key("archive_expires_after") => {
+            config.archive_expires_after = Expiry::Never
+        }
+        None => {}
+    }
+    for option in [
+        "mam_remove_expired_messages_period",
+        "archive_cleanup_interval",
+    ] {
+        match read_period(raw, option, warnings) {
+            Some(Expiry::After(seconds)) if seconds >= 1.0 => config.cleanup_interval = seconds,
+            Some(_) => warnings.push(ConfigError::invalid(
+                option,
+                &raw[option],
+                "a period of at least one second",
+            )),
+            None => {}
+        }
+    }
     check("mam_rs_database", "a file path", &mut |v| match v {
         RawValue::String(s) if !s.is_empty() => {
             config.database = PathBuf::from(s);
@@ -263,6 +447,31 @@ pub fn from_options(raw: &BTreeMap<String, RawValue>) -> (Config, Vec<ConfigErro
         },
     );
     (config, errors)
+}
+
+/// A period option, with its warning or error added to `problems`; `None` when absent or unusable.
+fn read_period(
+    raw: &BTreeMap<String, RawValue>,
+    option: &'static str,
+    problems: &mut Vec<ConfigError>,
+) -> Option<Expiry> {
+    let value = raw.get(option)?;
+    match parse_period(value) {
+        Ok((expiry, warning)) => {
+            if let Some(understood) = warning {
+                problems.push(ConfigError {
+                    severity: Severity::Warning,
+                    expected: Cow::Owned(understood),
+                    ..ConfigError::invalid(option, value, "")
+                });
+            }
+            Some(expiry)
+        }
+        Err(expected) => {
+            problems.push(ConfigError::invalid(option, value, expected));
+            None
+        }
+    }
 }
 
 /// A whole number, given as a Lua integer, an integral float, or a string of digits (Prosody's
@@ -388,5 +597,109 @@ mod tests {
             RawValue::List(vec![]),
         )]));
         assert!(c.dont_archive_namespaces.is_empty());
+    }
+
+    fn period(v: RawValue) -> Result<(Expiry, Option<String>), &'static str> {
+        parse_period(&v)
+    }
+
+    fn seconds(text: &str) -> f64 {
+        match period(RawValue::String(text.into())) {
+            Ok((Expiry::After(s), None)) => s,
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn periods_read_as_prosody_13_reads_them() {
+        assert_eq!(seconds("1d"), DAY);
+        assert_eq!(seconds("2 days"), 2.0 * DAY);
+        assert_eq!(seconds("2w"), 2.0 * WEEK);
+        assert_eq!(seconds("3 hours"), 3.0 * HOUR);
+        assert_eq!(seconds("1h"), HOUR, "0.12 misread this as one second");
+        assert_eq!(seconds("5 minutes"), 5.0 * MINUTE);
+        assert_eq!(seconds("2 months"), 2.0 * MONTH);
+        assert_eq!(seconds("1y"), YEAR);
+        assert_eq!(seconds("1 year"), YEAR);
+        assert_eq!(seconds("30s"), 30.0);
+        assert_eq!(seconds("1W"), WEEK, "case does not matter");
+    }
+
+    #[test]
+    fn numbers_are_seconds_and_never_means_never() {
+        assert_eq!(
+            period(RawValue::Integer(86400)),
+            Ok((Expiry::After(DAY), None))
+        );
+        assert_eq!(
+            period(RawValue::Number(1.5)),
+            Ok((Expiry::After(1.5), None))
+        );
+        assert_eq!(period(RawValue::Integer(-1)), Ok((Expiry::Never, None)));
+        assert_eq!(
+            period(RawValue::String("never".into())),
+            Ok((Expiry::Never, None))
+        );
+        assert_eq!(period(RawValue::Bool(false)), Ok((Expiry::Never, None)));
+    }
+
+    #[test]
+    fn ambiguous_periods_are_read_as_upstream_with_a_warning() {
+        for (text, want) in [
+            ("2m", 2.0 * MONTH),
+            ("10", 10.0),
+            ("1mo", MONTH),
+            ("1mi", MINUTE),
+            ("1.5d", 1.0),
+        ] {
+            match period(RawValue::String(text.into())) {
+                Ok((Expiry::After(s), Some(warning))) => {
+                    assert_eq!(s, want, "{text}");
+                    assert!(warning.contains("full syntax"), "{warning}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unreadable_periods_are_errors_that_disable_expiry() {
+        for bad in [
+            RawValue::String("forever".into()),
+            RawValue::String("Never".into()),
+            RawValue::Bool(true),
+        ] {
+            assert!(period(bad.clone()).is_err(), "{bad}");
+            let (c, errors) = from_options(&opts(&[("archive_expires_after", bad)]));
+            assert_eq!(c.archive_expires_after, Expiry::Never);
+            assert_eq!(errors.len(), 1);
+            let line = errors[0].to_string();
+            assert!(
+                line.contains("'archive_expires_after'") && line.contains("expiry is disabled"),
+                "{line}"
+            );
+            assert_eq!(errors[0].level(), "error");
+        }
+    }
+
+    #[test]
+    fn cleanup_interval_takes_seconds_or_prosody_13s_name() {
+        let (c, errors) = from_options(&BTreeMap::new());
+        assert!(errors.is_empty());
+        assert_eq!(c.archive_expires_after, Expiry::After(WEEK));
+        assert_eq!(c.cleanup_interval, 4.0 * HOUR);
+        let (c, _) = from_options(&opts(&[(
+            "archive_cleanup_interval",
+            RawValue::Integer(600),
+        )]));
+        assert_eq!(c.cleanup_interval, 600.0);
+        let (c, _) = from_options(&opts(&[(
+            "mam_remove_expired_messages_period",
+            RawValue::String("1 hour".into()),
+        )]));
+        assert_eq!(c.cleanup_interval, HOUR);
+        let (_, errors) =
+            from_options(&opts(&[("archive_cleanup_interval", RawValue::Integer(0))]));
+        assert_eq!(errors.len(), 1);
     }
 }

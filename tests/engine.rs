@@ -11,7 +11,9 @@ use mam_rs_native::id::ArchiveId;
 use mam_rs_native::protocol::xep0313::Limits;
 use mam_rs_native::protocol::StanzaError;
 use mam_rs_native::store::sqlite::{SqliteOptions, SqliteStore};
-use mam_rs_native::store::{ArchiveRef, Item, NewItem, Page, Query, Store, StoreError};
+use mam_rs_native::store::{
+    ArchiveRef, ExpiryBatch, ExpiryCursor, Item, NewItem, Page, Query, Store, StoreError,
+};
 use minidom::Element;
 
 fn config(dir: &tempfile::TempDir) -> Config {
@@ -279,6 +281,66 @@ fn metadata_names_the_first_and_last_message() {
 }
 
 #[test]
+fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(&config(&dir));
+    let mailbox = engine.mailbox().unwrap();
+    let old: Vec<ArchiveId> = (0..5000)
+        .map(|i| {
+            engine
+                .archive(
+                    archive_ref("localhost", "alice"),
+                    "bob@localhost".into(),
+                    message(&format!("old {i}")),
+                    None,
+                )
+                .unwrap()
+                .id
+        })
+        .collect();
+    let cutoff = old.last().unwrap().micros();
+    let ticket = engine
+        .expire(
+            Arc::from("localhost"),
+            Arc::from("archive"),
+            cutoff,
+            &mailbox,
+        )
+        .unwrap();
+    // Rows queued while the expiry runs are kept: they are newer than the cutoff.
+    for i in 0..200 {
+        engine
+            .archive(
+                archive_ref("localhost", "alice"),
+                "bob@localhost".into(),
+                message(&format!("new {i:03}")),
+                None,
+            )
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let deleted = loop {
+        let done = mailbox
+            .drain()
+            .completions
+            .into_iter()
+            .find_map(|c| match c {
+                Completion::Expired { ticket: t, result } if t == ticket => Some(result),
+                _ => None,
+            });
+        if let Some(result) = done {
+            break result.unwrap();
+        }
+        assert!(Instant::now() < deadline, "expiry did not finish");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(deleted, 5000);
+    let left = ask(&engine, &mailbox, "alice", ALL).unwrap();
+    let expected: Vec<String> = (0..200).map(|i| format!("new {i:03}")).collect();
+    assert_eq!(bodies(&left), expected);
+}
+
+#[test]
 fn query_errors_come_back_as_stanza_errors() {
     let dir = tempfile::tempdir().unwrap();
     let engine = start(&config(&dir));
@@ -311,6 +373,16 @@ impl Store for Flaky {
     }
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
         self.inner.last_id()
+    }
+    fn expire(
+        &self,
+        host: &str,
+        store: &str,
+        end: i64,
+        limit: u32,
+        cursor: &mut ExpiryCursor,
+    ) -> Result<ExpiryBatch, StoreError> {
+        self.inner.expire(host, store, end, limit, cursor)
     }
 }
 

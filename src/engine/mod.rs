@@ -38,7 +38,7 @@ use wake::Progress;
 pub use wake::{Answer, Completion, Drained, Level, Mailbox};
 pub use worker::Request;
 use worker::{Job, Worker};
-use writer::{Row, Writer, WriterMsg};
+use writer::{ExpiryJob, Row, Writer, WriterMsg};
 
 /// Most rows committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -208,6 +208,32 @@ impl Engine {
             reply.answer_not_coming();
             return Err(EngineError::Closed);
         }
+        Ok(ticket)
+    }
+
+    /// Starts removing `host`'s messages under `store` at or before `end` (Unix microseconds).
+    /// The writer does it in bounded batches between row commits; the [`Completion::Expired`]
+    /// with the returned ticket goes to `reply`.
+    pub fn expire(
+        &self,
+        host: Arc<str>,
+        store: Arc<str>,
+        end: i64,
+        reply: &Arc<Mailbox>,
+    ) -> Result<u64, EngineError> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let writer = self.writer.lock();
+        let tx = writer.as_ref().ok_or(EngineError::Closed)?;
+        tx.send(WriterMsg::Expire(ExpiryJob {
+            ticket,
+            host,
+            store,
+            end,
+            reply: reply.clone(),
+            cursor: Default::default(),
+            deleted: 0,
+        }))
+        .map_err(|_| EngineError::Closed)?;
         Ok(ticket)
     }
 

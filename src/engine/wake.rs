@@ -59,6 +59,11 @@ pub enum Completion {
         ticket: u64,
         result: Result<Answer, StanzaError>,
     },
+    /// An expiry run finished: how many messages it removed, or why it stopped.
+    Expired {
+        ticket: u64,
+        result: Result<u64, String>,
+    },
     /// Something for Prosody's log.
     Log { level: Level, message: String },
 }

@@ -20,9 +20,11 @@ use std::time::Duration;
 
 use minidom::Element;
 
-use super::wake::{Level, Progress};
+use std::collections::VecDeque;
+
+use super::wake::{Completion, Level, Mailbox, Progress};
 use crate::id::ArchiveId;
-use crate::store::{ArchiveRef, NewItem, Store};
+use crate::store::{ArchiveRef, ExpiryCursor, NewItem, Store};
 
 /// A message to archive, as the loop hands it over.
 #[derive(Debug)]
@@ -39,9 +41,28 @@ pub struct Row {
 #[allow(clippy::large_enum_variant)]
 pub enum WriterMsg {
     Row(Row),
+    /// Remove expired messages, a batch at a time between row commits.
+    Expire(ExpiryJob),
     /// Commit what is queued and exit.
     Stop,
 }
+
+/// An expiry run in progress.
+#[derive(Debug)]
+pub struct ExpiryJob {
+    pub ticket: u64,
+    pub host: Arc<str>,
+    pub store: Arc<str>,
+    /// Remove messages at or before this Unix time in microseconds.
+    pub end: i64,
+    /// Where the result goes.
+    pub reply: Arc<Mailbox>,
+    pub cursor: ExpiryCursor,
+    pub deleted: u64,
+}
+
+/// Rows removed per expiry batch: one short transaction, so rows and queries interleave.
+pub const EXPIRY_BATCH: u32 = 2000;
 
 /// Attempts made for one batch once shutdown has begun.
 const ATTEMPTS_AT_SHUTDOWN: u32 = 3;
@@ -57,24 +78,95 @@ pub struct Writer {
 impl Writer {
     pub fn run(self, rx: Receiver<WriterMsg>) {
         let mut batch: Vec<NewItem> = Vec::with_capacity(self.max_batch);
+        let mut jobs: VecDeque<ExpiryJob> = VecDeque::new();
         let mut stop = false;
         while !stop {
-            match rx.recv() {
-                Ok(WriterMsg::Row(row)) => self.push(&mut batch, row),
-                Ok(WriterMsg::Stop) | Err(_) => break,
-            }
-            while batch.len() < self.max_batch {
+            // With expiry pending, look for rows without waiting; otherwise sleep until work.
+            let first = if jobs.is_empty() {
+                rx.recv().ok()
+            } else {
                 match rx.try_recv() {
-                    Ok(WriterMsg::Row(row)) => self.push(&mut batch, row),
-                    Ok(WriterMsg::Stop) | Err(TryRecvError::Disconnected) => {
+                    Ok(msg) => Some(msg),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => {
+                        stop = true;
+                        None
+                    }
+                }
+            };
+            let mut next = match first {
+                Some(msg) => Some(msg),
+                None if jobs.is_empty() => break,
+                None => None,
+            };
+            while let Some(msg) = next.take() {
+                match msg {
+                    WriterMsg::Row(row) => self.push(&mut batch, row),
+                    WriterMsg::Expire(job) => jobs.push_back(job),
+                    WriterMsg::Stop => {
                         stop = true;
                         break;
                     }
-                    Err(TryRecvError::Empty) => break,
                 }
+                if batch.len() >= self.max_batch {
+                    break;
+                }
+                next = match rx.try_recv() {
+                    Ok(msg) => Some(msg),
+                    Err(TryRecvError::Disconnected) => {
+                        stop = true;
+                        None
+                    }
+                    Err(TryRecvError::Empty) => None,
+                };
             }
             self.commit(&batch);
             batch.clear();
+            if !stop {
+                if let Some(job) = jobs.front_mut() {
+                    if self.expire_step(job) {
+                        jobs.pop_front();
+                    }
+                }
+            }
+        }
+        for job in jobs {
+            job.reply.log(
+                Level::Warn,
+                format!(
+                    "Expiry on {} stopped by shutdown after {} messages",
+                    job.host, job.deleted
+                ),
+            );
+        }
+    }
+
+    /// One expiry batch; true when the job is finished (done, or failed).
+    fn expire_step(&self, job: &mut ExpiryJob) -> bool {
+        match self.store.expire(
+            &job.host,
+            &job.store,
+            job.end,
+            EXPIRY_BATCH,
+            &mut job.cursor,
+        ) {
+            Ok(step) => {
+                job.deleted += step.deleted;
+                if step.done {
+                    job.reply.push(Completion::Expired {
+                        ticket: job.ticket,
+                        result: Ok(job.deleted),
+                    });
+                }
+                step.done
+            }
+            Err(e) => {
+                job.reply.push(Completion::Expired {
+                    ticket: job.ticket,
+                    result: Err(format!("{e} (after removing {} messages)", job.deleted)),
+                });
+                true
+            }
         }
     }
 

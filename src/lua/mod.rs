@@ -4,13 +4,13 @@
 //!
 //! Exports of `require "mam_rs_native"` (loaded with `package.loadlib`):
 //! - `version`
-//! - `parse_config(options) -> settings, errors`: checks option values; `errors` is a list of
-//!   log lines, each naming the option, the value and what is accepted.
+//! - `parse_config(options) -> settings, lines`: checks option values; `lines` is a list of
+//!   `{ level, message }` log lines, each naming the option, the value and what is accepted.
 //! - `should_store(stanza) -> bool, reason`: stock mod_mam's default archiving decision.
 //! - `prefs_from_element(prefs) -> table`: a `<prefs>` element in Prosody's stored form.
 //! - `open(host, options, stanza_mt) -> archive | nil, message`: the per-host handle, whose
-//!   methods are `fd`, `archive`, `query`, `metadata`, `drain`, `query_form`, `prefs_element`
-//!   and `close`.
+//!   methods are `fd`, `archive`, `query`, `metadata`, `expire`, `drain`, `query_form`,
+//!   `prefs_element` and `close`.
 
 mod stanza;
 
@@ -76,7 +76,7 @@ fn raw_value(v: &Value) -> LuaResult<Option<RawValue>> {
     }))
 }
 
-fn read_config(options: &Table) -> LuaResult<(Config, Vec<String>)> {
+fn read_config(options: &Table) -> LuaResult<(Config, Vec<config::ConfigError>)> {
     let mut raw = BTreeMap::new();
     for pair in options.pairs::<String, Value>() {
         let (k, v) = pair?;
@@ -84,13 +84,23 @@ fn read_config(options: &Table) -> LuaResult<(Config, Vec<String>)> {
             raw.insert(k, value);
         }
     }
-    let (config, errors) = config::from_options(&raw);
-    Ok((config, errors.iter().map(ToString::to_string).collect()))
+    Ok(config::from_options(&raw))
 }
 
-fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Vec<String>)> {
-    let (config, errors) = read_config(&options)?;
+fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Table)> {
+    let (config, problems) = read_config(&options)?;
+    let lines = lua.create_table()?;
+    for problem in &problems {
+        let line = lua.create_table()?;
+        line.set("level", problem.level())?;
+        line.set("message", problem.to_string())?;
+        lines.raw_push(line)?;
+    }
     let settings = lua.create_table()?;
+    if let config::Expiry::After(seconds) = config.archive_expires_after {
+        settings.set("archive_expires_after", seconds)?;
+    }
+    settings.set("cleanup_interval", config.cleanup_interval)?;
     settings.set(
         "max_archive_query_results",
         config.max_archive_query_results,
@@ -115,12 +125,16 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Vec<String>)> {
             .cloned()
             .collect::<Vec<_>>(),
     )?;
-    Ok((settings, errors))
+    Ok((settings, lines))
 }
 
 fn should_store(_: &Lua, stanza: Table) -> LuaResult<(bool, &'static str)> {
     Ok(policy::should_store(&stanza::summary(&stanza)?))
 }
+
+/// What `archive` returns to Lua: `id, release_at` when stored, else `nil, nil, why`; and the
+/// stored copy when it was asked for.
+type Archived = (Option<String>, Option<i64>, Option<String>, Option<Table>);
 
 /// One module instance's view of the engine: its host, its options and its mailbox.
 struct Archive {
@@ -192,7 +206,7 @@ impl Archive {
         user: String,
         with: String,
         want_stored: bool,
-    ) -> LuaResult<(Option<String>, Option<i64>, Option<String>, Option<Table>)> {
+    ) -> LuaResult<Archived> {
         let Some(engine) = self.engine.as_ref() else {
             return Ok((None, None, Some("the archive is closed".into()), None));
         };
@@ -316,6 +330,12 @@ impl UserData for Archive {
             },
         );
 
+        methods.add_method("expire", |_, this, end: i64| {
+            this.engine()?
+                .expire(this.host.clone(), this.store.clone(), end, &this.mailbox)
+                .map_err(LuaError::external)
+        });
+
         methods.add_method("metadata", |_, this, user: String| {
             this.ask(Request::Metadata, user, None, None)
         });
@@ -366,6 +386,13 @@ impl UserData for Archive {
                                 entry.set("condition", e.condition)?;
                                 entry.set("text", e.text)?;
                             }
+                        }
+                    }
+                    Completion::Expired { ticket, result } => {
+                        entry.set("ticket", ticket)?;
+                        match result {
+                            Ok(deleted) => entry.set("expired", deleted)?,
+                            Err(e) => entry.set("expire_error", e)?,
                         }
                     }
                     Completion::Log { level, message } => {

@@ -80,6 +80,21 @@ pub struct Page {
     pub total: Option<u64>,
 }
 
+/// Where an expiry run is: the archives before `after_archive` are done. Opaque to callers;
+/// start with `ExpiryCursor::default()`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpiryCursor {
+    pub(crate) after_archive: i64,
+}
+
+/// What one expiry batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryBatch {
+    pub deleted: u64,
+    /// No expired row is left (of the archives that existed when the run began).
+    pub done: bool,
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -105,4 +120,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// The newest id in the whole database, so that new ids continue after it.
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError>;
+
+    /// One bounded step of expiry: removes at most `limit` rows, oldest first archive by
+    /// archive, of `host`'s archives under `store` whose time is at or before `end` (Unix
+    /// microseconds, inclusive as stock). One short transaction; call again with the same
+    /// cursor until `done`.
+    fn expire(
+        &self,
+        host: &str,
+        store: &str,
+        end: i64,
+        limit: u32,
+        cursor: &mut ExpiryCursor,
+    ) -> Result<ExpiryBatch, StoreError>;
 }

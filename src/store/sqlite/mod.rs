@@ -22,7 +22,7 @@ mod tests;
 
 pub use schema::SCHEMA_VERSION;
 
-use super::{ArchiveRef, Item, NewItem, Page, Query, Store, StoreError};
+use super::{ArchiveRef, ExpiryBatch, ExpiryCursor, Item, NewItem, Page, Query, Store, StoreError};
 use crate::id::{ArchiveId, SEQ_BITS};
 use parking_lot::Mutex;
 use r2d2_sqlite::SqliteConnectionManager;
@@ -88,6 +88,10 @@ const INSERT_MESSAGE: &str =
 const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM messages WHERE id = ?1 AND aid = ?2";
 const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM archives WHERE aid = ?1";
 const SELECT_LAST_ID: &str = "SELECT max(id) FROM messages";
+const SELECT_ARCHIVES_FROM: &str =
+    "SELECT aid FROM archives WHERE host = ?1 AND store = ?2 AND aid > ?3 ORDER BY aid LIMIT 64";
+const DELETE_EXPIRED: &str = "DELETE FROM messages WHERE id IN \
+     (SELECT id FROM messages WHERE aid = ?1 AND id <= ?2 ORDER BY id LIMIT ?3)";
 const DELETE_OLDEST: &str =
     "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE aid = ?1 ORDER BY id LIMIT ?2)";
 
@@ -377,6 +381,51 @@ impl Store for SqliteStore {
             .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
             .map_err(db)?;
         max.map(stored_id).transpose()
+    }
+
+    fn expire(
+        &self,
+        host: &str,
+        store: &str,
+        end: i64,
+        limit: u32,
+        cursor: &mut ExpiryCursor,
+    ) -> Result<ExpiryBatch, StoreError> {
+        let last = ArchiveId::last_at(end).as_i64();
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut deleted: u64 = 0;
+        let mut done = false;
+        'archives: while deleted < u64::from(limit) {
+            let aids: Vec<i64> = tx
+                .prepare_cached(SELECT_ARCHIVES_FROM)
+                .and_then(|mut stmt| {
+                    stmt.query_map((host, store, cursor.after_archive), |row| row.get(0))?
+                        .collect()
+                })
+                .map_err(db)?;
+            if aids.is_empty() {
+                done = true;
+                break;
+            }
+            for aid in aids {
+                let room = u64::from(limit) - deleted;
+                let n = tx
+                    .prepare_cached(DELETE_EXPIRED)
+                    .and_then(|mut stmt| stmt.execute((aid, last, room as i64)))
+                    .map_err(db)? as u64;
+                deleted += n;
+                if n == room {
+                    // This archive may have more: stay on it.
+                    break 'archives;
+                }
+                cursor.after_archive = aid;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(ExpiryBatch { deleted, done })
     }
 }
 

@@ -4,7 +4,7 @@
 //! Each test uses its own temporary database file.
 
 use super::*;
-use crate::store::{ArchiveRef, NewItem, Query, Store, StoreError};
+use crate::store::{ArchiveRef, ExpiryBatch, ExpiryCursor, NewItem, Query, Store, StoreError};
 use std::sync::Arc;
 use tempfile::TempDir;
 
@@ -885,4 +885,76 @@ fn a_full_archive_loses_its_oldest_rows_down_to_99_percent() {
         )
         .unwrap();
     assert_eq!(others.total, Some(1));
+}
+
+#[test]
+fn expiry_removes_old_rows_of_one_host_in_bounded_batches() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let juliet = archive("example.com", "juliet", "archive");
+    let elsewhere = archive("other.example", "romeo", "archive");
+    let offline = archive("example.com", "romeo", "offline");
+    // Romeo's rows at even seconds, juliet's at odd ones; the other archives later on.
+    let mut rows = Vec::new();
+    for n in 0..10 {
+        rows.push(row(&romeo(), id(2 * n), "juliet@capulet.lit"));
+        rows.push(row(&juliet, id(2 * n + 1), "romeo@montague.lit"));
+        rows.push(row(&elsewhere, id(100 + n), "x@y"));
+        rows.push(row(&offline, id(200 + n), "x@y"));
+    }
+    store.append(&rows).unwrap();
+
+    // Everything at or before second 9 (inclusive): romeo 0,2,4,6,8 and juliet 1,3,5,7,9.
+    let mut cursor = ExpiryCursor::default();
+    let mut batches = Vec::new();
+    loop {
+        let batch = store
+            .expire("example.com", "archive", id(9).micros(), 3, &mut cursor)
+            .unwrap();
+        assert!(batch.deleted <= 3, "a batch is bounded");
+        batches.push(batch.deleted);
+        if batch.done {
+            break;
+        }
+    }
+    assert_eq!(batches.iter().sum::<u64>(), 10);
+    assert!(batches.len() >= 4, "{batches:?}");
+    let left = |a: &ArchiveRef| {
+        store
+            .find(
+                a,
+                &Query {
+                    total: true,
+                    limit: Some(0),
+                    ..Query::default()
+                },
+            )
+            .unwrap()
+            .total
+    };
+    assert_eq!(left(&romeo()), Some(5));
+    assert_eq!(left(&juliet), Some(5));
+    assert_eq!(left(&elsewhere), Some(10), "another host is untouched");
+    assert_eq!(left(&offline), Some(10), "another store name is untouched");
+    assert_eq!(
+        numbers(&find(&store, Query::default())),
+        vec![10, 12, 14, 16, 18]
+    );
+    // A second run finds nothing more.
+    let again = store
+        .expire(
+            "example.com",
+            "archive",
+            id(9).micros(),
+            3,
+            &mut ExpiryCursor::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        again,
+        ExpiryBatch {
+            deleted: 0,
+            done: true
+        }
+    );
 }

@@ -1,0 +1,87 @@
+"""Message expiry (archive_expires_after, archive_cleanup_interval; issue 8) on a real Prosody.
+
+Stock 0.12 expires once a day (module:daily), so these run on mod_mam_rs only: short periods
+make the schedule observable in seconds.
+"""
+
+import time
+
+import pytest
+
+from conftest import exchange, token
+
+pytestmark = pytest.mark.mam_rs_only
+
+
+def archived_bodies(client, with_jid):
+    return client.mam_ok(fields={"with": with_jid}, rsm={"max": 50}).bodies
+
+
+def wait_until(pred, timeout=15.0, step=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def test_expired_messages_go_on_schedule_and_newer_ones_stay(make_server, connect):
+    srv = make_server(["archive_expires_after = 2", "archive_cleanup_interval = 1"])
+    alice, bob = connect(srv, "alice"), connect(srv, "bob")
+    old = [exchange(alice, bob, "old " + token()) for _ in range(3)]
+    assert archived_bodies(alice, "bob@localhost") == old
+    # Within a few cleanup intervals after they pass two seconds, both archives lose them.
+    assert wait_until(lambda: archived_bodies(alice, "bob@localhost") == [])
+    assert archived_bodies(bob, "alice@localhost") == []
+    fresh = exchange(alice, bob, "fresh " + token())
+    assert archived_bodies(alice, "bob@localhost") == [fresh], "a new message is kept until it is old"
+    log = srv.log.read_text()
+    assert "Deleted 3 expired messages" in log or "Deleted 6 expired messages" in log, "no expiry line in the log"
+    alice.ping()  # the server is fine
+
+
+def test_never_keeps_everything(make_server, connect):
+    srv = make_server(['archive_expires_after = "never"', "archive_cleanup_interval = 1"])
+    alice, bob = connect(srv, "alice"), connect(srv, "bob")
+    body = exchange(alice, bob, "kept " + token())
+    time.sleep(2.5)
+    assert archived_bodies(alice, "bob@localhost") == [body]
+    assert "expired messages" not in srv.log.read_text()
+
+
+def test_unreadable_period_is_one_clear_error_and_archiving_still_works(make_server, connect):
+    srv = make_server(['archive_expires_after = "forever"'])
+    alice, bob = connect(srv, "alice"), connect(srv, "bob")
+    body = exchange(alice, bob, "archived " + token())
+    assert archived_bodies(alice, "bob@localhost") == [body]
+    errors = [line for line in srv.log.read_text().splitlines() if "\terror\t" in line and "archive_expires_after" in line]
+    assert len(errors) == 1 and '"forever"' in errors[0] and "expiry is disabled" in errors[0], errors
+
+
+def test_writes_and_queries_go_on_while_a_large_expiry_runs(make_server, connect):
+    """Expiry runs as short batches on the writer thread: messages archived and queries answered
+    during it are not held up until it ends, and nothing queued is lost to it."""
+    srv = make_server(["archive_expires_after = 3", "archive_cleanup_interval = 1"])
+    alice, bob = connect(srv, "alice"), connect(srv, "bob")
+    burst = "".join(
+        "<message to='bob@localhost' type='chat' id='x%d'><body>bulk %d</body></message>" % (i, i) for i in range(3000)
+    )
+    alice.send_raw(burst)
+    alice.ping(timeout=120)
+    assert alice.mam_ok(rsm={"max": 0}).count == 3000
+    # Keep talking and querying across the moment those 3000 (x2 archives) expire.
+    sent = []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        sent.append(exchange(alice, bob, "live " + token()))
+        assert alice.mam_ok(rsm={"max": 5, "before": ""}).bodies[-1] == sent[-1]
+    assert wait_until(lambda: "Deleted" in srv.log.read_text())
+    # What is left is exactly the newest live messages: no bulk, no gap, in order.
+    left = alice.mam_ok(fields={"with": "bob@localhost"}, rsm={"max": 0}).count
+    assert 1 <= left <= len(sent), "recent messages must survive"
+    first_page = archived_bodies(alice, "bob@localhost")
+    assert not any(b.startswith("bulk ") for b in first_page)
+    assert first_page == sent[len(sent) - left:][:50]
+    last_page = alice.mam_ok(fields={"with": "bob@localhost"}, rsm={"max": 50, "before": ""}).bodies
+    assert last_page == sent[-min(50, left):]

@@ -44,31 +44,99 @@ end
 
 local native = load_native();
 
-local options = {
-	max_archive_query_results = module:get_option("max_archive_query_results");
-	default_archive_policy = module:get_option("default_archive_policy");
-	dont_archive_namespaces = module:get_option("dont_archive_namespaces");
-	archive_store = module:get_option("archive_store");
-	mam_include_total = module:get_option("mam_include_total");
-	mam_smart_enable = module:get_option("mam_smart_enable");
-	storage_archive_item_limit = module:get_option("storage_archive_item_limit");
-	mam_rs_database = module:get_option_path("mam_rs_database", "mam_rs.sqlite", "data");
-	mam_rs_query_workers = module:get_option("mam_rs_query_workers");
-	mam_rs_test_query_delay = module:get_option("mam_rs_test_query_delay");
+-- The options the native side reads, as a module context (this host, or another one for the
+-- prosodyctl command) sees them.
+local option_names = {
+	"max_archive_query_results", "default_archive_policy", "dont_archive_namespaces", "archive_store",
+	"mam_include_total", "mam_smart_enable", "storage_archive_item_limit", "archive_expires_after",
+	"archive_cleanup_interval", "mam_remove_expired_messages_period", "mam_rs_query_workers",
+	"mam_rs_test_query_delay",
 };
--- Stock counts totals by default only while messages expire (mod_mam.lua:601-606).
-local expires_after = module:get_option("archive_expires_after", "1w");
-local never_expires = expires_after == "never" or expires_after == false
-	or (type(expires_after) == "number" and expires_after < 0);
-if options.mam_include_total == nil and never_expires then
-	options.mam_include_total = false;
+local function read_options(ctx)
+	local opts = {};
+	for _, name in ipairs(option_names) do
+		opts[name] = ctx:get_option(name);
+	end
+	opts.mam_rs_database = ctx:get_option_path("mam_rs_database", "mam_rs.sqlite", "data");
+	-- Stock counts totals by default only while messages expire (mod_mam.lua:601-606).
+	local expires_after = opts.archive_expires_after;
+	local never_expires = expires_after == "never" or expires_after == false
+		or (type(expires_after) == "number" and expires_after < 0);
+	if opts.mam_include_total == nil and never_expires then
+		opts.mam_include_total = false;
+	end
+	return opts;
 end
-options.archive_expires_after = module:get_option("archive_expires_after");
-options.archive_cleanup_interval = module:get_option("archive_cleanup_interval");
-options.mam_remove_expired_messages_period = module:get_option("mam_remove_expired_messages_period");
+
+local options = read_options(module);
 local settings, config_lines = native.parse_config(options);
 for _, line in ipairs(config_lines) do
 	module:log(line.level, "%s", line.message);
+end
+
+-- prosodyctl mod_mam_rs cleanup [host]: expiry now, in this process, beside a running server.
+local function hosts_with_this_module()
+	local found = {};
+	for name, config in pairs(require "core.configmanager".getconfig()) do
+		if name ~= "*" and not config.component_module
+			and module:context(name):get_option_set("modules_enabled", {}):contains("mam_rs") then
+			table.insert(found, name);
+		end
+	end
+	table.sort(found);
+	return found;
+end
+
+local function cleanup_host(name)
+	local host_settings, lines = native.parse_config(read_options(module:context(name)));
+	for _, line in ipairs(lines) do print(name .. ": " .. line.message); end
+	if not host_settings.archive_expires_after then
+		print(name .. ": expiry is disabled (archive_expires_after), nothing to remove");
+		return true;
+	end
+	local started = time_now();
+	local cutoff = started - host_settings.archive_expires_after;
+	print(("%s: removing messages from before %s"):format(name, os.date("!%Y-%m-%d %H:%M:%S UTC", math.floor(cutoff))));
+	local ok, removed, found = pcall(native.expire_now, host_settings.database, name, host_settings.archive_store,
+		math.floor(cutoff * 1e6), function (n)
+			io.write(("\r  %d messages removed (%.0f/s)"):format(n, n / math.max(time_now() - started, 1e-3)));
+			io.flush();
+		end);
+	if not ok then
+		print(("\n%s: cleanup failed: %s"):format(name, tostring(removed)));
+		return false;
+	elseif not found then
+		print(("%s: no archive at %s, nothing to remove"):format(name, host_settings.database));
+	else
+		print(("\n%s: removed %d expired messages in %.1f s"):format(name, removed, time_now() - started));
+	end
+	return true;
+end
+
+function module.command(arg)
+	local command, only_host = arg[1], arg[2];
+	if command ~= "cleanup" then
+		print("Usage: prosodyctl mod_mam_rs cleanup [host]");
+		print("  cleanup   remove expired messages now (archive_expires_after), with progress");
+		return command and 1 or 0;
+	end
+	local targets = hosts_with_this_module();
+	if only_host then
+		if not require "util.set".new(targets):contains(only_host) then
+			print(("No VirtualHost %q with mam_rs in modules_enabled (found: %s)"):format(only_host, table.concat(targets, ", ")));
+			return 1;
+		end
+		targets = { only_host };
+	end
+	if #targets == 0 then
+		print("No VirtualHost has mam_rs in modules_enabled");
+		return 1;
+	end
+	local ok = true;
+	for _, name in ipairs(targets) do
+		ok = cleanup_host(name) and ok;
+	end
+	return ok and 0 or 1;
 end
 
 if prosody.process_type == "prosodyctl" then

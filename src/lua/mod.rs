@@ -8,6 +8,8 @@
 //!   `{ level, message }` log lines, each naming the option, the value and what is accepted.
 //! - `should_store(stanza) -> bool, reason`: stock mod_mam's default archiving decision.
 //! - `prefs_from_element(prefs) -> table`: a `<prefs>` element in Prosody's stored form.
+//! - `expire_now(database, host, store, end, on_batch) -> removed, found`: expiry for the
+//!   `cleanup` command, run in the calling process.
 //! - `open(host, options, stanza_mt) -> archive | nil, message`: the per-host handle, whose
 //!   methods are `fd`, `archive`, `query`, `metadata`, `expire`, `drain`, `query_form`,
 //!   `prefs_element` and `close`.
@@ -27,12 +29,14 @@ use mlua::prelude::*;
 use mlua::{Table, UserData, UserDataMethods, Value};
 
 use crate::config::{self, Config, RawValue};
+use crate::engine::writer::EXPIRY_BATCH;
 use crate::engine::{Completion, Engine, Mailbox, QueryRequest, Request};
 use crate::policy;
 use crate::protocol::xep0313::{self, Limits};
 use crate::protocol::xep0441::{DefaultRule, Prefs};
 use crate::protocol::{ns, xep0359};
-use crate::store::ArchiveRef;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::{ArchiveRef, ExpiryCursor, Store};
 
 #[mlua::lua_module(name = "mam_rs_native")]
 fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
@@ -45,6 +49,7 @@ fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
         "prefs_from_element",
         lua.create_function(prefs_from_element)?,
     )?;
+    exports.set("expire_now", lua.create_function(expire_now)?)?;
     Ok(exports)
 }
 
@@ -287,6 +292,39 @@ fn prefs_from_table(t: &Table) -> LuaResult<Prefs> {
     prefs.always.sort();
     prefs.never.sort();
     Ok(prefs)
+}
+
+/// For `prosodyctl mod_mam_rs cleanup`: removes `host`'s messages under `store` at or before
+/// `end` (Unix microseconds) from the database file, now, in the same short batches as the
+/// running module (SQLite lets this run beside a live server). Calls `on_batch(removed so far)`
+/// after each batch. A missing database file is not created: nothing to remove.
+fn expire_now(
+    _: &Lua,
+    (database, host, store, end, on_batch): (String, String, String, i64, Option<mlua::Function>),
+) -> LuaResult<(u64, bool)> {
+    let path = std::path::Path::new(&database);
+    if !path.exists() {
+        return Ok((0, false));
+    }
+    let options = SqliteOptions {
+        pool_size: 1,
+        ..SqliteOptions::default()
+    };
+    let db = SqliteStore::open(path, &options).map_err(LuaError::external)?;
+    let mut cursor = ExpiryCursor::default();
+    let mut removed = 0;
+    loop {
+        let step = db
+            .expire(&host, &store, end, EXPIRY_BATCH, &mut cursor)
+            .map_err(LuaError::external)?;
+        removed += step.deleted;
+        if let Some(f) = &on_batch {
+            f.call::<()>(removed)?;
+        }
+        if step.done {
+            return Ok((removed, true));
+        }
+    }
 }
 
 /// The stored form of a `<prefs>` element (see [`prefs_from_table`]).

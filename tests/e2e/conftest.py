@@ -775,3 +775,9 @@ def exchange(sender, recipient, text):
     mid = sender.send_message(recipient.bare, text)
     recipient.wait_id(mid)
     return text
+
+
+def prosodyctl(srv, *args, timeout=60):
+    """Runs prosodyctl against a test server's config; returns the CompletedProcess."""
+    return subprocess.run(["prosodyctl", "--config", str(srv.cfg), *args],
+                          capture_output=True, text=True, timeout=timeout)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import exchange, token
+from conftest import exchange, prosodyctl, token
 
 pytestmark = pytest.mark.mam_rs_only
 
@@ -85,3 +85,32 @@ def test_writes_and_queries_go_on_while_a_large_expiry_runs(make_server, connect
     assert first_page == sent[len(sent) - left:][:50]
     last_page = alice.mam_ok(fields={"with": "bob@localhost"}, rsm={"max": 50, "before": ""}).bodies
     assert last_page == sent[-min(50, left):]
+
+
+def test_cleanup_command_removes_expired_messages_beside_a_running_server(make_server, connect):
+    # The schedule is far away (first run after a minute): only the command removes anything.
+    srv = make_server(["archive_expires_after = 1", "archive_cleanup_interval = 3600"])
+    alice, bob = connect(srv, "alice"), connect(srv, "bob")
+    for _ in range(3):
+        exchange(alice, bob, "old " + token())
+    time.sleep(1.5)
+    fresh = exchange(alice, bob, "fresh " + token())
+    r = prosodyctl(srv, "mod_mam_rs", "cleanup", "localhost")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "localhost: removed 6 expired messages" in r.stdout, r.stdout
+    assert archived_bodies(alice, "bob@localhost") == [fresh]
+    assert archived_bodies(bob, "alice@localhost") == [fresh]
+    # Run again: nothing left to remove; the server kept running throughout.
+    again = prosodyctl(srv, "mod_mam_rs", "cleanup")
+    assert again.returncode == 0 and "localhost: removed 0 expired messages" in again.stdout, again.stdout
+    alice.ping()
+
+
+def test_cleanup_command_names_what_is_wrong(make_server):
+    srv = make_server(['archive_expires_after = "never"'])
+    unknown = prosodyctl(srv, "mod_mam_rs", "cleanup", "nosuch.example")
+    assert unknown.returncode == 1 and 'No VirtualHost "nosuch.example"' in unknown.stdout, unknown.stdout
+    never = prosodyctl(srv, "mod_mam_rs", "cleanup")
+    assert never.returncode == 0 and "expiry is disabled" in never.stdout, never.stdout
+    usage = prosodyctl(srv, "mod_mam_rs", "frobnicate")
+    assert usage.returncode == 1 and "Usage: prosodyctl mod_mam_rs cleanup [host]" in usage.stdout, usage.stdout

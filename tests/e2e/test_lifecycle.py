@@ -5,13 +5,13 @@ with the same id, and queries keep working. Every test starts its own server(s).
 """
 
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
 from conftest import (
+    prosodyctl,
     MAM_MODULE, NS_CLIENT, Client, ProsodyServer, restart_server, stanza_ids,
     stop_server_keep_data, xml_escape,
 )
@@ -56,12 +56,6 @@ def clients(loop_thread):
     yield factory
     for c in made:
         c.disconnect()
-
-
-def prosodyctl(srv, *args, timeout=60):
-    r = subprocess.run(["prosodyctl", "--config", str(srv.cfg), *args],
-                       capture_output=True, text=True, timeout=timeout)
-    return r
 
 
 def burst(sender, to, bodies):

@@ -401,15 +401,36 @@ end);
 
 -- Query path
 
--- Sends an answer from the native side: the result messages, then the iq reply.
-local function send_answer(origin, stanza, c)
-	if c.messages then
-		for _, message in ipairs(c.messages) do
-			origin.send(message);
+-- Sends an answer from the native side: the result messages, then the iq reply. A large page
+-- goes out a few messages per loop turn, so other sessions' stanzas (a ping) are never held
+-- behind a whole page of serialising and writing. `done` runs after the reply.
+local SEND_CHUNK = 10;
+local sending = {}; -- answers still going out, finished at once on unload
+local function send_answer(origin, stanza, c, done)
+	if not c.messages then
+		origin.send(st.error_reply(stanza, c.error_type, c.condition, c.text));
+		return;
+	end
+	local messages, next_index = c.messages, 1;
+	local function send_some()
+		local last = math.min(next_index + SEND_CHUNK - 1, #messages);
+		for i = next_index, last do
+			origin.send(messages[i]);
+		end
+		next_index = last + 1;
+		if next_index <= #messages then
+			return 0; -- The rest on the next loop turn.
 		end
 		origin.send(st.reply(stanza):add_child(c.payload));
-	else
-		origin.send(st.error_reply(stanza, c.error_type, c.condition, c.text));
+		if done then done(); end
+	end
+	if send_some() then
+		sending[send_some] = true;
+		module:add_timer(0, function ()
+			local again = send_some();
+			if not again then sending[send_some] = nil; end
+			return again;
+		end);
 	end
 end
 
@@ -444,10 +465,9 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	local start_time = time_now();
 	local ticket = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
 	pending[ticket] = function (c)
-		send_answer(origin, stanza, c);
-		if c.messages then
+		send_answer(origin, stanza, c, function ()
 			module:fire_event("archive-query", { origin = origin, start_time = start_time, end_id = c.last_id });
-		end
+		end);
 	end;
 	return true;
 end);
@@ -503,6 +523,9 @@ function module.unload()
 	watcher:close();
 	archive:close();
 	on_readable();
+	for send_some in pairs(sending) do -- Timers die with the module: finish these here.
+		while send_some() do end
+	end
 	released = math.huge;
 	release_waiting();
 end

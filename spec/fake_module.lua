@@ -229,12 +229,29 @@ function M.load(opts)
 		return m.events.fire_event(event, data);
 	end
 
-	-- Polls the eventfd's watcher until done() holds (about 5 s at most).
+	-- Runs the timers that are due on the next loop turn (delay 0), as the event loop would;
+	-- a callback returning a number is scheduled again.
+	function m.run_due_timers()
+		local due = {};
+		for i = #m.timers, 1, -1 do
+			if m.timers[i].delay == 0 then
+				table.insert(due, 1, table.remove(m.timers, i));
+			end
+		end
+		for _, t in ipairs(due) do
+			local again = t.fn();
+			if again then table.insert(m.timers, { delay = again, fn = t.fn }); end
+		end
+		return #due;
+	end
+
+	-- Polls the eventfd's watcher (and runs due timers) until done() holds (about 5 s at most).
 	function m.wait_for(done, tries)
 		for _ = 1, tries or 100 do
 			if done() then return true; end
 			os.execute("sleep 0.05");
 			m.watcher.onreadable(m.watcher);
+			while m.run_due_timers() > 0 do end
 		end
 		return done() and true or false;
 	end

@@ -607,6 +607,49 @@ describe("mod_mam_rs shim", function ()
 		end);
 	end);
 
+	describe("sending a large page", function ()
+		it("goes out a few results per loop turn, in order, the iq reply last", function ()
+			local m = load();
+			local bodies = {};
+			for i = 1, 25 do bodies[i] = ("m%02d"):format(i); end
+			local ids = archive_from_alice(m, bodies);
+			local session = fake.session("alice");
+			local iq = st.iq({ type = "set", id = "q1", from = "alice@localhost/res" })
+				:tag("query", { xmlns = XMLNS_MAM, queryid = "big" })
+					:tag("set", { xmlns = "http://jabber.org/protocol/rsm" }):text_tag("max", "25"):up()
+				:up();
+			m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = iq });
+			for _ = 1, 100 do -- The eventfd only, no timers: one loop turn.
+				if #session.sent > 0 then break; end
+				os.execute("sleep 0.05");
+				m.watcher.onreadable(m.watcher);
+			end
+			assert.equal(10, #session.sent, "only the first chunk before the loop turns");
+			while m.run_due_timers() > 0 do end
+			assert.equal(26, #session.sent);
+			for i = 1, 25 do
+				assert.equal(ids[i], session.sent[i]:get_child("result", XMLNS_MAM).attr.id);
+			end
+			assert.equal("iq", session.sent[26].name);
+		end);
+
+		it("is finished, not dropped, when the module unloads midway", function ()
+			local m = load();
+			local bodies = {};
+			for i = 1, 25 do bodies[i] = ("m%02d"):format(i); end
+			archive_from_alice(m, bodies);
+			local session = fake.session("alice");
+			local iq = st.iq({ type = "set", id = "q1", from = "alice@localhost/res" })
+				:tag("query", { xmlns = XMLNS_MAM, queryid = "big" })
+					:tag("set", { xmlns = "http://jabber.org/protocol/rsm" }):text_tag("max", "25"):up()
+				:up();
+			m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = iq });
+			assert.is_true(m.wait_for(function () return #session.sent > 0; end));
+			m.unload();
+			assert.equal(26, #session.sent);
+		end);
+	end);
+
 	describe("metadata", function ()
 		it("is empty for an empty archive, else names the first and last message", function ()
 			local m = load();

@@ -49,7 +49,8 @@ local native = load_native();
 local option_names = {
 	"max_archive_query_results", "default_archive_policy", "dont_archive_namespaces", "archive_store",
 	"mam_include_total", "mam_smart_enable", "storage_archive_item_limit", "archive_expires_after",
-	"archive_cleanup_interval", "mam_remove_expired_messages_period", "mam_rs_query_workers",
+	"archive_cleanup_interval", "mam_remove_expired_messages_period", "smart_retention_strategy",
+	"smart_retention_min", "mam_rs_query_workers",
 	"mam_rs_test_query_delay",
 };
 local function read_options(ctx)
@@ -74,6 +75,23 @@ for _, line in ipairs(config_lines) do
 	module:log(line.level, "%s", line.message);
 end
 
+local function micros(t) return math.floor(t * 1e6); end
+
+-- What one cleanup removes under host settings `hs`: by age, then (smart retention) what the
+-- user's clients have. Each rule: { name, end, strategy, seen_since } for archive:expire.
+local function cleanup_rules(hs, now)
+	local rules = {};
+	if hs.archive_expires_after then
+		rules[#rules + 1] = { "expired", micros(now - hs.archive_expires_after) };
+	end
+	if hs.smart_retention_strategy then
+		-- Clients unseen for longer than the expiry period no longer hold messages back.
+		local seen_since = hs.archive_expires_after and micros(now - hs.archive_expires_after) or 0;
+		rules[#rules + 1] = { "delivered", micros(now - hs.smart_retention_min), hs.smart_retention_strategy, seen_since };
+	end
+	return rules;
+end
+
 -- prosodyctl mod_mam_rs cleanup [host]: expiry now, in this process, beside a running server.
 local function hosts_with_this_module()
 	local found = {};
@@ -90,25 +108,28 @@ end
 local function cleanup_host(name)
 	local host_settings, lines = native.parse_config(read_options(module:context(name)));
 	for _, line in ipairs(lines) do print(name .. ": " .. line.message); end
-	if not host_settings.archive_expires_after then
+	local started = time_now();
+	local rules = cleanup_rules(host_settings, started);
+	if #rules == 0 then
 		print(name .. ": expiry is disabled (archive_expires_after), nothing to remove");
 		return true;
 	end
-	local started = time_now();
-	local cutoff = started - host_settings.archive_expires_after;
-	print(("%s: removing messages from before %s"):format(name, os.date("!%Y-%m-%d %H:%M:%S UTC", math.floor(cutoff))));
-	local ok, removed, found = pcall(native.expire_now, host_settings.database, name, host_settings.archive_store,
-		math.floor(cutoff * 1e6), function (n)
-			io.write(("\r  %d messages removed (%.0f/s)"):format(n, n / math.max(time_now() - started, 1e-3)));
-			io.flush();
-		end);
-	if not ok then
-		print(("\n%s: cleanup failed: %s"):format(name, tostring(removed)));
-		return false;
-	elseif not found then
-		print(("%s: no archive at %s, nothing to remove"):format(name, host_settings.database));
-	else
-		print(("\n%s: removed %d expired messages in %.1f s"):format(name, removed, time_now() - started));
+	for _, rule in ipairs(rules) do
+		print(("%s: removing %s messages from before %s"):format(name, rule[1],
+			os.date("!%Y-%m-%d %H:%M:%S UTC", rule[2] // 1000000)));
+		local ok, removed, found = pcall(native.expire_now, host_settings.database, name, host_settings.archive_store,
+			function (n)
+				io.write(("\r  %d messages removed (%.0f/s)"):format(n, n / math.max(time_now() - started, 1e-3)));
+				io.flush();
+			end, rule[2], rule[3], rule[4]);
+		if not ok then
+			print(("\n%s: cleanup failed: %s"):format(name, tostring(removed)));
+			return false;
+		elseif not found then
+			print(("%s: no archive at %s, nothing to remove"):format(name, host_settings.database));
+			return true;
+		end
+		print(("\n%s: removed %d %s messages in %.1f s"):format(name, removed, rule[1], time_now() - started));
 	end
 	return true;
 end
@@ -317,6 +338,23 @@ local function shall_store(user, with)
 	return default == true or default == "always";
 end
 
+-- Smart retention: what each of a user's clients has received.
+local smart_retention = settings.smart_retention_strategy ~= nil;
+
+local function client_of(session)
+	return session.client_id or session.resource;
+end
+
+-- The user's clients that are online now, and so receive a message archived now.
+local function online_clients(user)
+	local bare = user_sessions[user];
+	local clients = {};
+	for _, session in pairs(bare and bare.sessions or {}) do
+		clients[#clients + 1] = client_of(session);
+	end
+	return clients;
+end
+
 local function message_handler(event, c2s)
 	if closed then return; end
 	local origin, stanza = event.origin, event.stanza;
@@ -345,7 +383,8 @@ local function message_handler(event, c2s)
 	end
 
 	local listened = host_events.get_handlers("archive-message-added");
-	local id, release_at, why, stored = archive:archive(stanza, store_user, with, listened and true);
+	local id, release_at, why, stored = archive:archive(stanza, store_user, with, listened and true,
+		smart_retention and online_clients(store_user) or nil);
 	if not id then
 		log(why == "empty when stripped" and "debug" or "error", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
 		return;
@@ -466,6 +505,9 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	local ticket = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
 	pending[ticket] = function (c)
 		send_answer(origin, stanza, c, function ()
+			if smart_retention and c.last_id and origin.username then
+				archive:mark(origin.username, client_of(origin), c.last_id);
+			end
 			module:fire_event("archive-query", { origin = origin, start_time = start_time, end_id = c.last_id });
 		end);
 	end;
@@ -483,26 +525,27 @@ end);
 
 -- Expiry (stock: mod_mam.lua:505-599, a daily job with one unbounded DELETE on the loop).
 -- Here the writer thread removes expired messages in short batches between its commits.
-local cleanup_running = false;
+local cleanup_running = 0;
 local function remove_expired()
 	if closed then return; end
-	if not cleanup_running then
-		cleanup_running = true;
+	if cleanup_running == 0 then
 		local started = time_now();
-		local cutoff = math.floor((started - settings.archive_expires_after) * 1e6);
-		pending[archive:expire(cutoff)] = function (c)
-			cleanup_running = false;
-			if c.expire_error then
-				module:log("error", "Removing expired messages failed: %s", c.expire_error);
-			else
-				module:log(c.expired > 0 and "info" or "debug", "Deleted %d expired messages in %.3f s", c.expired, time_now() - started);
-			end
-		end;
+		for _, rule in ipairs(cleanup_rules(settings, started)) do
+			cleanup_running = cleanup_running + 1;
+			pending[archive:expire(rule[2], rule[3], rule[4])] = function (c)
+				cleanup_running = cleanup_running - 1;
+				if c.expire_error then
+					module:log("error", "Removing %s messages failed: %s", rule[1], c.expire_error);
+				else
+					module:log(c.expired > 0 and "info" or "debug", "Deleted %d %s messages in %.3f s", c.expired, rule[1], time_now() - started);
+				end
+			end;
+		end
 	end
 	return settings.cleanup_interval;
 end
 
-if settings.archive_expires_after then
+if settings.archive_expires_after or smart_retention then
 	module:add_timer(math.min(settings.cleanup_interval, 60), remove_expired);
 else
 	module:log("debug", "Archive expiry disabled");

@@ -79,6 +79,15 @@ pub enum Expiry {
     After(f64),
 }
 
+/// Removing messages once the user's clients have them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SmartRetention {
+    /// `smart_retention_strategy`: `"one"` (default) or `"all"` of the user's clients.
+    pub strategy: crate::store::Strategy,
+    /// `smart_retention_min`: messages younger than this are kept anyway (default one day).
+    pub min_seconds: f64,
+}
+
 /// Seconds in Prosody 13's period units (util/human/io.lua `parse_duration`).
 const MINUTE: f64 = 60.0;
 const HOUR: f64 = 3600.0;
@@ -199,6 +208,9 @@ pub struct Config {
     pub mam_smart_enable: bool,
     /// `archive_expires_after` (default one week).
     pub archive_expires_after: Expiry,
+    /// Smart retention (prosody-modules' mod_mam_smart_retention): on when
+    /// `smart_retention_strategy` or `smart_retention_min` is set.
+    pub smart_retention: Option<SmartRetention>,
     /// `archive_cleanup_interval` in seconds, or Prosody 13's
     /// `mam_remove_expired_messages_period` (default 4 hours).
     pub cleanup_interval: f64,
@@ -223,6 +235,7 @@ impl Default for Config {
             storage_archive_item_limit: None,
             mam_smart_enable: false,
             archive_expires_after: Expiry::After(WEEK),
+            smart_retention: None,
             cleanup_interval: 4.0 * HOUR,
             database: PathBuf::from("mam_rs.sqlite"),
             query_workers: 2,
@@ -398,6 +411,32 @@ fn read_options(
             config.archive_expires_after = Expiry::Never
         }
         None => {}
+    }
+    if raw.contains_key("smart_retention_strategy") || raw.contains_key("smart_retention_min") {
+        let mut smart = SmartRetention {
+            strategy: crate::store::Strategy::One,
+            min_seconds: DAY,
+        };
+        match raw.get("smart_retention_strategy") {
+            None => {}
+            Some(RawValue::String(s)) if s == "one" => smart.strategy = crate::store::Strategy::One,
+            Some(RawValue::String(s)) if s == "all" => smart.strategy = crate::store::Strategy::All,
+            Some(other) => warnings.push(ConfigError::invalid(
+                "smart_retention_strategy",
+                other,
+                "\"one\" or \"all\"",
+            )),
+        }
+        match read_period(raw, "smart_retention_min", warnings) {
+            Some(Expiry::After(seconds)) => smart.min_seconds = seconds,
+            Some(Expiry::Never) => warnings.push(ConfigError::invalid(
+                "smart_retention_min",
+                &raw["smart_retention_min"],
+                "a period",
+            )),
+            None => {}
+        }
+        config.smart_retention = Some(smart);
     }
     for option in [
         "mam_remove_expired_messages_period",
@@ -680,6 +719,40 @@ mod tests {
             );
             assert_eq!(errors[0].level(), "error");
         }
+    }
+
+    #[test]
+    fn smart_retention_is_off_unless_asked_for() {
+        assert_eq!(Config::default().smart_retention, None);
+        let (c, errors) = from_options(&opts(&[(
+            "smart_retention_strategy",
+            RawValue::String("all".into()),
+        )]));
+        assert!(errors.is_empty());
+        assert_eq!(
+            c.smart_retention,
+            Some(SmartRetention {
+                strategy: crate::store::Strategy::All,
+                min_seconds: DAY
+            })
+        );
+        let (c, _) = from_options(&opts(&[(
+            "smart_retention_min",
+            RawValue::String("2 hours".into()),
+        )]));
+        assert_eq!(
+            c.smart_retention,
+            Some(SmartRetention {
+                strategy: crate::store::Strategy::One,
+                min_seconds: 2.0 * HOUR
+            })
+        );
+        let (_, errors) = from_options(&opts(&[(
+            "smart_retention_strategy",
+            RawValue::String("some".into()),
+        )]));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("'smart_retention_strategy'"));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use mam_rs_native::protocol::xep0313::Limits;
 use mam_rs_native::protocol::StanzaError;
 use mam_rs_native::store::sqlite::{SqliteOptions, SqliteStore};
 use mam_rs_native::store::{
-    ArchiveRef, ExpiryBatch, ExpiryCursor, Item, NewItem, Page, Query, Store, StoreError,
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Item, Mark, NewItem, Page, Query, Store,
+    StoreError,
 };
 use minidom::Element;
 
@@ -123,6 +124,7 @@ fn a_query_sees_every_message_archived_before_it() {
                     "bob@localhost".into(),
                     message(&format!("m{i:03}")),
                     None,
+                    Vec::new(),
                 )
                 .unwrap()
                 .id,
@@ -157,6 +159,7 @@ fn release_marks_reach_every_host_and_results_only_the_asker() {
             "bob@localhost".into(),
             message("x"),
             None,
+            Vec::new(),
         )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -187,6 +190,7 @@ fn shutdown_commits_everything_queued() {
                     "bob@localhost".into(),
                     message(&format!("{i}")),
                     None,
+                    Vec::new(),
                 )
                 .unwrap();
         }
@@ -218,6 +222,7 @@ fn ids_continue_after_the_newest_stored_id() {
                 "bob@localhost".into(),
                 message("a"),
                 None,
+                Vec::new(),
             )
             .unwrap()
             .id
@@ -229,6 +234,7 @@ fn ids_continue_after_the_newest_stored_id() {
             "bob@localhost".into(),
             message("b"),
             None,
+            Vec::new(),
         )
         .unwrap()
         .id;
@@ -264,6 +270,7 @@ fn metadata_names_the_first_and_last_message() {
                     "bob@localhost".into(),
                     message(&i.to_string()),
                     None,
+                    Vec::new(),
                 )
                 .unwrap()
                 .id
@@ -293,6 +300,7 @@ fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
                     "bob@localhost".into(),
                     message(&format!("old {i}")),
                     None,
+                    Vec::new(),
                 )
                 .unwrap()
                 .id
@@ -303,7 +311,7 @@ fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
         .expire(
             Arc::from("localhost"),
             Arc::from("archive"),
-            cutoff,
+            ExpiryRule::Age { end: cutoff },
             &mailbox,
         )
         .unwrap();
@@ -315,6 +323,7 @@ fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
                 "bob@localhost".into(),
                 message(&format!("new {i:03}")),
                 None,
+                Vec::new(),
             )
             .unwrap();
     }
@@ -378,11 +387,14 @@ impl Store for Flaky {
         &self,
         host: &str,
         store: &str,
-        end: i64,
+        rule: &ExpiryRule,
         limit: u32,
         cursor: &mut ExpiryCursor,
     ) -> Result<ExpiryBatch, StoreError> {
-        self.inner.expire(host, store, end, limit, cursor)
+        self.inner.expire(host, store, rule, limit, cursor)
+    }
+    fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError> {
+        self.inner.record_marks(marks)
     }
 }
 
@@ -402,6 +414,7 @@ fn a_failing_database_releases_deliveries_and_retries_until_written() {
             "bob@localhost".into(),
             message("kept"),
             None,
+            Vec::new(),
         )
         .unwrap();
 

@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::id::{ArchiveId, IdGenerator};
 use crate::protocol::xep0313::Limits;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{ArchiveRef, Store, StoreError};
+use crate::store::{ArchiveRef, ExpiryRule, Mark, Store, StoreError};
 use wake::Progress;
 pub use wake::{Answer, Completion, Drained, Level, Mailbox};
 pub use worker::Request;
@@ -169,6 +169,7 @@ impl Engine {
         with: String,
         stanza: Element,
         quota: Option<u32>,
+        seen_by: Vec<String>,
     ) -> Result<Archived, EngineError> {
         let writer = self.writer.lock();
         let tx = writer.as_ref().ok_or(EngineError::Closed)?;
@@ -181,6 +182,7 @@ impl Engine {
             with,
             stanza,
             quota,
+            seen_by,
         }))
         .map_err(|_| EngineError::Closed)?;
         let release_at = id.as_i64() as u64;
@@ -211,14 +213,22 @@ impl Engine {
         Ok(ticket)
     }
 
-    /// Starts removing `host`'s messages under `store` at or before `end` (Unix microseconds).
+    /// Records that a client received `archive` up to `last_id` (smart retention).
+    pub fn mark(&self, mark: Mark) -> Result<(), EngineError> {
+        let writer = self.writer.lock();
+        let tx = writer.as_ref().ok_or(EngineError::Closed)?;
+        tx.send(WriterMsg::Mark(mark))
+            .map_err(|_| EngineError::Closed)
+    }
+
+    /// Starts removing what `rule` lets go of `host`'s archives under `store`.
     /// The writer does it in bounded batches between row commits; the [`Completion::Expired`]
     /// with the returned ticket goes to `reply`.
     pub fn expire(
         &self,
         host: Arc<str>,
         store: Arc<str>,
-        end: i64,
+        rule: ExpiryRule,
         reply: &Arc<Mailbox>,
     ) -> Result<u64, EngineError> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
@@ -228,7 +238,7 @@ impl Engine {
             ticket,
             host,
             store,
-            end,
+            rule,
             reply: reply.clone(),
             cursor: Default::default(),
             deleted: 0,

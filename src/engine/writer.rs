@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 
 use super::wake::{Completion, Level, Mailbox, Progress};
 use crate::id::ArchiveId;
-use crate::store::{ArchiveRef, ExpiryCursor, NewItem, Store};
+use crate::store::{ArchiveRef, ExpiryCursor, ExpiryRule, Mark, NewItem, Store};
 
 /// A message to archive, as the loop hands it over.
 #[derive(Debug)]
@@ -34,6 +34,9 @@ pub struct Row {
     pub with: String,
     pub stanza: Element,
     pub quota: Option<u32>,
+    /// Clients of the archive's owner that receive this message live (smart retention);
+    /// empty when smart retention is off.
+    pub seen_by: Vec<String>,
 }
 
 // Nearly every message is a Row and Stop is sent once: boxing rows would only add an
@@ -43,6 +46,8 @@ pub enum WriterMsg {
     Row(Row),
     /// Remove expired messages, a batch at a time between row commits.
     Expire(ExpiryJob),
+    /// A client received the archive up to an id (through a query).
+    Mark(Mark),
     /// Commit what is queued and exit.
     Stop,
 }
@@ -53,8 +58,8 @@ pub struct ExpiryJob {
     pub ticket: u64,
     pub host: Arc<str>,
     pub store: Arc<str>,
-    /// Remove messages at or before this Unix time in microseconds.
-    pub end: i64,
+    /// What to remove.
+    pub rule: ExpiryRule,
     /// Where the result goes.
     pub reply: Arc<Mailbox>,
     pub cursor: ExpiryCursor,
@@ -79,6 +84,7 @@ impl Writer {
     pub fn run(self, rx: Receiver<WriterMsg>) {
         let mut batch: Vec<NewItem> = Vec::with_capacity(self.max_batch);
         let mut jobs: VecDeque<ExpiryJob> = VecDeque::new();
+        let mut marks = Marks::default();
         let mut stop = false;
         while !stop {
             // With expiry pending, look for rows without waiting; otherwise sleep until work.
@@ -101,7 +107,11 @@ impl Writer {
             };
             while let Some(msg) = next.take() {
                 match msg {
-                    WriterMsg::Row(row) => self.push(&mut batch, row),
+                    WriterMsg::Row(row) => {
+                        marks.delivered(&row);
+                        self.push(&mut batch, row);
+                    }
+                    WriterMsg::Mark(mark) => marks.add(mark),
                     WriterMsg::Expire(job) => jobs.push_back(job),
                     WriterMsg::Stop => {
                         stop = true;
@@ -122,6 +132,7 @@ impl Writer {
             }
             self.commit(&batch);
             batch.clear();
+            self.record(&mut marks);
             if !stop {
                 if let Some(job) = jobs.front_mut() {
                     if self.expire_step(job) {
@@ -146,7 +157,7 @@ impl Writer {
         match self.store.expire(
             &job.host,
             &job.store,
-            job.end,
+            &job.rule,
             EXPIRY_BATCH,
             &mut job.cursor,
         ) {
@@ -167,6 +178,24 @@ impl Writer {
                 });
                 true
             }
+        }
+    }
+
+    /// Marks are bookkeeping for smart retention: one failed write is logged and dropped (the
+    /// next delivery or query moves the mark again), never retried in front of messages.
+    fn record(&self, marks: &mut Marks) {
+        if marks.0.is_empty() {
+            return;
+        }
+        let pending: Vec<Mark> = marks.0.drain().map(|(_, mark)| mark).collect();
+        if let Err(e) = self.store.record_marks(&pending) {
+            self.progress.log(
+                Level::Warn,
+                format!(
+                    "Could not record what {} clients received: {e}",
+                    pending.len()
+                ),
+            );
         }
     }
 
@@ -248,6 +277,33 @@ impl Writer {
                     std::thread::sleep(backoff(attempt));
                 }
             }
+        }
+    }
+}
+
+/// Marks gathered since the last commit, the newest per (archive, client).
+#[derive(Default)]
+struct Marks(std::collections::HashMap<(ArchiveRef, String), Mark>);
+
+impl Marks {
+    fn add(&mut self, mark: Mark) {
+        let key = (mark.archive.clone(), mark.client.clone());
+        match self.0.get_mut(&key) {
+            Some(known) if known.last_id >= mark.last_id => known.seen = known.seen.max(mark.seen),
+            _ => {
+                self.0.insert(key, mark);
+            }
+        }
+    }
+
+    fn delivered(&mut self, row: &Row) {
+        for client in &row.seen_by {
+            self.add(Mark {
+                archive: row.archive.clone(),
+                client: client.clone(),
+                last_id: row.id,
+                seen: row.id.micros(),
+            });
         }
     }
 }

@@ -36,7 +36,7 @@ use crate::protocol::xep0313::{self, Limits};
 use crate::protocol::xep0441::{DefaultRule, Prefs};
 use crate::protocol::{ns, xep0359};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{ArchiveRef, ExpiryCursor, Store};
+use crate::store::{ArchiveRef, ExpiryCursor, ExpiryRule, Mark, Store, Strategy};
 
 #[mlua::lua_module(name = "mam_rs_native")]
 fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
@@ -106,6 +106,10 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Table)> {
         settings.set("archive_expires_after", seconds)?;
     }
     settings.set("cleanup_interval", config.cleanup_interval)?;
+    if let Some(smart) = config.smart_retention {
+        settings.set("smart_retention_strategy", strategy_name(smart.strategy))?;
+        settings.set("smart_retention_min", smart.min_seconds)?;
+    }
     settings.set(
         "max_archive_query_results",
         config.max_archive_query_results,
@@ -211,6 +215,7 @@ impl Archive {
         user: String,
         with: String,
         want_stored: bool,
+        seen_by: Vec<String>,
     ) -> LuaResult<Archived> {
         let Some(engine) = self.engine.as_ref() else {
             return Ok((None, None, Some("the archive is closed".into()), None));
@@ -227,7 +232,7 @@ impl Archive {
             true => Some(stanza::build(lua, &self.stanza_mt, &stored, ns::CLIENT)?),
             false => None,
         };
-        match engine.archive(self.archive_ref(user), with, stored, self.quota) {
+        match engine.archive(self.archive_ref(user), with, stored, self.quota, seen_by) {
             Ok(archived) => {
                 self.last_release.set(archived.release_at);
                 Ok((
@@ -294,14 +299,55 @@ fn prefs_from_table(t: &Table) -> LuaResult<Prefs> {
     Ok(prefs)
 }
 
+fn strategy_name(strategy: Strategy) -> &'static str {
+    match strategy {
+        Strategy::One => "one",
+        Strategy::All => "all",
+    }
+}
+
+/// The expiry rule from Lua arguments: `end`, and for smart retention the strategy name and the
+/// time since which clients count as known.
+fn expiry_rule(
+    end: i64,
+    strategy: Option<String>,
+    seen_since: Option<i64>,
+) -> LuaResult<ExpiryRule> {
+    Ok(match strategy.as_deref() {
+        None => ExpiryRule::Age { end },
+        Some(name) => ExpiryRule::Delivered {
+            end,
+            strategy: match name {
+                "one" => Strategy::One,
+                "all" => Strategy::All,
+                other => {
+                    return Err(LuaError::external(format!(
+                        "unknown smart retention strategy {other:?}"
+                    )))
+                }
+            },
+            seen_since: seen_since.unwrap_or(0),
+        },
+    })
+}
+
 /// For `prosodyctl mod_mam_rs cleanup`: removes `host`'s messages under `store` at or before
 /// `end` (Unix microseconds) from the database file, now, in the same short batches as the
 /// running module (SQLite lets this run beside a live server). Calls `on_batch(removed so far)`
 /// after each batch. A missing database file is not created: nothing to remove.
 fn expire_now(
     _: &Lua,
-    (database, host, store, end, on_batch): (String, String, String, i64, Option<mlua::Function>),
+    (database, host, store, on_batch, end, strategy, seen_since): (
+        String,
+        String,
+        String,
+        Option<mlua::Function>,
+        i64,
+        Option<String>,
+        Option<i64>,
+    ),
 ) -> LuaResult<(u64, bool)> {
+    let rule = expiry_rule(end, strategy, seen_since)?;
     let path = std::path::Path::new(&database);
     if !path.exists() {
         return Ok((0, false));
@@ -315,7 +361,7 @@ fn expire_now(
     let mut removed = 0;
     loop {
         let step = db
-            .expire(&host, &store, end, EXPIRY_BATCH, &mut cursor)
+            .expire(&host, &store, &rule, EXPIRY_BATCH, &mut cursor)
             .map_err(LuaError::external)?;
         removed += step.deleted;
         if let Some(f) = &on_batch {
@@ -355,8 +401,21 @@ impl UserData for Archive {
             "archive",
             |lua,
              this,
-             (stanza, user, with, want_stored): (Table, String, String, Option<bool>)| {
-                this.archive(lua, &stanza, user, with, want_stored.unwrap_or(false))
+             (stanza, user, with, want_stored, seen_by): (
+                Table,
+                String,
+                String,
+                Option<bool>,
+                Option<Vec<String>>,
+            )| {
+                this.archive(
+                    lua,
+                    &stanza,
+                    user,
+                    with,
+                    want_stored.unwrap_or(false),
+                    seen_by.unwrap_or_default(),
+                )
             },
         );
 
@@ -368,11 +427,32 @@ impl UserData for Archive {
             },
         );
 
-        methods.add_method("expire", |_, this, end: i64| {
-            this.engine()?
-                .expire(this.host.clone(), this.store.clone(), end, &this.mailbox)
-                .map_err(LuaError::external)
-        });
+        methods.add_method(
+            "expire",
+            |_, this, (end, strategy, seen_since): (i64, Option<String>, Option<i64>)| {
+                let rule = expiry_rule(end, strategy, seen_since)?;
+                this.engine()?
+                    .expire(this.host.clone(), this.store.clone(), rule, &this.mailbox)
+                    .map_err(LuaError::external)
+            },
+        );
+
+        // A client received the archive up to an id (smart retention); unknown ids are ignored.
+        methods.add_method(
+            "mark",
+            |_, this, (user, client, id): (String, String, String)| {
+                let Some(last_id) = crate::id::ArchiveId::parse(&id) else {
+                    return Ok(());
+                };
+                let mark = Mark {
+                    archive: this.archive_ref(user),
+                    client,
+                    last_id,
+                    seen: crate::id::now_micros(),
+                };
+                this.engine()?.mark(mark).map_err(LuaError::external)
+            },
+        );
 
         methods.add_method("metadata", |_, this, user: String| {
             this.ask(Request::Metadata, user, None, None)

@@ -80,6 +80,40 @@ pub struct Page {
     pub total: Option<u64>,
 }
 
+/// A client of a user has received the archive up to `last_id` (smart retention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub archive: ArchiveRef,
+    /// The client: its resource, or a stable client id where the server has one.
+    pub client: String,
+    pub last_id: ArchiveId,
+    /// When the client was seen, Unix microseconds.
+    pub seen: i64,
+}
+
+/// Which of a user's clients must have a message before smart retention may remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Any one of them.
+    One,
+    /// Every client seen recently.
+    All,
+}
+
+/// What an expiry run removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryRule {
+    /// Messages at or before `end` (Unix microseconds, inclusive as stock).
+    Age { end: i64 },
+    /// Messages at or before `end` that have reached one / all of the archive's clients seen at
+    /// or after `seen_since`. An archive with no such client loses nothing.
+    Delivered {
+        end: i64,
+        strategy: Strategy,
+        seen_since: i64,
+    },
+}
+
 /// Where an expiry run is: the archives before `after_archive` are done. Opaque to callers;
 /// start with `ExpiryCursor::default()`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -121,16 +155,18 @@ pub trait Store: Send + Sync + 'static {
     /// The newest id in the whole database, so that new ids continue after it.
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError>;
 
-    /// One bounded step of expiry: removes at most `limit` rows, oldest first archive by
-    /// archive, of `host`'s archives under `store` whose time is at or before `end` (Unix
-    /// microseconds, inclusive as stock). One short transaction; call again with the same
-    /// cursor until `done`.
+    /// One bounded step of expiry: removes at most `limit` rows that `rule` lets go, oldest
+    /// first archive by archive, of `host`'s archives under `store`. One short transaction;
+    /// call again with the same cursor until `done`.
     fn expire(
         &self,
         host: &str,
         store: &str,
-        end: i64,
+        rule: &ExpiryRule,
         limit: u32,
         cursor: &mut ExpiryCursor,
     ) -> Result<ExpiryBatch, StoreError>;
+
+    /// Records what clients have received; a mark only ever moves forward.
+    fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError>;
 }

@@ -22,7 +22,10 @@ mod tests;
 
 pub use schema::SCHEMA_VERSION;
 
-use super::{ArchiveRef, ExpiryBatch, ExpiryCursor, Item, NewItem, Page, Query, Store, StoreError};
+use super::{
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Item, Mark, NewItem, Page, Query, Store,
+    StoreError, Strategy,
+};
 use crate::id::{ArchiveId, SEQ_BITS};
 use parking_lot::Mutex;
 use r2d2_sqlite::SqliteConnectionManager;
@@ -92,6 +95,10 @@ const SELECT_ARCHIVES_FROM: &str =
     "SELECT aid FROM archives WHERE host = ?1 AND store = ?2 AND aid > ?3 ORDER BY aid LIMIT 64";
 const DELETE_EXPIRED: &str = "DELETE FROM messages WHERE id IN \
      (SELECT id FROM messages WHERE aid = ?1 AND id <= ?2 ORDER BY id LIMIT ?3)";
+const SELECT_MAX_MARK: &str = "SELECT max(last_id) FROM client_marks WHERE aid = ?1 AND seen >= ?2";
+const SELECT_MIN_MARK: &str = "SELECT min(last_id) FROM client_marks WHERE aid = ?1 AND seen >= ?2";
+const UPSERT_MARK: &str = "INSERT INTO client_marks (aid, client, last_id, seen) VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (aid, client) DO UPDATE SET last_id = max(last_id, excluded.last_id), seen = max(seen, excluded.seen)";
 const DELETE_OLDEST: &str =
     "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE aid = ?1 ORDER BY id LIMIT ?2)";
 
@@ -387,11 +394,10 @@ impl Store for SqliteStore {
         &self,
         host: &str,
         store: &str,
-        end: i64,
+        rule: &ExpiryRule,
         limit: u32,
         cursor: &mut ExpiryCursor,
     ) -> Result<ExpiryBatch, StoreError> {
-        let last = ArchiveId::last_at(end).as_i64();
         let mut conn = self.writer.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -412,6 +418,10 @@ impl Store for SqliteStore {
             }
             for aid in aids {
                 let room = u64::from(limit) - deleted;
+                let Some(last) = expiry_bound(&tx, aid, rule)? else {
+                    cursor.after_archive = aid;
+                    continue;
+                };
                 let n = tx
                     .prepare_cached(DELETE_EXPIRED)
                     .and_then(|mut stmt| stmt.execute((aid, last, room as i64)))
@@ -426,6 +436,56 @@ impl Store for SqliteStore {
         }
         tx.commit().map_err(db)?;
         Ok(ExpiryBatch { deleted, done })
+    }
+
+    fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut fresh = Fresh::default();
+        for mark in marks {
+            let aid = self
+                .archive_for_write(&tx, &mark.archive, &mut fresh)
+                .map_err(db)?;
+            tx.prepare_cached(UPSERT_MARK)
+                .and_then(|mut stmt| {
+                    stmt.execute((aid, &mark.client, mark.last_id.as_i64(), mark.seen))
+                })
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        drop(conn);
+        let mut ids = self.ids.lock();
+        for (archive, aid) in fresh.archives {
+            ids.remember_archive(archive, aid);
+        }
+        Ok(())
+    }
+}
+
+/// The newest id `rule` lets go in archive `aid`, or `None` when nothing may go.
+fn expiry_bound(conn: &Connection, aid: i64, rule: &ExpiryRule) -> Result<Option<i64>, StoreError> {
+    match *rule {
+        ExpiryRule::Age { end } => Ok(Some(ArchiveId::last_at(end).as_i64())),
+        ExpiryRule::Delivered {
+            end,
+            strategy,
+            seen_since,
+        } => {
+            let sql = match strategy {
+                Strategy::One => SELECT_MAX_MARK,
+                Strategy::All => SELECT_MIN_MARK,
+            };
+            let delivered: Option<i64> = conn
+                .prepare_cached(sql)
+                .and_then(|mut stmt| stmt.query_row((aid, seen_since), |row| row.get(0)))
+                .map_err(db)?;
+            Ok(delivered.map(|id| id.min(ArchiveId::last_at(end).as_i64())))
+        }
     }
 }
 

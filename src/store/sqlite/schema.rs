@@ -12,7 +12,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[Migration] = &[v1_initial];
+const MIGRATIONS: &[Migration] = &[v1_initial, v2_client_marks];
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -95,6 +95,24 @@ pub fn enable_wal(conn: &Connection) -> Result<(), StoreError> {
             "cannot switch to WAL mode: the journal mode stays {mode:?}"
         )))
     }
+}
+
+/// Version 2: what each of a user's clients has received, for smart retention.
+///
+/// One row per (archive, client): the newest archive id the client got (live, or through a
+/// query) and when it was last seen, in Unix microseconds. Small and rewritten in place.
+fn v2_client_marks(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        r#"
+        CREATE TABLE client_marks (
+            aid     INTEGER NOT NULL REFERENCES archives (aid),
+            client  TEXT NOT NULL,
+            last_id INTEGER NOT NULL,
+            seen    INTEGER NOT NULL,
+            PRIMARY KEY (aid, client)
+        ) WITHOUT ROWID;
+        "#,
+    )
 }
 
 /// Brings the file up to [`SCHEMA_VERSION`] in one transaction, or refuses a newer file.

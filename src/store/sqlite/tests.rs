@@ -4,7 +4,10 @@
 //! Each test uses its own temporary database file.
 
 use super::*;
-use crate::store::{ArchiveRef, ExpiryBatch, ExpiryCursor, NewItem, Query, Store, StoreError};
+use crate::store::{
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Mark, NewItem, Query, Store, StoreError,
+    Strategy,
+};
 use std::sync::Arc;
 use tempfile::TempDir;
 
@@ -909,7 +912,15 @@ fn expiry_removes_old_rows_of_one_host_in_bounded_batches() {
     let mut batches = Vec::new();
     loop {
         let batch = store
-            .expire("example.com", "archive", id(9).micros(), 3, &mut cursor)
+            .expire(
+                "example.com",
+                "archive",
+                &ExpiryRule::Age {
+                    end: id(9).micros(),
+                },
+                3,
+                &mut cursor,
+            )
             .unwrap();
         assert!(batch.deleted <= 3, "a batch is bounded");
         batches.push(batch.deleted);
@@ -945,7 +956,9 @@ fn expiry_removes_old_rows_of_one_host_in_bounded_batches() {
         .expire(
             "example.com",
             "archive",
-            id(9).micros(),
+            &ExpiryRule::Age {
+                end: id(9).micros(),
+            },
             3,
             &mut ExpiryCursor::default(),
         )
@@ -957,4 +970,102 @@ fn expiry_removes_old_rows_of_one_host_in_bounded_batches() {
             done: true
         }
     );
+}
+
+fn mark(archive: &ArchiveRef, client: &str, n: i64, seen: i64) -> Mark {
+    Mark {
+        archive: archive.clone(),
+        client: client.to_owned(),
+        last_id: id(n),
+        seen: id(seen).micros(),
+    }
+}
+
+/// Runs an expiry rule over example.com to the end; returns how many rows went.
+fn expire_all(store: &SqliteStore, rule: ExpiryRule) -> u64 {
+    let mut cursor = ExpiryCursor::default();
+    let mut total = 0;
+    loop {
+        let batch = store
+            .expire("example.com", "archive", &rule, 2, &mut cursor)
+            .unwrap();
+        total += batch.deleted;
+        if batch.done {
+            return total;
+        }
+    }
+}
+
+#[test]
+fn smart_retention_removes_what_one_or_all_clients_have() {
+    let delivered = |strategy, seen_since| ExpiryRule::Delivered {
+        end: id(100).micros(),
+        strategy,
+        seen_since: id(seen_since).micros(),
+    };
+
+    // No client known: nothing goes, whatever its age.
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    assert_eq!(expire_all(&store, delivered(Strategy::One, 0)), 0);
+
+    // Rows 1..=10. The phone has rows up to 6, the laptop up to 3 (marks only move forward).
+    store
+        .record_marks(&[
+            mark(&romeo(), "phone", 6, 50),
+            mark(&romeo(), "laptop", 3, 50),
+        ])
+        .unwrap();
+    store
+        .record_marks(&[mark(&romeo(), "phone", 2, 60)])
+        .unwrap();
+    assert_eq!(
+        expire_all(&store, delivered(Strategy::All, 0)),
+        3,
+        "rows 1..=3 reached every client"
+    );
+    assert_eq!(
+        numbers(&find(&store, Query::default())),
+        vec![4, 5, 6, 7, 8, 9, 10]
+    );
+    assert_eq!(
+        expire_all(&store, delivered(Strategy::One, 0)),
+        3,
+        "rows 4..=6 reached the phone"
+    );
+    assert_eq!(numbers(&find(&store, Query::default())), vec![7, 8, 9, 10]);
+}
+
+#[test]
+fn smart_retention_keeps_young_rows_and_ignores_stale_clients() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    store
+        .record_marks(&[
+            mark(&romeo(), "phone", 9, 50),
+            mark(&romeo(), "old tablet", 1, 10),
+        ])
+        .unwrap();
+    // Rows 1..=10. Rows up to 9 reached the phone, but only rows up to time 4 are old enough.
+    let young = ExpiryRule::Delivered {
+        end: id(4).micros(),
+        strategy: Strategy::All,
+        seen_since: id(20).micros(),
+    };
+    assert_eq!(expire_all(&store, young), 4);
+    // The tablet (last seen at 10, has row 1 only) holds the rest back while it counts...
+    let with_tablet = ExpiryRule::Delivered {
+        end: id(100).micros(),
+        strategy: Strategy::All,
+        seen_since: id(5).micros(),
+    };
+    assert_eq!(expire_all(&store, with_tablet), 0);
+    // ...and not once it is stale: rows 5..=9 go; row 10 reached no client and stays.
+    let without = ExpiryRule::Delivered {
+        end: id(100).micros(),
+        strategy: Strategy::All,
+        seen_since: id(20).micros(),
+    };
+    assert_eq!(expire_all(&store, without), 5);
+    assert_eq!(numbers(&find(&store, Query::default())), vec![10]);
 }

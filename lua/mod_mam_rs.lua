@@ -50,7 +50,8 @@ local option_names = {
 	"max_archive_query_results", "default_archive_policy", "dont_archive_namespaces", "archive_store",
 	"mam_include_total", "mam_smart_enable", "storage_archive_item_limit", "archive_expires_after",
 	"archive_cleanup_interval", "mam_remove_expired_messages_period", "smart_retention_strategy",
-	"smart_retention_min", "mam_rs_query_workers",
+	"smart_retention_min", "mam_rs_query_workers", "mam_rs_max_ids_per_query", "mam_rs_max_prefs_jids",
+	"mam_rs_max_queries_per_second", "mam_rs_max_queued_rows",
 	"mam_rs_test_query_delay",
 };
 local function read_options(ctx)
@@ -355,6 +356,22 @@ local function online_clients(user)
 	return clients;
 end
 
+-- Why a message was not stored, logged once per episode when the database cannot keep up
+-- (the message is still delivered, without a stanza-id).
+local queue_full = false;
+local function not_archived(stanza, why, log)
+	if why == "empty when stripped" then
+		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
+	elseif why:find("queue full", 1, true) then
+		if not queue_full then
+			queue_full = true;
+			module:log("error", "Not archiving messages until the database catches up: %s", why);
+		end
+	else
+		log("error", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
+	end
+end
+
 local function message_handler(event, c2s)
 	if closed then return; end
 	local origin, stanza = event.origin, event.stanza;
@@ -386,8 +403,12 @@ local function message_handler(event, c2s)
 	local id, release_at, why, stored = archive:archive(stanza, store_user, with, listened and true,
 		smart_retention and online_clients(store_user) or nil);
 	if not id then
-		log(why == "empty when stripped" and "debug" or "error", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
+		not_archived(stanza, why, log);
 		return;
+	end
+	if queue_full then
+		queue_full = false;
+		module:log("info", "The archive caught up: archiving again");
 	end
 	local delivered = st.clone(stanza);
 	delivered:tag("stanza-id", { xmlns = xmlns_st_id, by = store_user .. "@" .. host, id = id }):up();
@@ -478,7 +499,12 @@ module:hook("iq/self/" .. xmlns_mam .. ":prefs", function (event)
 	local origin, stanza = event.origin, event.stanza;
 	local user = origin.username;
 	if stanza.attr.type == "set" then
-		local ok, err = set_prefs(user, native.prefs_from_element(stanza.tags[1]));
+		local new_prefs, too_many = native.prefs_from_element(stanza.tags[1], settings.max_prefs_jids);
+		if not new_prefs then
+			origin.send(st.error_reply(stanza, "modify", "not-acceptable", too_many));
+			return true;
+		end
+		local ok, err = set_prefs(user, new_prefs);
 		if not ok then
 			origin.send(st.error_reply(stanza, "cancel", "internal-server-error", "Error storing preferences: " .. tostring(err)));
 			return true;
@@ -496,9 +522,27 @@ module:hook("iq-get/self/" .. xmlns_mam .. ":query", function (event)
 end);
 
 -- Replies are sent from the completion callback, so the session is not paused meanwhile.
+-- mam_rs_max_queries_per_second: per user, a token bucket (util.throttle) allowing a burst of
+-- one second's worth.
+local query_throttles = settings.max_queries_per_second and new_cache(10000);
+local function over_query_rate(user)
+	if not query_throttles then return false; end
+	local throttle = query_throttles:get(user);
+	if not throttle then
+		throttle = require "util.throttle".create(settings.max_queries_per_second, 1);
+		query_throttles:set(user, throttle);
+	end
+	return not throttle:poll(1);
+end
+
 module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	if closed then return; end -- Unhandled: the client gets service-unavailable.
 	local origin, stanza = event.origin, event.stanza;
+	if over_query_rate(origin.username) then
+		origin.send(st.error_reply(stanza, "wait", "resource-constraint",
+			("Too many archive queries: at most %g per second"):format(settings.max_queries_per_second)));
+		return true;
+	end
 	origin.mam_requested = true;
 	get_prefs(origin.username, true);
 	local start_time = time_now();

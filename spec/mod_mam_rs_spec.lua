@@ -585,6 +585,43 @@ describe("mod_mam_rs shim", function ()
 		end);
 	end);
 
+	describe("limits", function ()
+		it("prefs with more JIDs than mam_rs_max_prefs_jids are refused, naming the limit", function ()
+			local m = load({ options = { mam_rs_max_prefs_jids = 2 } });
+			local reply = prefs_iq(m, prefs_el("always", { "a@x", "b@x" }, { "c@x" }));
+			assert.equal("error", reply.attr.type);
+			local err = reply:get_child("error");
+			assert.equal("modify", err.attr.type);
+			assert.is_not_nil(err:get_child("not-acceptable", XMLNS_STANZAS));
+			assert.truthy(err:get_child_text("text", XMLNS_STANZAS):find("mam_rs_max_prefs_jids", 1, true));
+			assert.is_nil(m.stores.archive_prefs.alice, "nothing stored");
+			assert.equal("result", prefs_iq(m, prefs_el("always", { "a@x" }, { "c@x" })).attr.type);
+		end);
+
+		it("queries beyond mam_rs_max_queries_per_second get wait/resource-constraint", function ()
+			local m = load({ options = { mam_rs_max_queries_per_second = 2 } });
+			local session = fake.session("alice");
+			for i = 1, 5 do
+				m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = query_iq("q" .. i) });
+			end
+			local refused = 0;
+			for _, sent in ipairs(session.sent) do
+				local err = sent:get_child("error");
+				if err and err:get_child("resource-constraint", XMLNS_STANZAS) then
+					assert.equal("wait", err.attr.type);
+					refused = refused + 1;
+				end
+			end
+			assert.equal(3, refused, "a burst of two, the rest refused");
+			assert.is_true(m.wait_for(function () return #session.sent == 5; end), "the two allowed are answered");
+			os.execute("sleep 1.1");
+			local later = fake.session("alice");
+			m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = later, stanza = query_iq("q9") });
+			assert.is_true(m.wait_for(function () return #later.sent > 0; end));
+			assert.equal("result", later.sent[#later.sent].attr.type);
+		end);
+	end);
+
 	describe("mam_smart_enable", function ()
 		it("archives nothing until the client uses MAM, then persists the default", function ()
 			local m = load({ options = { mam_smart_enable = true } });

@@ -219,6 +219,15 @@ pub struct Config {
     pub database: PathBuf,
     /// `mam_rs_query_workers`: threads that run archive queries (default 2).
     pub query_workers: usize,
+    /// `mam_rs_max_ids_per_query`: most values in a query's `ids` field (default 1000).
+    pub max_ids_per_query: usize,
+    /// `mam_rs_max_prefs_jids`: most JIDs in a `<prefs>` set (default 1000).
+    pub max_prefs_jids: usize,
+    /// `mam_rs_max_queries_per_second`: archive queries per user per second (default: no limit).
+    pub max_queries_per_second: Option<f64>,
+    /// `mam_rs_max_queued_rows`: rows waiting for the database before new messages are delivered
+    /// without being archived (default 100000).
+    pub max_queued_rows: usize,
     /// `mam_rs_test_query_delay`: testing only. Every query sleeps this long on its worker.
     pub test_query_delay: Duration,
 }
@@ -239,6 +248,10 @@ impl Default for Config {
             cleanup_interval: 4.0 * HOUR,
             database: PathBuf::from("mam_rs.sqlite"),
             query_workers: 2,
+            max_ids_per_query: 1000,
+            max_prefs_jids: 1000,
+            max_queries_per_second: None,
+            max_queued_rows: 100_000,
             test_query_delay: Duration::ZERO,
         }
     }
@@ -465,6 +478,54 @@ fn read_options(
         &mut |v| match as_whole(v) {
             Some(n) if (1..=64).contains(&n) => {
                 config.query_workers = n as usize;
+                true
+            }
+            _ => false,
+        },
+    );
+    check(
+        "mam_rs_max_ids_per_query",
+        "a whole number from 1 up",
+        &mut |v| match as_whole(v) {
+            Some(n) if n >= 1 => {
+                config.max_ids_per_query = n as usize;
+                true
+            }
+            _ => false,
+        },
+    );
+    check(
+        "mam_rs_max_prefs_jids",
+        "a whole number from 0 up",
+        &mut |v| match as_whole(v) {
+            Some(n) if n >= 0 => {
+                config.max_prefs_jids = n as usize;
+                true
+            }
+            _ => false,
+        },
+    );
+    check(
+        "mam_rs_max_queries_per_second",
+        "a number above 0",
+        &mut |v| match v {
+            RawValue::Integer(n) if *n > 0 => {
+                config.max_queries_per_second = Some(*n as f64);
+                true
+            }
+            RawValue::Number(n) if *n > 0.0 && n.is_finite() => {
+                config.max_queries_per_second = Some(*n);
+                true
+            }
+            _ => false,
+        },
+    );
+    check(
+        "mam_rs_max_queued_rows",
+        "a whole number from 1 up",
+        &mut |v| match as_whole(v) {
+            Some(n) if n >= 1 => {
+                config.max_queued_rows = n as usize;
                 true
             }
             _ => false,

@@ -100,6 +100,7 @@ fn ask(
                     default_max: 20,
                     max_max: 1000,
                     include_total: true,
+                    ..Limits::default()
                 },
             },
             mailbox,
@@ -448,4 +449,66 @@ fn a_failing_database_releases_deliveries_and_retries_until_written() {
         .unwrap()
         .items;
     assert_eq!(found.len(), 1);
+}
+
+#[test]
+fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        max_queued_rows: 10,
+        ..config(&dir)
+    };
+    let store = Arc::new(Flaky {
+        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
+        failures: AtomicUsize::new(usize::MAX),
+    });
+    let engine = Engine::start(store.clone(), &cfg).unwrap();
+    let _mailbox = engine.mailbox().unwrap();
+    let alice = || archive_ref("localhost", "alice");
+    let mut accepted = 0;
+    let mut refused = None;
+    for i in 0..50 {
+        match engine.archive(
+            alice(),
+            "bob@localhost".into(),
+            message(&i.to_string()),
+            None,
+            Vec::new(),
+        ) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    assert_eq!(accepted, 10, "exactly the bound is queued");
+    assert!(refused.unwrap().contains("mam_rs_max_queued_rows"));
+    // The database comes back: the queued rows are written and the bound lifts.
+    store.failures.store(0, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.queued() > 0 {
+        assert!(Instant::now() < deadline, "the queue did not drain");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    engine
+        .archive(
+            alice(),
+            "bob@localhost".into(),
+            message("after"),
+            None,
+            Vec::new(),
+        )
+        .unwrap();
+    let page = store
+        .find(
+            &alice(),
+            &Query {
+                total: true,
+                limit: Some(0),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+    assert!(page.total.unwrap() >= 10);
 }

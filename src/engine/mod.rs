@@ -21,7 +21,7 @@ pub mod writer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -51,6 +51,11 @@ pub enum EngineError {
     EventFd(#[from] std::io::Error),
     #[error("the archive engine is shut down")]
     Closed,
+    /// The database is not keeping up (or is failing): this many rows already wait.
+    #[error(
+        "archive queue full: {0} messages are waiting for the database (mam_rs_max_queued_rows)"
+    )]
+    QueueFull(usize),
 }
 
 /// What the engine hands out for one archived message.
@@ -74,6 +79,9 @@ pub struct QueryRequest {
 
 pub struct Engine {
     progress: Arc<Progress>,
+    /// Rows handed to the writer and not yet written (or given up).
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     ids: Mutex<IdGenerator>,
     last_handed_out: AtomicU64,
     writer: Mutex<Option<Sender<WriterMsg>>>,
@@ -119,10 +127,12 @@ impl Engine {
         let stopping = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
 
+        let queued = Arc::new(AtomicUsize::new(0));
         let (writer_tx, writer_rx) = mpsc::channel();
         let writer = Writer {
             store: store.clone(),
             progress: progress.clone(),
+            queued: queued.clone(),
             max_batch: MAX_BATCH,
             stopping: stopping.clone(),
         };
@@ -146,6 +156,8 @@ impl Engine {
 
         Ok(Engine {
             progress,
+            queued,
+            max_queued: config.max_queued_rows,
             ids: Mutex::new(IdGenerator::starting_after(last)),
             last_handed_out: AtomicU64::new(stored),
             writer: Mutex::new(Some(writer_tx)),
@@ -171,6 +183,10 @@ impl Engine {
         quota: Option<u32>,
         seen_by: Vec<String>,
     ) -> Result<Archived, EngineError> {
+        let waiting = self.queued.load(Ordering::Acquire);
+        if waiting >= self.max_queued {
+            return Err(EngineError::QueueFull(waiting));
+        }
         let writer = self.writer.lock();
         let tx = writer.as_ref().ok_or(EngineError::Closed)?;
         // The id lock is held across the send, so rows reach the writer in id order.
@@ -185,6 +201,7 @@ impl Engine {
             seen_by,
         }))
         .map_err(|_| EngineError::Closed)?;
+        self.queued.fetch_add(1, Ordering::AcqRel);
         let release_at = id.as_i64() as u64;
         self.last_handed_out.store(release_at, Ordering::Release);
         Ok(Archived { id, release_at })
@@ -245,6 +262,11 @@ impl Engine {
         }))
         .map_err(|_| EngineError::Closed)?;
         Ok(ticket)
+    }
+
+    /// Rows waiting for the writer now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// Blocks until rows up to `release_at` are committed, or `timeout` passes.

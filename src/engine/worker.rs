@@ -104,6 +104,7 @@ impl Worker {
 
     fn search(&self, job: &Job, query: &Element) -> Result<Answer, StanzaError> {
         let query = MamQuery::parse(query)?;
+        query.within(&job.limits)?;
         let plan = query.plan(&job.limits);
         let page = self.find(job, &plan.store)?;
         let response = respond(&query, &plan, page, job.to.as_deref(), job.from.as_deref());

@@ -75,6 +75,8 @@ const ATTEMPTS_AT_SHUTDOWN: u32 = 3;
 pub struct Writer {
     pub store: Arc<dyn Store>,
     pub progress: Arc<Progress>,
+    /// Rows handed over and not yet written; the engine refuses new rows above its bound.
+    pub queued: Arc<std::sync::atomic::AtomicUsize>,
     pub max_batch: usize,
     /// Set by the engine when it shuts down, so that retries stop in bounded time.
     pub stopping: Arc<AtomicBool>,
@@ -131,6 +133,7 @@ impl Writer {
                 };
             }
             self.commit(&batch);
+            self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
             batch.clear();
             self.record(&mut marks);
             if !stop {
@@ -227,6 +230,7 @@ impl Writer {
                     ),
                 );
                 self.progress.advance(row.id.as_i64() as u64, true);
+                self.queued.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }

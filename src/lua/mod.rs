@@ -106,6 +106,8 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Table)> {
         settings.set("archive_expires_after", seconds)?;
     }
     settings.set("cleanup_interval", config.cleanup_interval)?;
+    settings.set("max_prefs_jids", config.max_prefs_jids)?;
+    settings.set("max_queries_per_second", config.max_queries_per_second)?;
     if let Some(smart) = config.smart_retention {
         settings.set("smart_retention_strategy", strategy_name(smart.strategy))?;
         settings.set("smart_retention_min", smart.min_seconds)?;
@@ -183,6 +185,7 @@ fn open(
                 default_max: config.default_page_size,
                 max_max: config.max_archive_query_results,
                 include_total: config.mam_include_total,
+                max_ids: config.max_ids_per_query,
             },
             stanza_mt,
         }),
@@ -374,8 +377,21 @@ fn expire_now(
 }
 
 /// The stored form of a `<prefs>` element (see [`prefs_from_table`]).
-fn prefs_from_element(lua: &Lua, el: Table) -> LuaResult<Table> {
+/// More than `max_jids` JIDs gives `nil` and a text naming the limit.
+fn prefs_from_element(
+    lua: &Lua,
+    (el, max_jids): (Table, Option<usize>),
+) -> LuaResult<(Option<Table>, Option<String>)> {
     let prefs = Prefs::parse(&stanza::to_element(&el, ns::CLIENT)?);
+    let listed = prefs.always.len() + prefs.never.len();
+    if let Some(max) = max_jids.filter(|max| listed > *max) {
+        return Ok((
+            None,
+            Some(format!(
+                "Too many JIDs in the preferences: {listed}, at most {max} are accepted (mam_rs_max_prefs_jids)"
+            )),
+        ));
+    }
     let t = lua.create_table()?;
     if let Some(default) = prefs.default {
         match default {
@@ -390,7 +406,7 @@ fn prefs_from_element(lua: &Lua, el: Table) -> LuaResult<Table> {
     for jid in &prefs.never {
         t.raw_set(jid.as_str(), false)?;
     }
-    Ok(t)
+    Ok((Some(t), None))
 }
 
 impl UserData for Archive {

@@ -59,6 +59,8 @@ pub struct Limits {
     pub max_max: u32,
     /// `mam_include_total`: ask the store for a `<count/>` on every query.
     pub include_total: bool,
+    /// `mam_rs_max_ids_per_query`: most values in the extended `ids` field.
+    pub max_ids: usize,
 }
 
 impl Default for Limits {
@@ -67,6 +69,7 @@ impl Default for Limits {
             default_max: 20,
             max_max: 50,
             include_total: true,
+            max_ids: 1000,
         }
     }
 }
@@ -142,6 +145,19 @@ impl MamQuery {
         }
         q.rsm = SetQuery::get(query)?;
         Ok(q)
+    }
+
+    /// Checks the query against the server's limits (beyond what stock has): too many `ids`
+    /// is a `bad-request` naming the limit.
+    pub fn within(&self, limits: &Limits) -> Result<(), StanzaError> {
+        match &self.ids {
+            Some(ids) if ids.len() > limits.max_ids => Err(StanzaError::bad_request(format!(
+                "Too many ids: {}, at most {} are accepted (mam_rs_max_ids_per_query)",
+                ids.len(),
+                limits.max_ids
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The store query and paging plan for this query (mod_mam.lua:138-167).
@@ -676,6 +692,7 @@ mod tests {
             default_max: 20,
             max_max: 50,
             include_total: false,
+            ..Limits::default()
         };
         let qmax = |extra: &str| parse("", extra).unwrap().plan(&limits).qmax;
         assert_eq!(qmax(""), 20);
@@ -693,8 +710,25 @@ mod tests {
             default_max: 20,
             max_max: 10,
             include_total: true,
+            ..Limits::default()
         };
         assert_eq!(parse("", "").unwrap().plan(&small).qmax, 10);
+    }
+
+    #[test]
+    fn too_many_ids_are_refused_naming_the_limit() {
+        let form = |n: usize| {
+            let values: String = (0..n).map(|i| format!("<value>id{i}</value>")).collect();
+            format!("<field var='ids'>{values}</field>")
+        };
+        let limits = Limits {
+            max_ids: 3,
+            ..Limits::default()
+        };
+        assert!(parse(&form(3), "").unwrap().within(&limits).is_ok());
+        let err = parse(&form(4), "").unwrap().within(&limits).unwrap_err();
+        assert_eq!(err.condition, "bad-request");
+        assert!(err.text.unwrap().contains("mam_rs_max_ids_per_query"));
     }
 
     #[test]

@@ -570,17 +570,27 @@ end);
 -- Expiry (stock: mod_mam.lua:505-599, a daily job with one unbounded DELETE on the loop).
 -- Here the writer thread removes expired messages in short batches between its commits.
 local cleanup_running = 0;
+-- Metrics (served by mod_http_openmetrics where it is loaded).
+local cleanup_runs = module:metric("counter", "cleanup_runs", "", "Archive cleanup runs, by kind and outcome", { "kind", "outcome" });
+local cleanup_removed = module:metric("counter", "cleanup_removed", "", "Messages removed by archive cleanup, by kind", { "kind" });
+local cleanup_seconds = module:measure("cleanup", "times");
+
 local function remove_expired()
 	if closed then return; end
 	if cleanup_running == 0 then
 		local started = time_now();
+		local timing = cleanup_seconds();
 		for _, rule in ipairs(cleanup_rules(settings, started)) do
 			cleanup_running = cleanup_running + 1;
 			pending[archive:expire(rule[2], rule[3], rule[4])] = function (c)
 				cleanup_running = cleanup_running - 1;
+				if cleanup_running == 0 then timing(); end
 				if c.expire_error then
+					cleanup_runs:with_labels(rule[1], "failed"):add(1);
 					module:log("error", "Removing %s messages failed: %s", rule[1], c.expire_error);
 				else
+					cleanup_runs:with_labels(rule[1], "done"):add(1);
+					cleanup_removed:with_labels(rule[1]):add(c.expired);
 					module:log(c.expired > 0 and "info" or "debug", "Deleted %d %s messages in %.3f s", c.expired, rule[1], time_now() - started);
 				end
 			end;

@@ -142,6 +142,24 @@ function M.load(opts)
 	function mod:fire_event(event, data)
 		return m.events.fire_event(event, data);
 	end
+	-- Metrics, recorded: m.metrics[name][label1 .. "|" .. label2] = value; m.measures[name] = calls.
+	m.metrics, m.measures = {}, {};
+	function mod:metric(_, name)
+		local family = {};
+		m.metrics[name] = family;
+		return {
+			with_labels = function (_, ...)
+				local key = table.concat({ ... }, "|");
+				return { add = function (_, n) family[key] = (family[key] or 0) + n; end };
+			end;
+		};
+	end
+	function mod:measure(name)
+		m.measures[name] = 0;
+		return function ()
+			return function () m.measures[name] = m.measures[name] + 1; end;
+		end;
+	end
 	function mod:add_timer(delay, fn)
 		table.insert(m.timers, { delay = delay, fn = fn });
 	end

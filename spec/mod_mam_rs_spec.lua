@@ -758,6 +758,10 @@ describe("mod_mam_rs shim", function ()
 			local sent = run_query(m, query_iq("q1"));
 			assert.equal(2, #sent);
 			assert.equal(kept[1], sent[1]:get_child("result", XMLNS_MAM).attr.id);
+			-- Reported to metrics: one run done, two messages removed, the run timed.
+			assert.equal(1, m.metrics.cleanup_runs["expired|done"]);
+			assert.equal(2, m.metrics.cleanup_removed["expired"]);
+			assert.equal(1, m.measures.cleanup);
 		end);
 
 		it("defaults to one week, checked every 4 hours at most a minute after start", function ()

@@ -114,3 +114,38 @@ def test_cleanup_command_names_what_is_wrong(make_server):
     assert never.returncode == 0 and "expiry is disabled" in never.stdout, never.stdout
     usage = prosodyctl(srv, "mod_mam_rs", "frobnicate")
     assert usage.returncode == 1 and "Usage: prosodyctl mod_mam_rs cleanup [host]" in usage.stdout, usage.stdout
+
+
+def test_cleanup_is_reported_on_prosodys_metrics_endpoint(connect):
+    """The counters reach mod_http_openmetrics' /metrics, as an admin would scrape them."""
+    import urllib.request
+
+    from conftest import ModulesServer, _free_port
+
+    http_port = _free_port()
+    srv = ModulesServer(
+        ["archive_expires_after = 1", "archive_cleanup_interval = 1", 'statistics = "internal"',
+         'statistics_interval = "manual"', "http_ports = { %d }" % http_port, 'http_interfaces = { "127.0.0.1" }',
+         'openmetrics_allow_cidr = "127.0.0.0/8"'],
+        extra_modules=["http_openmetrics"]).start()
+    try:
+        alice, bob = connect(srv, "alice"), connect(srv, "bob")
+        exchange(alice, bob, "metered " + token())
+
+        def scrape():
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % http_port, timeout=5) as r:
+                return r.read().decode()
+
+        def counter(series):
+            for line in scrape().splitlines():
+                if line.startswith(series + " "):
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+
+        removed = 'prosody_mod_mam_rs__cleanup_removed_total{host="localhost",kind="expired"}'
+        runs = 'prosody_mod_mam_rs__cleanup_runs_total{host="localhost",kind="expired",outcome="done"}'
+        assert wait_until(lambda: (counter(removed) or 0) == 2), "cleanup_removed: %r" % counter(removed)
+        assert counter(runs) >= 1
+        assert counter('prosody_mod_mam_rs__cleanup_seconds_count{host="localhost"}') >= 1
+    finally:
+        srv.stop()

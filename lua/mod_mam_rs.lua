@@ -362,6 +362,9 @@ local queue_full = false;
 local function not_archived(stanza, why, log)
 	if why == "empty when stripped" then
 		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
+	elseif why:find("nested deeper", 1, true) then
+		-- A client's doing, possibly hostile: not worth an error line per message.
+		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
 	elseif why:find("queue full", 1, true) then
 		if not queue_full then
 			queue_full = true;
@@ -499,9 +502,9 @@ module:hook("iq/self/" .. xmlns_mam .. ":prefs", function (event)
 	local origin, stanza = event.origin, event.stanza;
 	local user = origin.username;
 	if stanza.attr.type == "set" then
-		local new_prefs, too_many = native.prefs_from_element(stanza.tags[1], settings.max_prefs_jids);
+		local new_prefs, refused, condition = native.prefs_from_element(stanza.tags[1], settings.max_prefs_jids);
 		if not new_prefs then
-			origin.send(st.error_reply(stanza, "modify", "not-acceptable", too_many));
+			origin.send(st.error_reply(stanza, "modify", condition, refused));
 			return true;
 		end
 		local ok, err = set_prefs(user, new_prefs);
@@ -546,7 +549,11 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	origin.mam_requested = true;
 	get_prefs(origin.username, true);
 	local start_time = time_now();
-	local ticket = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
+	local ticket, refused = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
+	if not ticket then
+		origin.send(st.error_reply(stanza, "modify", "bad-request", refused));
+		return true;
+	end
 	pending[ticket] = function (c)
 		send_answer(origin, stanza, c, function ()
 			if smart_retention and c.last_id and origin.username then

@@ -586,6 +586,31 @@ describe("mod_mam_rs shim", function ()
 	end);
 
 	describe("limits", function ()
+		it("a deeply nested stanza is refused cleanly, never crashes the server", function ()
+			local m = load();
+			local function nest(el, levels)
+				for _ = 1, levels do el:tag("a", { xmlns = "urn:example:deep" }); end
+				return el:reset();
+			end
+			-- A message: delivered as it is, not archived.
+			local message = nest(chat("alice@localhost/res", "bob@localhost", "deep"), 20000);
+			local event = { origin = fake.session("alice"), stanza = message };
+			m.handler("pre-message/bare", 0)(event);
+			assert.same({}, stanza_ids(event.stanza));
+			-- A query: bad-request.
+			local session = fake.session("alice");
+			local iq = st.iq({ type = "set", id = "deep", from = "alice@localhost/res" }):tag("query", { xmlns = XMLNS_MAM });
+			nest(iq, 20000);
+			m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = session, stanza = iq });
+			assert.is_not_nil(session.sent[1]:get_child("error"):get_child("bad-request", XMLNS_STANZAS));
+			-- Prefs: bad-request.
+			local prefs = nest(st.stanza("prefs", { xmlns = XMLNS_MAM, default = "always" }), 20000);
+			local reply = prefs_iq(m, prefs);
+			assert.is_not_nil(reply:get_child("error"):get_child("bad-request", XMLNS_STANZAS));
+			-- And the module still works.
+			archive_from_alice(m, { "fine" });
+		end);
+
 		it("prefs with more JIDs than mam_rs_max_prefs_jids are refused, naming the limit", function ()
 			local m = load({ options = { mam_rs_max_prefs_jids = 2 } });
 			local reply = prefs_iq(m, prefs_el("always", { "a@x", "b@x" }, { "c@x" }));

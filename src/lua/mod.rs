@@ -377,12 +377,17 @@ fn expire_now(
 }
 
 /// The stored form of a `<prefs>` element (see [`prefs_from_table`]).
-/// More than `max_jids` JIDs gives `nil` and a text naming the limit.
+/// A refused element gives `nil`, a text and the error condition: more than `max_jids` JIDs is
+/// `not-acceptable` (naming the limit), nesting too deep to copy is `bad-request`.
 fn prefs_from_element(
     lua: &Lua,
     (el, max_jids): (Table, Option<usize>),
-) -> LuaResult<(Option<Table>, Option<String>)> {
-    let prefs = Prefs::parse(&stanza::to_element(&el, ns::CLIENT)?);
+) -> LuaResult<(Option<Table>, Option<String>, Option<&'static str>)> {
+    let copied = match stanza::to_element(&el, ns::CLIENT) {
+        Ok(el) => el,
+        Err(e) => return Ok((None, Some(e.to_string()), Some("bad-request"))),
+    };
+    let prefs = Prefs::parse(&copied);
     let listed = prefs.always.len() + prefs.never.len();
     if let Some(max) = max_jids.filter(|max| listed > *max) {
         return Ok((
@@ -390,6 +395,7 @@ fn prefs_from_element(
             Some(format!(
                 "Too many JIDs in the preferences: {listed}, at most {max} are accepted (mam_rs_max_prefs_jids)"
             )),
+            Some("not-acceptable"),
         ));
     }
     let t = lua.create_table()?;
@@ -406,7 +412,7 @@ fn prefs_from_element(
     for jid in &prefs.never {
         t.raw_set(jid.as_str(), false)?;
     }
-    Ok((Some(t), None))
+    Ok((Some(t), None, None))
 }
 
 impl UserData for Archive {
@@ -438,8 +444,12 @@ impl UserData for Archive {
         methods.add_method(
             "query",
             |_, this, (query, user, to, from): (Table, String, Option<String>, Option<String>)| {
-                let query = stanza::to_element(&query, ns::CLIENT)?;
-                this.ask(Request::Query(query), user, to, from)
+                // A query that cannot be copied (nested too deep) is the client's error.
+                let query = match stanza::to_element(&query, ns::CLIENT) {
+                    Ok(query) => query,
+                    Err(e) => return Ok((None, Some(e.to_string()))),
+                };
+                Ok((Some(this.ask(Request::Query(query), user, to, from)?), None))
             },
         );
 

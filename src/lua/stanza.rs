@@ -37,8 +37,30 @@ fn namespace_of(attr: &Option<Table>, parent_ns: &str) -> LuaResult<String> {
     })
 }
 
-/// Copies a stanza table into an owned element.
-pub fn to_element(t: &Table, parent_ns: &str) -> LuaResult<Element> {
+/// Deepest element nesting copied from a stanza. Real stanzas are a few levels deep; the copy
+/// recurses on Prosody's own thread (about 1 KB of stack a level), so an unbounded depth would
+/// let one client overflow the stack: a 140 KB message nested 20,000 deep did. 1024 levels stay
+/// near 1 MB, and still answer the 500-level queries stock answers.
+pub const MAX_DEPTH: usize = 1024;
+
+/// Why a stanza could not be copied.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("the stanza is nested deeper than {MAX_DEPTH} elements")]
+    TooDeep,
+    #[error("{0}")]
+    Lua(#[from] mlua::Error),
+}
+
+/// Copies a stanza table into an owned element, refusing nesting deeper than [`MAX_DEPTH`].
+pub fn to_element(t: &Table, parent_ns: &str) -> Result<Element, CopyError> {
+    copy(t, parent_ns, 0)
+}
+
+fn copy(t: &Table, parent_ns: &str, depth: usize) -> Result<Element, CopyError> {
+    if depth >= MAX_DEPTH {
+        return Err(CopyError::TooDeep);
+    }
     let name: String = t.raw_get("name")?;
     let attr: Option<Table> = t.raw_get("attr")?;
     let ns = namespace_of(&attr, parent_ns)?;
@@ -70,7 +92,7 @@ pub fn to_element(t: &Table, parent_ns: &str) -> LuaResult<Element> {
         match t.raw_get::<Value>(i)? {
             Value::String(s) => el.append_text_node(s.to_string_lossy()),
             Value::Table(child) => {
-                el.append_child(to_element(&child, &ns)?);
+                el.append_child(copy(&child, &ns, depth + 1)?);
             }
             _ => {}
         }

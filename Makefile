@@ -3,7 +3,7 @@
 #   make build     build/plugins/mod_mam_rs/ (the shim and the .so), ready for plugin_paths
 #   make install   into Prosody's plugin directory (PREFIX, DESTDIR, PLUGIN_DIR respected)
 #   make run       a local Prosody on 127.0.0.1 with mod_mam_rs and two accounts
-#   make test      every test: cargo test, busted specs, end-to-end against a real Prosody
+#   make test      every test: cargo test, busted specs, end-to-end against a real Prosody, fuzz smoke
 #   make bench     criterion benchmarks
 
 PREFIX ?= /usr/local
@@ -22,7 +22,7 @@ APT_PACKAGES := prosody lua5.4 lua-busted
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust test-spec test-e2e bench bench-e2e deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust test-spec test-e2e test-fuzz bench bench-e2e deps deps-python lint clean dist
 
 all: build
 
@@ -64,7 +64,7 @@ uninstall:
 run: deps build
 	@tools/run-local.sh
 
-test: deps-python build test-rust test-spec test-e2e
+test: deps-python build test-rust test-spec test-e2e test-fuzz
 
 test-rust:
 	$(CARGO) test --no-default-features --locked
@@ -74,6 +74,11 @@ test-spec: build
 
 test-e2e: deps-python build
 	$(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+
+## A short run of every fuzz target (cargo-fuzz on the stable toolchain; installs it when
+## missing). Longer: FUZZ_SECONDS=300 tools/fuzz-smoke.sh
+test-fuzz:
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-10} tools/fuzz-smoke.sh
 
 bench:
 	$(CARGO) bench --no-default-features --locked

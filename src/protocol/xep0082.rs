@@ -10,6 +10,9 @@
 
 const MICROS: i64 = 1_000_000;
 const DAY: i64 = 86_400;
+/// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z in Unix seconds.
+const FIRST_SECOND: i64 = -62_167_219_200;
+const LAST_SECOND: i64 = 253_402_300_799;
 
 /// Parses an XEP-0082 date-time into Unix time in microseconds, or `None` when Prosody's
 /// `datetime.parse` would return nil.
@@ -43,6 +46,11 @@ pub fn parse(s: &str) -> Option<i64> {
     let months = year * 12 + (month - 1);
     let days = days_from_civil(months.div_euclid(12), months.rem_euclid(12) + 1, 1) + (day - 1);
     let secs = days * DAY + hour * 3600 + min * 60 + sec - offset;
+    // An offset or out-of-range field can carry the instant outside the years 0000-9999, which
+    // the format cannot write back (found by fuzzing): such a date is not a valid timestamp.
+    if !(FIRST_SECOND..=LAST_SECOND).contains(&secs) {
+        return None;
+    }
     Some(secs * MICROS + frac_micros)
 }
 
@@ -277,6 +285,19 @@ mod tests {
         for days in (-800_000..800_000).step_by(97) {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn instants_outside_years_0000_to_9999_are_invalid() {
+        // Fuzzer finds: offsets that push a valid-looking date outside what can be written.
+        assert_eq!(parse("0000-01-01T00:00:00+01:00"), None);
+        assert_eq!(parse("9999-12-31T23:59:59-01:00"), None);
+        assert!(parse("0000-01-01T00:00:00Z").is_some());
+        assert!(parse("9999-12-31T23:59:59Z").is_some());
+        for edge in ["0000-01-01T00:00:00Z", "9999-12-31T23:59:59Z"] {
+            let t = parse(edge).unwrap();
+            assert_eq!(parse(&format(t)), Some(t));
         }
     }
 }

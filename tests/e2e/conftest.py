@@ -781,3 +781,15 @@ def prosodyctl(srv, *args, timeout=60):
     """Runs prosodyctl against a test server's config; returns the CompletedProcess."""
     return subprocess.run(["prosodyctl", "--config", str(srv.cfg), *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+def stored_prefs_sql(srv, user):
+    """A user's rows of the archive_prefs store in mod_storage_sql's prosody.sqlite, sorted."""
+    import sqlite3
+    db = sqlite3.connect(str(srv.data / "prosody.sqlite"))
+    try:
+        return sorted(db.execute(
+            "SELECT key, type, value FROM prosody WHERE host='localhost' AND store='archive_prefs' AND user=?",
+            (user,)).fetchall())
+    finally:
+        db.close()

@@ -7,11 +7,11 @@ no default (then only `always` JIDs are archived). Prefs live in Prosody's `arch
 store, so they carry over between mod_mam and mod_mam_rs.
 """
 
-import sqlite3
 
 import pytest
 
 from conftest import (
+    stored_prefs_sql,
     NS_MAM, USERS, ProsodyServer, exchange, restart_server, stop_server_keep_data, token, xml_escape,
 )
 
@@ -323,16 +323,6 @@ def test_never_rule_for_offline_user(make_server, connect, storage):
     got = [b for b in archived(alice, "carol@localhost") if t in b]
     assert got == (["offline " + t] if storage == "sql" else [])
     assert get_prefs(alice) == as_reloaded(("always", [], ["carol@localhost"]), storage)
-
-
-def stored_prefs_sql(srv, user):
-    db = sqlite3.connect(str(srv.data / "prosody.sqlite"))
-    try:
-        return sorted(db.execute(
-            "SELECT key, type, value FROM prosody WHERE host='localhost' AND store='archive_prefs' AND user=?",
-            (user,)).fetchall())
-    finally:
-        db.close()
 
 
 def test_prefs_stored_in_archive_prefs_keyval_sql(server, connect):

@@ -9,12 +9,11 @@ enforced by the storage driver; stock 0.12 SQL honours storage_archive_item_limi
 """
 
 import math
-import sqlite3
 import time
 
 import pytest
 
-from conftest import USERS, ProsodyServer, exchange, stanza_ids, token, xml_escape
+from conftest import USERS, ProsodyServer, exchange, stanza_ids, token, xml_escape, stored_prefs_sql
 
 SMART_USERS = USERS + ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8")
 
@@ -30,16 +29,6 @@ def smart():
 
 def bodies(client, t, **kw):
     return [b for b in client.mam_all(**kw).bodies if t in b]
-
-
-def stored_prefs_sql(srv, user):
-    db = sqlite3.connect(str(srv.data / "prosody.sqlite"))
-    try:
-        return sorted(db.execute(
-            "SELECT key, type, value FROM prosody WHERE host='localhost' AND store='archive_prefs' AND user=?",
-            (user,)).fetchall())
-    finally:
-        db.close()
 
 
 PERSISTED_ALWAYS = [("", "json", '{"__hash":[false,true]}')]

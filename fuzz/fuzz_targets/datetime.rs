@@ -1,9 +1,11 @@
 //! XEP-0082 date-times: `parse` on arbitrary strings must not panic, and whatever it accepts
-//! must survive `format` then `parse` unchanged. Also `format` of an arbitrary instant (the
-//! first 8 bytes), which, when it parses back, must give the same instant.
+//! within the years 0000-9999 must survive `format` then `parse` unchanged. Also `format` of an
+//! arbitrary instant (the first 8 bytes), which, when it parses back, must give the same instant.
 //!
-//! Past finding, now regression seeds in corpus/datetime/: zone offsets could carry a date
-//! outside the years 0000-9999, which `format` cannot write back; `parse` now refuses those.
+//! Like stock (os.time), `parse` normalises out-of-range fields and offsets, which can carry a
+//! date outside 0000-9999; `format` (used only for the times of archive ids, 1970-2112) cannot
+//! write those with four digits, so the round trip is only asked of four-digit years. The seeds
+//! in corpus/datetime/roundtrip-* are the inputs that first showed this.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,7 +17,7 @@ const FOUR_DIGIT_YEARS: std::ops::Range<i64> = -62_167_219_200_000_000..253_402_
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
-        if let Some(t) = parse(s) {
+        if let Some(t) = parse(s).filter(|t| FOUR_DIGIT_YEARS.contains(t)) {
             let text = format(t);
             assert_eq!(parse(&text), Some(t), "{s:?} parsed to {t}, formatted as {text:?}");
         }

@@ -10,9 +10,6 @@
 
 const MICROS: i64 = 1_000_000;
 const DAY: i64 = 86_400;
-/// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z in Unix seconds.
-const FIRST_SECOND: i64 = -62_167_219_200;
-const LAST_SECOND: i64 = 253_402_300_799;
 
 /// Parses an XEP-0082 date-time into Unix time in microseconds, or `None` when Prosody's
 /// `datetime.parse` would return nil.
@@ -46,11 +43,8 @@ pub fn parse(s: &str) -> Option<i64> {
     let months = year * 12 + (month - 1);
     let days = days_from_civil(months.div_euclid(12), months.rem_euclid(12) + 1, 1) + (day - 1);
     let secs = days * DAY + hour * 3600 + min * 60 + sec - offset;
-    // An offset or out-of-range field can carry the instant outside the years 0000-9999, which
-    // the format cannot write back (found by fuzzing): such a date is not a valid timestamp.
-    if !(FIRST_SECOND..=LAST_SECOND).contains(&secs) {
-        return None;
-    }
+    // Like stock (os.time), out-of-range fields and offsets may carry the instant outside the
+    // years 0000-9999; as a query bound that is simply before or after every message.
     Some(secs * MICROS + frac_micros)
 }
 
@@ -289,13 +283,20 @@ mod tests {
     }
 
     #[test]
-    fn instants_outside_years_0000_to_9999_are_invalid() {
-        // Fuzzer finds: offsets that push a valid-looking date outside what can be written.
-        assert_eq!(parse("0000-01-01T00:00:00+01:00"), None);
-        assert_eq!(parse("9999-12-31T23:59:59-01:00"), None);
-        assert!(parse("0000-01-01T00:00:00Z").is_some());
-        assert!(parse("9999-12-31T23:59:59Z").is_some());
-        for edge in ["0000-01-01T00:00:00Z", "9999-12-31T23:59:59Z"] {
+    fn out_of_range_dates_normalise_as_stock_and_round_trip_within_four_digit_years() {
+        // As stock's os.time(): a date an offset carries outside 0000-9999 is still a bound.
+        assert!(
+            parse("0000-01-01T00:00:00+01:00").unwrap() < parse("0000-01-01T00:00:00Z").unwrap()
+        );
+        assert!(
+            parse("9999-12-31T23:59:59-01:00").unwrap() > parse("9999-12-31T23:59:59Z").unwrap()
+        );
+        // Every instant format can write with a four-digit year parses back (fuzzed property).
+        for edge in [
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+            "2026-11-21T01:02:03.000004Z",
+        ] {
             let t = parse(edge).unwrap();
             assert_eq!(parse(&format(t)), Some(t));
         }

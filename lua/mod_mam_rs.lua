@@ -280,6 +280,10 @@ local prefs_store = module:open_store(settings.archive_store .. "_prefs");
 local user_sessions = prosody.hosts[host].sessions;
 local offline_prefs = new_cache(1000); -- username -> stored prefs, or false for none
 local stored_default = ({ always = true, never = false, roster = "roster" })[settings.default_archive_policy];
+-- What users without stored prefs get, shared (never modified) so the archive path allocates
+-- nothing for them.
+local default_prefs = { [false] = stored_default };
+local not_yet_enabled_prefs = { [false] = false };
 
 local function load_prefs(user)
 	local bare = user_sessions[user];
@@ -313,13 +317,13 @@ local function get_prefs(user, explicit)
 	local prefs = load_prefs(user);
 	if prefs then return prefs; end
 	if not settings.mam_smart_enable then
-		return { [false] = stored_default };
+		return default_prefs;
 	elseif explicit then
-		prefs = { [false] = stored_default };
+		prefs = { [false] = stored_default }; -- Stored and cached: its own table.
 		set_prefs(user, prefs);
 		return prefs;
 	end
-	return { [false] = false };
+	return not_yet_enabled_prefs;
 end
 
 -- Others may write the store and the session cache directly (mod_mam_adhoc through
@@ -359,19 +363,16 @@ end
 -- Why a message was not stored, logged once per episode when the database cannot keep up
 -- (the message is still delivered, without a stanza-id).
 local queue_full = false;
-local function not_archived(stanza, why, log)
-	if why == "empty when stripped" then
-		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
-	elseif why:find("nested deeper", 1, true) then
-		-- A client's doing, possibly hostile: not worth an error line per message.
-		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
-	elseif why:find("queue full", 1, true) then
+local function not_archived(stanza, why, kind, log)
+	if kind == "queue-full" then
 		if not queue_full then
 			queue_full = true;
 			module:log("error", "Not archiving messages until the database catches up: %s", why);
 		end
-	else
+	elseif kind == "failed" then
 		log("error", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
+	else -- "empty" (expected), "too-deep" (a client's doing, possibly hostile): no error line each.
+		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
 	end
 end
 
@@ -403,10 +404,10 @@ local function message_handler(event, c2s)
 	end
 
 	local listened = host_events.get_handlers("archive-message-added");
-	local id, release_at, why, stored = archive:archive(stanza, store_user, with, listened and true,
+	local id, release_at, why, stored, kind = archive:archive(stanza, store_user, with, listened and true,
 		smart_retention and online_clients(store_user) or nil);
 	if not id then
-		not_archived(stanza, why, log);
+		not_archived(stanza, why, kind, log);
 		return;
 	end
 	if queue_full then

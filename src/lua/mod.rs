@@ -30,11 +30,11 @@ use mlua::{Table, UserData, UserDataMethods, Value};
 
 use crate::config::{self, Config, RawValue};
 use crate::engine::writer::EXPIRY_BATCH;
-use crate::engine::{Completion, Engine, Mailbox, QueryRequest, Request};
+use crate::engine::{Completion, Engine, EngineError, Mailbox, QueryRequest, Request};
 use crate::policy;
+use crate::protocol::ns;
 use crate::protocol::xep0313::{self, Limits};
 use crate::protocol::xep0441::{DefaultRule, Prefs};
-use crate::protocol::{ns, xep0359};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{ArchiveRef, ExpiryCursor, ExpiryRule, Mark, Store, Strategy};
 
@@ -143,9 +143,43 @@ fn should_store(_: &Lua, stanza: Table) -> LuaResult<(bool, &'static str)> {
     Ok(policy::should_store(&stanza::summary(&stanza)?))
 }
 
-/// What `archive` returns to Lua: `id, release_at` when stored, else `nil, nil, why`; and the
-/// stored copy when it was asked for.
-type Archived = (Option<String>, Option<i64>, Option<String>, Option<Table>);
+/// What `archive` returns to Lua: `id, release_at, nil, stored copy (when asked for)` when
+/// stored, else `nil, nil, why, nil, kind` with `kind` one of [`NotArchived::as_str`].
+type Archived = (
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<Table>,
+    Option<&'static str>,
+);
+
+/// Why a message was not archived, for the shim to choose how loudly to log it.
+#[derive(Debug, Clone, Copy)]
+enum NotArchived {
+    /// Nothing left once `dont_archive_namespaces` were stripped (expected, quiet).
+    Empty,
+    /// Nested deeper than the copy allows (a client's doing).
+    TooDeep,
+    /// The writer's queue is at its bound (the database cannot keep up).
+    QueueFull,
+    /// Anything else: the archive is closed, or an unexpected failure.
+    Failed,
+}
+
+impl NotArchived {
+    fn as_str(self) -> &'static str {
+        match self {
+            NotArchived::Empty => "empty",
+            NotArchived::TooDeep => "too-deep",
+            NotArchived::QueueFull => "queue-full",
+            NotArchived::Failed => "failed",
+        }
+    }
+
+    fn reply(self, why: impl Into<String>) -> Archived {
+        (None, None, Some(why.into()), None, Some(self.as_str()))
+    }
+}
 
 /// One module instance's view of the engine: its host, its options and its mailbox.
 struct Archive {
@@ -221,15 +255,19 @@ impl Archive {
         seen_by: Vec<String>,
     ) -> LuaResult<Archived> {
         let Some(engine) = self.engine.as_ref() else {
-            return Ok((None, None, Some("the archive is closed".into()), None));
+            return Ok(NotArchived::Failed.reply("the archive is closed"));
         };
+        // The shim has already removed stanza-ids claiming to be ours (it strips them from the
+        // live stanza, mod_mam.lua:298-312), so this copy needs no second pass.
         let mut stored = match stanza::to_element(stanza, ns::CLIENT) {
             Ok(el) => el,
-            Err(e) => return Ok((None, None, Some(e.to_string()), None)),
+            Err(e @ stanza::CopyError::TooDeep) => {
+                return Ok(NotArchived::TooDeep.reply(e.to_string()))
+            }
+            Err(e) => return Ok(NotArchived::Failed.reply(e.to_string())),
         };
-        xep0359::remove_own_stanza_ids(&mut stored, &user, &self.host);
         if !policy::strip_for_storage(&mut stored, &self.strip) {
-            return Ok((None, None, Some("empty when stripped".into()), None));
+            return Ok(NotArchived::Empty.reply("empty when stripped"));
         }
         let copy = match want_stored {
             true => Some(stanza::build(lua, &self.stanza_mt, &stored, ns::CLIENT)?),
@@ -243,9 +281,11 @@ impl Archive {
                     Some(archived.release_at as i64),
                     None,
                     copy,
+                    None,
                 ))
             }
-            Err(e) => Ok((None, None, Some(e.to_string()), None)),
+            Err(e @ EngineError::QueueFull(_)) => Ok(NotArchived::QueueFull.reply(e.to_string())),
+            Err(e) => Ok(NotArchived::Failed.reply(e.to_string())),
         }
     }
 }

@@ -47,6 +47,7 @@ build:
 	$(CARGO) build --release --locked
 	@mkdir -p $(PLUGIN)
 	install -m 644 lua/mod_mam_rs.lua $(PLUGIN)/mod_mam_rs.lua
+	install -m 644 lua/commands.lib.lua $(PLUGIN)/commands.lib.lua
 	@# A new file, then a rename: a running Prosody keeps its mapped copy intact.
 	install -m 755 $(SO_BUILT) $(PLUGIN)/$(NATIVE).so.new
 	mv -f $(PLUGIN)/$(NATIVE).so.new $(PLUGIN)/$(NATIVE).so
@@ -54,6 +55,7 @@ build:
 install: build
 	install -d $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs
 	install -m 644 lua/mod_mam_rs.lua $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/mod_mam_rs.lua
+	install -m 644 lua/commands.lib.lua $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/commands.lib.lua
 	install -m 755 $(SO_BUILT) $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/$(NATIVE).so.new
 	mv -f $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/$(NATIVE).so.new $(DESTDIR)$(PLUGIN_DIR)/mod_mam_rs/$(NATIVE).so
 

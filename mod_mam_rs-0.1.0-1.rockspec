@@ -21,7 +21,8 @@ build = {
 	type = "command",
 	build_command = "cargo build --release --locked && cp target/release/libmam_rs_native.so mam_rs_native.so",
 	install = {
-		lua = { mod_mam_rs = "lua/mod_mam_rs.lua" },
+		-- Prosody finds commands.lib.lua as share/lua/5.4/mod_mam_rs/commands.lua.
+		lua = { mod_mam_rs = "lua/mod_mam_rs.lua", ["mod_mam_rs.commands"] = "lua/commands.lib.lua" },
 		lib = { mam_rs_native = "mam_rs_native.so" },
 	},
 }

@@ -48,7 +48,7 @@ local native = load_native();
 -- prosodyctl command) sees them.
 local option_names = {
 	"max_archive_query_results", "default_archive_policy", "dont_archive_namespaces", "archive_store",
-	"mam_include_total", "mam_smart_enable", "storage_archive_item_limit", "archive_expires_after",
+	"mam_include_total", "mam_smart_enable", "archive_compression", "storage_archive_item_limit", "archive_expires_after",
 	"archive_cleanup_interval", "mam_remove_expired_messages_period", "smart_retention_strategy",
 	"smart_retention_min", "mam_rs_query_workers", "mam_rs_max_ids_per_query", "mam_rs_max_prefs_jids",
 	"mam_rs_max_queries_per_second", "mam_rs_max_queued_rows",
@@ -76,89 +76,11 @@ for _, line in ipairs(config_lines) do
 	module:log(line.level, "%s", line.message);
 end
 
-local function micros(t) return math.floor(t * 1e6); end
-
--- What one cleanup removes under host settings `hs`: by age, then (smart retention) what the
--- user's clients have. Each rule: { name, end, strategy, seen_since } for archive:expire.
-local function cleanup_rules(hs, now)
-	local rules = {};
-	if hs.archive_expires_after then
-		rules[#rules + 1] = { "expired", micros(now - hs.archive_expires_after) };
-	end
-	if hs.smart_retention_strategy then
-		-- Clients unseen for longer than the expiry period no longer hold messages back.
-		local seen_since = hs.archive_expires_after and micros(now - hs.archive_expires_after) or 0;
-		rules[#rules + 1] = { "delivered", micros(now - hs.smart_retention_min), hs.smart_retention_strategy, seen_since };
-	end
-	return rules;
-end
-
--- prosodyctl mod_mam_rs cleanup [host]: expiry now, in this process, beside a running server.
-local function hosts_with_this_module()
-	local found = {};
-	for name, config in pairs(require "core.configmanager".getconfig()) do
-		if name ~= "*" and not config.component_module
-			and module:context(name):get_option_set("modules_enabled", {}):contains("mam_rs") then
-			table.insert(found, name);
-		end
-	end
-	table.sort(found);
-	return found;
-end
-
-local function cleanup_host(name)
-	local host_settings, lines = native.parse_config(read_options(module:context(name)));
-	for _, line in ipairs(lines) do print(name .. ": " .. line.message); end
-	local started = time_now();
-	local rules = cleanup_rules(host_settings, started);
-	if #rules == 0 then
-		print(name .. ": expiry is disabled (archive_expires_after), nothing to remove");
-		return true;
-	end
-	for _, rule in ipairs(rules) do
-		print(("%s: removing %s messages from before %s"):format(name, rule[1],
-			os.date("!%Y-%m-%d %H:%M:%S UTC", rule[2] // 1000000)));
-		local ok, removed, found = pcall(native.expire_now, host_settings.database, name, host_settings.archive_store,
-			function (n)
-				io.write(("\r  %d messages removed (%.0f/s)"):format(n, n / math.max(time_now() - started, 1e-3)));
-				io.flush();
-			end, rule[2], rule[3], rule[4]);
-		if not ok then
-			print(("\n%s: cleanup failed: %s"):format(name, tostring(removed)));
-			return false;
-		elseif not found then
-			print(("%s: no archive at %s, nothing to remove"):format(name, host_settings.database));
-			return true;
-		end
-		print(("\n%s: removed %d %s messages in %.1f s"):format(name, removed, rule[1], time_now() - started));
-	end
-	return true;
-end
+-- The prosodyctl commands (commands.lib.lua), and the cleanup rules the schedule shares.
+local run_command, cleanup_rules = module:require("commands")(native, read_options);
 
 function module.command(arg)
-	local command, only_host = arg[1], arg[2];
-	if command ~= "cleanup" then
-		print("Usage: prosodyctl mod_mam_rs cleanup [host]");
-		print("  cleanup   remove expired messages now (archive_expires_after), with progress");
-		return command and 1 or 0;
-	end
-	local targets = hosts_with_this_module();
-	if only_host then
-		if not require "util.set".new(targets):contains(only_host) then
-			print(("No VirtualHost %q with mam_rs in modules_enabled (found: %s)"):format(only_host, table.concat(targets, ", ")));
-			return 1;
-		end
-		targets = { only_host };
-	end
-	if #targets == 0 then
-		print("No VirtualHost has mam_rs in modules_enabled");
-		return 1;
-	end
-	local ok = true;
-	for _, name in ipairs(targets) do
-		ok = cleanup_host(name) and ok;
-	end
-	return ok and 0 or 1;
+	return run_command(arg);
 end
 
 if prosody.process_type == "prosodyctl" then
@@ -249,6 +171,55 @@ local function wait_committed(release_at, session)
 	waiting[waiting_tail] = { release_at, done };
 	wait();
 	read_buffered(session);
+end
+
+-- Metrics (served by mod_http_openmetrics where it is loaded; README.md, Metrics). The native
+-- side counts and times; update_metrics() adds what changed to these families, on each
+-- statistics collection and every second in between, so that no collection has a long
+-- backlog of histogram samples to add.
+local buckets = native.metric_buckets;
+local metrics = {
+	archived = module:metric("counter", "archived", "", "Messages archived, by direction (in: to the user, out: from the user)", { "direction" });
+	not_archived = module:metric("counter", "not_archived", "", "Messages not archived, by reason", { "reason" });
+	queries = module:metric("counter", "queries", "", "Archive queries and metadata requests answered, by outcome", { "outcome" });
+	query = module:metric("histogram", "query", "seconds", "Time from an archive query's arrival to its answer being ready", {}, { buckets = buckets.seconds });
+	archive_messages = module:metric("gauge", "archive_messages", "", "Messages in this host's archives", {});
+	archive_users = module:metric("gauge", "archive_users", "", "Users of this host with archived messages", {});
+	database = module:metric("gauge", "database", "bytes", "Size of the archive database file, write-ahead log included", {});
+	write_queue = module:metric("gauge", "write_queue", "", "Messages waiting to be written to the archive", {});
+	batch_size = module:metric("histogram", "batch_size", "", "Messages per committed transaction", {}, { buckets = buckets.batch });
+	commit = module:metric("histogram", "commit", "seconds", "Time to commit one transaction of messages", {}, { buckets = buckets.seconds });
+	failed_writes = module:metric("counter", "failed_writes", "", "Failed attempts to commit messages (each retry counts)", {});
+};
+-- The reasons decided here rather than on the native side.
+local not_archived_policy = metrics.not_archived:with_labels("policy");
+local not_archived_prefs = metrics.not_archived:with_labels("prefs");
+local not_archived_limit = metrics.not_archived:with_labels("limit");
+
+local function update_metrics(refresh)
+	for _, u in ipairs(archive:metrics(refresh)) do
+		local metric = metrics[u.name]:with_labels(table.unpack(u.labels));
+		if u.add then
+			metric:add(u.add);
+		elseif u.set then
+			metric:set(u.set);
+		else
+			local samples = u.samples; -- value, count, value, count, ...
+			for i = 1, #samples, 2 do
+				for _ = 1, samples[i + 1] do metric:sample(samples[i]); end
+			end
+		end
+	end
+end
+
+module:hook_global("stats-update", function () update_metrics(true); end);
+if require "core.statsmanager".get_metric_registry() then
+	update_metrics(true);
+	module:add_timer(1, function ()
+		if closed then return; end
+		update_metrics(false);
+		return 1;
+	end);
 end
 
 -- Archive path (mod_mam.lua:390-472)
@@ -392,20 +363,23 @@ local function message_handler(event, c2s)
 	local payload = { stanza = stanza; session = origin };
 	if not module:fire_event("archive-should-store", payload) then
 		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), payload.reason);
+		not_archived_policy:add(1);
 		return;
 	end
 	if settings.storage_archive_item_limit == 0 then
 		log("debug", "Not archiving stanza: %s (storage_archive_item_limit is 0)", stanza:top_tag());
+		not_archived_limit:add(1);
 		return;
 	end
 	if not (c2s or user_exists(store_user)) or not shall_store(store_user, with) then
 		log("debug", "Not archiving stanza: %s (prefs)", stanza:top_tag());
+		not_archived_prefs:add(1);
 		return;
 	end
 
 	local listened = host_events.get_handlers("archive-message-added");
 	local id, release_at, why, stored, kind = archive:archive(stanza, store_user, with, listened and true,
-		smart_retention and online_clients(store_user) or nil);
+		smart_retention and online_clients(store_user) or nil, c2s);
 	if not id then
 		not_archived(stanza, why, kind, log);
 		return;
@@ -557,8 +531,8 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	end
 	pending[ticket] = function (c)
 		send_answer(origin, stanza, c, function ()
-			if smart_retention and c.last_id and origin.username then
-				archive:mark(origin.username, client_of(origin), c.last_id);
+			if smart_retention and c.mark_id and origin.username then
+				archive:mark(origin.username, client_of(origin), c.mark_id);
 			end
 			module:fire_event("archive-query", { origin = origin, start_time = start_time, end_id = c.last_id });
 		end);
@@ -613,6 +587,24 @@ else
 	module:log("debug", "Archive expiry disabled");
 end
 
+-- An account deleted (in band, or through the admin shell): its archive and its archiving
+-- preferences go too. Stock mod_mam keeps them.
+module:hook_global("user-deleted", function (event)
+	if event.host ~= host or closed then return; end
+	local user = event.username;
+	local ok, err = set_prefs(user, nil);
+	if not ok then
+		module:log("error", "Could not remove the archiving preferences of deleted account %s@%s: %s", user, host, err);
+	end
+	pending[archive:delete_user(user)] = function (c)
+		if c.expire_error then
+			module:log("error", "Could not remove the archive of deleted account %s@%s: %s", user, host, c.expire_error);
+		else
+			module:log("info", "Removed the archive of deleted account %s@%s (%d messages)", user, host, c.expired);
+		end
+	end;
+end);
+
 module:hook("account-disco-info", function (event)
 	local reply = event.reply or event.stanza;
 	reply:tag("feature", { var = xmlns_mam }):up();
@@ -628,6 +620,7 @@ function module.unload()
 	watcher:close();
 	archive:close();
 	on_readable();
+	update_metrics(false);
 	for send_some in pairs(sending) do -- Timers die with the module: finish these here.
 		while send_some() do end
 	end

@@ -94,6 +94,7 @@ end
 --   users        set of existing user names for core.usermanager (default alice, bob)
 --   rosters      user -> roster table for core.rostermanager (default {})
 --   loaded       host -> set of module names for core.modulemanager.is_loaded
+--   statistics   whether core.statsmanager has a metric registry (default: no)
 --   shim         the shim file (default M.SHIM)
 -- Returns the instance, or nil and the error when the shim raised one.
 local stores = {};
@@ -142,7 +143,18 @@ function M.load(opts)
 	function mod:fire_event(event, data)
 		return m.events.fire_event(event, data);
 	end
-	-- Metrics, recorded: m.metrics[name][label1 .. "|" .. label2] = value; m.measures[name] = calls.
+	-- Global events (prosody.events): m.global_events.fire_event("user-deleted", ...).
+	m.global_events = events_lib.new();
+	function mod:hook_global(event, handler, priority)
+		table.insert(m.hooks, { event = event, handler = handler, priority = priority, global = true });
+		return m.global_events.add_handler(event, handler, priority);
+	end
+	-- module:require("name") loads lua/name.lib.lua in the module's environment, as Prosody does.
+	function mod:require(name)
+		return assert(loadfile(ROOT .. "/lua/" .. name .. ".lib.lua", "t", m.env))();
+	end
+	-- Metrics, recorded: m.metrics[name][label1 .. "|" .. label2] = value (a counter's total, a
+	-- gauge's value, or a histogram's list of samples); m.measures[name] = calls.
 	m.metrics, m.measures = {}, {};
 	function mod:metric(_, name)
 		local family = {};
@@ -150,7 +162,14 @@ function M.load(opts)
 		return {
 			with_labels = function (_, ...)
 				local key = table.concat({ ... }, "|");
-				return { add = function (_, n) family[key] = (family[key] or 0) + n; end };
+				return {
+					add = function (_, n) family[key] = (family[key] or 0) + n; end;
+					set = function (_, v) family[key] = v; end;
+					sample = function (_, v)
+						family[key] = family[key] or {};
+						table.insert(family[key], v);
+					end;
+				};
 			end;
 		};
 	end
@@ -200,6 +219,10 @@ function M.load(opts)
 			assert(h == host, "load_roster: wrong host");
 			return rosters[user] or {};
 		end;
+	};
+	-- opts.statistics: Prosody collects statistics (a metric registry exists).
+	package.loaded["core.statsmanager"] = {
+		get_metric_registry = function () return opts.statistics and {} or nil; end;
 	};
 	package.loaded["core.modulemanager"] = {
 		is_loaded = function (h, name) return loaded[h] ~= nil and loaded[h][name] == true; end;

@@ -175,6 +175,10 @@ describe("mod_mam_rs shim", function ()
 				["account-disco-info @ 0"] = 1,
 				-- Ours: forget cached prefs when a session goes (mod_mam_adhoc writes the store).
 				["pre-resource-unbind @ 0"] = 1,
+				-- Ours: an account deleted takes its archive and prefs with it.
+				["user-deleted @ 0"] = 1,
+				-- Ours: metrics brought up to date when Prosody collects statistics.
+				["stats-update @ 0"] = 1,
 			}, got);
 		end);
 
@@ -585,6 +589,22 @@ describe("mod_mam_rs shim", function ()
 		end);
 	end);
 
+	describe("account deletion", function ()
+		it("removes the user's archive and prefs, and no one else's", function ()
+			local m = load();
+			prefs_iq(m, prefs_el("always"));
+			m.stores.archive_prefs.bob = { [false] = true };
+			archive_from_alice(m, { "one", "two" });
+			m.global_events.fire_event("user-deleted", { username = "alice", host = "localhost" });
+			m.global_events.fire_event("user-deleted", { username = "bob", host = "elsewhere" });
+			assert.is_nil(m.stores.archive_prefs.alice);
+			assert.same({ [false] = true }, m.stores.archive_prefs.bob, "another host's event is not ours");
+			assert.truthy(m.wait_for(function () return m.logged("info", "Removed the archive of deleted account alice@localhost %(2 messages%)"); end));
+			local sent = run_query(m, st.iq({ type = "set", id = "q", from = "alice@localhost/res" }):tag("query", { xmlns = XMLNS_MAM }));
+			assert.equal(1, #sent, "only the iq result: the archive is empty");
+		end);
+	end);
+
 	describe("limits", function ()
 		it("a deeply nested stanza is refused cleanly, never crashes the server", function ()
 			local m = load();
@@ -815,6 +835,69 @@ describe("mod_mam_rs shim", function ()
 			local m = load({ options = { archive_expires_after = "2m" } });
 			assert.equal(1, m.logged("warn", "full syntax"));
 			assert.is_not_nil(expiry_timer(m));
+		end);
+	end);
+
+	describe("metrics", function ()
+		local function collect(m) m.global_events.fire_event("stats-update"); end
+
+		local function sum(samples)
+			local total = 0;
+			for _, v in ipairs(samples or {}) do total = total + v; end
+			return total;
+		end
+
+		it("count messages archived by direction, and those not archived by reason", function ()
+			local m = load({ statistics = true });
+			archive_from_alice(m, { "one", "two", "three" });
+			local incoming = m.handler("message/bare", 0);
+			incoming({ origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "to bob") });
+			incoming({ origin = fake.session("alice"), stanza = chat("alice@localhost/res", "nobody@localhost", "to no one") });
+			m.handler("pre-message/bare", 0)({ origin = fake.session("alice"), stanza = chat_state("alice@localhost/res", "bob@localhost") });
+			collect(m);
+			assert.equal(3, m.metrics.archived["out"]);
+			assert.equal(1, m.metrics.archived["in"]);
+			assert.equal(1, m.metrics.not_archived["policy"]);
+			assert.equal(1, m.metrics.not_archived["prefs"]);
+			assert.equal(0, m.metrics.not_archived["queue-full"], "every reason is there from the start");
+			assert.equal(0, m.metrics.failed_writes[""]);
+		end);
+
+		it("time queries and commits, and read the archive figures in the background", function ()
+			local m = load({ statistics = true });
+			archive_from_alice(m, { "one", "two" });
+			run_query(m, query_iq("q1"));
+			collect(m);
+			assert.equal(1, m.metrics.queries["ok"]);
+			assert.equal(0, m.metrics.queries["error"]);
+			assert.equal(1, #m.metrics.query[""]);
+			assert.is_true(m.metrics.query[""][1] > 0);
+			-- The query saw both rows committed: two messages in however many transactions.
+			assert.equal(2, sum(m.metrics.batch_size[""]));
+			assert.equal(#m.metrics.batch_size[""], #m.metrics.commit[""]);
+			assert.equal(0, m.metrics.write_queue[""]);
+			assert.is_true(m.wait_for(function ()
+				collect(m);
+				return (m.metrics.database[""] or 0) > 0;
+			end), "no database size");
+			assert.is_number(m.metrics.archive_messages[""]);
+			assert.is_number(m.metrics.archive_users[""]);
+		end);
+
+		it("are brought up to date every second, and only while Prosody collects statistics", function ()
+			local m = load({ statistics = true });
+			local timer;
+			for _, t in ipairs(m.timers) do
+				if t.delay == 1 then timer = t; end
+			end
+			assert(timer, "no metrics timer");
+			archive_from_alice(m, { "one" });
+			assert.equal(1, timer.fn());
+			assert.equal(1, m.metrics.archived["out"]);
+			local off = load();
+			for _, t in ipairs(off.timers) do
+				assert.not_equal(1, t.delay);
+			end
 		end);
 	end);
 

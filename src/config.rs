@@ -206,6 +206,9 @@ pub struct Config {
     pub storage_archive_item_limit: Option<u32>,
     /// `mam_smart_enable`: archive nothing for a user until a MAM-capable client uses MAM.
     pub mam_smart_enable: bool,
+    /// `archive_compression`: store stanzas zstd-compressed with a dictionary trained from the
+    /// archive (default false). One database, one setting: the first host to open it decides.
+    pub archive_compression: bool,
     /// `archive_expires_after` (default one week).
     pub archive_expires_after: Expiry,
     /// Smart retention (prosody-modules' mod_mam_smart_retention): on when
@@ -243,6 +246,7 @@ impl Default for Config {
             mam_include_total: true,
             storage_archive_item_limit: None,
             mam_smart_enable: false,
+            archive_compression: false,
             archive_expires_after: Expiry::After(WEEK),
             smart_retention: None,
             cleanup_interval: 4.0 * HOUR,
@@ -415,6 +419,9 @@ fn read_options(
     );
     check("mam_smart_enable", "true or false", &mut |v| {
         as_bool(v).map(|b| config.mam_smart_enable = b).is_some()
+    });
+    check("archive_compression", "true or false", &mut |v| {
+        as_bool(v).map(|b| config.archive_compression = b).is_some()
     });
     // An unreadable expiry disables expiry rather than falling back to the default: deleting
     // after a week what the admin meant to keep for a year would lose data.

@@ -12,10 +12,12 @@
 //! - [`engine`]: the threads. One writer thread commits rows in batches (group commit),
 //!   query workers run queries against the store, and a completion queue plus an eventfd
 //!   wakes Prosody's event loop. Never touches Lua.
+//! - [`admin`]: what the prosodyctl commands do: import (stock rows, export files), export.
 //! - [`config`]: Prosody option values to a typed, validated configuration.
 //! - `lua` (feature `lua54`): the Lua-facing surface, converting Lua values and
 //!   `util.stanza` tables to and from the types above, and nothing else.
 
+pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod id;

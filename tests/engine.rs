@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mam_rs_native::config::Config;
-use mam_rs_native::engine::{Answer, Completion, Engine, Mailbox, QueryRequest, Request};
+use mam_rs_native::engine::{Answer, Completion, Engine, Level, Mailbox, QueryRequest, Request};
 use mam_rs_native::id::ArchiveId;
 use mam_rs_native::protocol::xep0313::Limits;
 use mam_rs_native::protocol::StanzaError;
 use mam_rs_native::store::sqlite::{SqliteOptions, SqliteStore};
 use mam_rs_native::store::{
-    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Item, Mark, NewItem, Page, Query, Store,
-    StoreError,
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
+    ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError,
 };
 use minidom::Element;
 
@@ -53,7 +53,10 @@ fn wait_for(mailbox: &Mailbox, ticket: u64) -> Result<Answer, StanzaError> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         for c in mailbox.drain().completions {
-            if let Completion::Query { ticket: t, result } = c {
+            if let Completion::Query {
+                ticket: t, result, ..
+            } = c
+            {
                 if t == ticket {
                     return result;
                 }
@@ -397,6 +400,34 @@ impl Store for Flaky {
     fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError> {
         self.inner.record_marks(marks)
     }
+    fn import_checkpoint(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+    ) -> Result<Option<ImportCheckpoint>, StoreError> {
+        self.inner.import_checkpoint(archive, source)
+    }
+    fn import(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+        rows: &[ImportRow],
+        position: i64,
+    ) -> Result<ImportBatch, StoreError> {
+        self.inner.import(archive, source, rows, position)
+    }
+    fn stats(&self, host: &str, store: &str, user: Option<&str>) -> Result<Stats, StoreError> {
+        self.inner.stats(host, store, user)
+    }
+    fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError> {
+        self.inner.delete_archive(archive, limit)
+    }
+    fn optimize(&self, vacuum: bool) -> Result<Vec<String>, StoreError> {
+        self.inner.optimize(vacuum)
+    }
+    fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError> {
+        self.inner.figures(host, store)
+    }
 }
 
 #[test]
@@ -511,4 +542,261 @@ fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recove
         )
         .unwrap();
     assert!(page.total.unwrap() >= 10);
+}
+
+#[test]
+fn while_the_database_fails_deliveries_go_at_once_and_the_log_has_one_line_each_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let database = cfg.database.display().to_string();
+    let store = Arc::new(Flaky {
+        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
+        failures: AtomicUsize::new(usize::MAX),
+    });
+    let engine = Engine::start(store.clone(), &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let mut logs: Vec<(Level, String)> = Vec::new();
+    let drain = |logs: &mut Vec<(Level, String)>| {
+        let d = mailbox.drain();
+        logs.extend(d.completions.into_iter().filter_map(|c| match c {
+            Completion::Log { level, message } => Some((level, message)),
+            _ => None,
+        }));
+        d.released
+    };
+    let archive = |body: &str| {
+        engine
+            .archive(
+                archive_ref("localhost", "alice"),
+                "bob@localhost".into(),
+                message(body),
+                None,
+                Vec::new(),
+            )
+            .unwrap()
+    };
+
+    // The first failed commit releases the first row.
+    let first = archive("0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while drain(&mut logs) < first.release_at {
+        assert!(
+            Instant::now() < deadline,
+            "the first failure did not release the row"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // While the writer retries, each new row is released as it is handed out: nothing waits
+    // for the database to come back.
+    for i in 1..20 {
+        let row = archive(&i.to_string());
+        assert!(
+            drain(&mut logs) >= row.release_at,
+            "row {i} waits for a failing database"
+        );
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let attempts = usize::MAX - store.failures.load(Ordering::SeqCst);
+    assert!(
+        attempts >= 3,
+        "only {attempts} attempts: too few to tell one line from many"
+    );
+
+    // The database comes back: everything queued is written, and rows wait for commits again.
+    store.failures.store(0, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.queued() > 0 {
+        assert!(Instant::now() < deadline, "the queue did not drain");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = archive("after");
+    assert!(engine.wait_committed(after.release_at, Duration::from_secs(10)));
+    drain(&mut logs);
+
+    // One line when the fault starts, naming the file and the cause; one when it clears.
+    let errors: Vec<&String> = logs
+        .iter()
+        .filter(|(level, _)| *level == Level::Error)
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(errors.len(), 1, "{logs:?}");
+    assert!(
+        errors[0].contains(&database) && errors[0].contains("disk I/O error"),
+        "{}",
+        errors[0]
+    );
+    let cleared: Vec<&String> = logs
+        .iter()
+        .filter(|(level, _)| *level == Level::Info)
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(cleared.len(), 1, "{logs:?}");
+    assert!(
+        cleared[0].contains(&database) && cleared[0].contains("works again"),
+        "{}",
+        cleared[0]
+    );
+    let page = store
+        .find(
+            &archive_ref("localhost", "alice"),
+            &Query {
+                total: true,
+                limit: Some(0),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(page.total, Some(21), "every row, written once");
+}
+
+#[test]
+fn the_writer_and_the_workers_measure_what_they_do() {
+    use mam_rs_native::engine::metrics::{names, HostMetrics, Reporter, Value};
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        test_query_delay: Duration::from_millis(50),
+        ..config(&dir)
+    };
+    let store = Arc::new(Flaky {
+        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
+        failures: AtomicUsize::new(2),
+    });
+    let engine = Engine::start(store, &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let host = Arc::new(HostMetrics::default());
+    let mut reporter = Reporter::new(host.clone(), engine.writer_metrics().clone());
+    reporter.report(Some(engine.queued()));
+
+    let mut last = 0;
+    for i in 0..10 {
+        last = engine
+            .archive(
+                archive_ref("localhost", "alice"),
+                "bob@localhost".into(),
+                message(&i.to_string()),
+                None,
+                Vec::new(),
+            )
+            .unwrap()
+            .release_at;
+    }
+    assert!(engine.wait_committed(last, Duration::from_secs(20)));
+
+    // A query's time runs from its arrival to its answer, worker time included.
+    let ticket = engine
+        .query(
+            QueryRequest {
+                archive: archive_ref("localhost", "alice"),
+                request: Request::Metadata,
+                to: None,
+                from: None,
+                limits: Limits::default(),
+            },
+            &mailbox,
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let elapsed = 'found: loop {
+        for c in mailbox.drain().completions {
+            if let Completion::Query {
+                ticket: t,
+                elapsed,
+                result,
+            } = c
+            {
+                assert_eq!(t, ticket);
+                assert!(result.is_ok());
+                break 'found elapsed;
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(elapsed >= Duration::from_millis(50), "{elapsed:?}");
+
+    // The figures are read by a worker, in the background.
+    engine.refresh_figures(Arc::from("localhost"), Arc::from("archive"), &host);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while host.figures().is_none() {
+        assert!(Instant::now() < deadline, "no figures");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let figures = host.figures().unwrap();
+    assert_eq!((figures.archives, figures.messages), (1, 10));
+    assert!(figures.bytes > 0);
+
+    let updates = reporter.report(Some(engine.queued()));
+    let find = |name: &str| updates.iter().find(|u| u.name == name).map(|u| &u.value);
+    assert_eq!(find(names::FAILED_WRITES), Some(&Value::Add(2)));
+    let Some(Value::Samples(batches)) = find(names::BATCH_SIZE) else {
+        panic!("no batch sizes in {updates:?}");
+    };
+    let rows: f64 = batches.iter().map(|(v, n)| v * *n as f64).sum();
+    assert_eq!(rows, 10.0, "every row committed once");
+    let commits: u64 = batches.iter().map(|(_, n)| n).sum();
+    let Some(Value::Samples(durations)) = find(names::COMMIT_SECONDS) else {
+        panic!("no commit durations in {updates:?}");
+    };
+    assert_eq!(durations.iter().map(|(_, n)| n).sum::<u64>(), commits);
+    assert_eq!(find(names::ARCHIVE_MESSAGES), Some(&Value::Set(10.0)));
+    assert_eq!(find(names::ARCHIVE_USERS), Some(&Value::Set(1.0)));
+}
+
+#[test]
+fn deleting_an_archive_removes_its_rows_after_those_queued_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let engine = Engine::open(&cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    for body in ["one", "two"] {
+        engine
+            .archive(
+                archive_ref("localhost", "alice"),
+                "bob@localhost".into(),
+                message(body),
+                None,
+                Vec::new(),
+            )
+            .unwrap();
+    }
+    engine
+        .archive(
+            archive_ref("localhost", "bob"),
+            "alice@localhost".into(),
+            message("kept"),
+            None,
+            Vec::new(),
+        )
+        .unwrap();
+    let ticket = engine
+        .delete_archive(archive_ref("localhost", "alice"), &mailbox)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let removed = loop {
+        assert!(Instant::now() < deadline, "no completion");
+        let done = mailbox
+            .drain()
+            .completions
+            .into_iter()
+            .find_map(|c| match c {
+                Completion::Expired { ticket: t, result } if t == ticket => Some(result),
+                _ => None,
+            });
+        if let Some(result) = done {
+            break result.unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(removed, 2);
+    let alice = ask(
+        &engine,
+        &mailbox,
+        "alice",
+        "<query xmlns='urn:xmpp:mam:2'/>",
+    )
+    .unwrap();
+    assert_eq!(alice.messages.len(), 0);
+    let bob = ask(&engine, &mailbox, "bob", "<query xmlns='urn:xmpp:mam:2'/>").unwrap();
+    assert_eq!(bob.messages.len(), 1);
 }

@@ -9,12 +9,15 @@
 //! - [`Engine::shared`]: every host whose archive is in the same database file shares one
 //!   engine, hence one id generator and one writer: two writers on one SQLite file fail with
 //!   SQLITE_BUSY, and two generators could hand out the same id.
+//! - [`metrics`]: what the writer, the workers and each host's handle measure, for Prosody's
+//!   statistics; [`Engine::refresh_figures`] reads the archive figures on a query worker.
 //! - [`Engine::shutdown`] / `Drop`: commits what is queued and joins every thread. A module
 //!   reload keeps the library mapped, and Prosody's shutdown runs `Drop` from the Lua
 //!   finaliser before the library is unloaded, so no thread may outlive the engine.
 //!
 //! The engine never touches Lua: only owned Rust values cross its threads.
 
+pub mod metrics;
 pub mod wake;
 pub mod worker;
 pub mod writer;
@@ -25,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use minidom::Element;
 use parking_lot::Mutex;
@@ -34,11 +38,12 @@ use crate::id::{ArchiveId, IdGenerator};
 use crate::protocol::xep0313::Limits;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{ArchiveRef, ExpiryRule, Mark, Store, StoreError};
+use metrics::{HostMetrics, WriterMetrics};
 use wake::Progress;
 pub use wake::{Answer, Completion, Drained, Level, Mailbox};
 pub use worker::Request;
-use worker::{Job, Worker};
-use writer::{ExpiryJob, Row, Writer, WriterMsg};
+use worker::{FiguresJob, Job, Task, Worker};
+use writer::{ExpiryJob, Removal, Row, Writer, WriterMsg};
 
 /// Most rows committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -85,8 +90,9 @@ pub struct Engine {
     ids: Mutex<IdGenerator>,
     last_handed_out: AtomicU64,
     writer: Mutex<Option<Sender<WriterMsg>>>,
-    queries: Mutex<Option<Sender<Job>>>,
+    queries: Mutex<Option<Sender<Task>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    writer_metrics: Arc<WriterMetrics>,
     stopping: Arc<AtomicBool>,
     next_ticket: AtomicU64,
 }
@@ -114,6 +120,7 @@ impl Engine {
     pub fn open(config: &Config) -> Result<Engine, EngineError> {
         let options = SqliteOptions {
             pool_size: (config.query_workers as u32).saturating_add(1),
+            compression: config.archive_compression,
             ..SqliteOptions::default()
         };
         let store = SqliteStore::open(&config.database, &options)?;
@@ -128,6 +135,7 @@ impl Engine {
         let mut threads = Vec::new();
 
         let queued = Arc::new(AtomicUsize::new(0));
+        let writer_metrics = Arc::new(WriterMetrics::default());
         let (writer_tx, writer_rx) = mpsc::channel();
         let writer = Writer {
             store: store.clone(),
@@ -135,6 +143,8 @@ impl Engine {
             queued: queued.clone(),
             max_batch: MAX_BATCH,
             stopping: stopping.clone(),
+            metrics: writer_metrics.clone(),
+            database: config.database.display().to_string(),
         };
         threads.push(spawn("mam_rs-writer", move || writer.run(writer_rx))?);
 
@@ -163,6 +173,7 @@ impl Engine {
             writer: Mutex::new(Some(writer_tx)),
             queries: Mutex::new(Some(query_tx)),
             threads: Mutex::new(threads),
+            writer_metrics,
             stopping,
             next_ticket: AtomicU64::new(1),
         })
@@ -192,18 +203,26 @@ impl Engine {
         // The id lock is held across the send, so rows reach the writer in id order.
         let mut ids = self.ids.lock();
         let id = ids.next_now();
-        tx.send(WriterMsg::Row(Row {
-            archive,
-            id,
-            with,
-            stanza,
-            quota,
-            seen_by,
-        }))
-        .map_err(|_| EngineError::Closed)?;
+        // Counted before the send: the writer may commit the row and count it down at once.
         self.queued.fetch_add(1, Ordering::AcqRel);
+        if tx
+            .send(WriterMsg::Row(Row {
+                archive,
+                id,
+                with,
+                stanza,
+                quota,
+                seen_by,
+            }))
+            .is_err()
+        {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Closed);
+        }
         let release_at = id.as_i64() as u64;
         self.last_handed_out.store(release_at, Ordering::Release);
+        // Released at once while the writer is failing (see `writer`).
+        self.progress.handed_out(release_at);
         Ok(Archived { id, release_at })
     }
 
@@ -219,11 +238,12 @@ impl Engine {
             seen: self.last_handed_out.load(Ordering::Acquire),
             limits: request.limits,
             reply: reply.clone(),
+            arrived: Instant::now(),
         };
         let queries = self.queries.lock();
         let tx = queries.as_ref().ok_or(EngineError::Closed)?;
         reply.expect_answer();
-        if tx.send(job).is_err() {
+        if tx.send(Task::Answer(job)).is_err() {
             reply.answer_not_coming();
             return Err(EngineError::Closed);
         }
@@ -248,6 +268,32 @@ impl Engine {
         rule: ExpiryRule,
         reply: &Arc<Mailbox>,
     ) -> Result<u64, EngineError> {
+        let removal = Removal::Expire {
+            rule,
+            cursor: Default::default(),
+        };
+        self.remove(host, store, removal, reply)
+    }
+
+    /// Starts removing every message of `archive` (its owner's account was deleted), in the
+    /// same bounded batches as expiry, after the rows queued before it. The
+    /// [`Completion::Expired`] with the returned ticket goes to `reply`.
+    pub fn delete_archive(
+        &self,
+        archive: ArchiveRef,
+        reply: &Arc<Mailbox>,
+    ) -> Result<u64, EngineError> {
+        let (host, store) = (archive.host.clone(), archive.store.clone());
+        self.remove(host, store, Removal::Archive(archive), reply)
+    }
+
+    fn remove(
+        &self,
+        host: Arc<str>,
+        store: Arc<str>,
+        removal: Removal,
+        reply: &Arc<Mailbox>,
+    ) -> Result<u64, EngineError> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let writer = self.writer.lock();
         let tx = writer.as_ref().ok_or(EngineError::Closed)?;
@@ -255,13 +301,35 @@ impl Engine {
             ticket,
             host,
             store,
-            rule,
+            removal,
             reply: reply.clone(),
-            cursor: Default::default(),
             deleted: 0,
         }))
         .map_err(|_| EngineError::Closed)?;
         Ok(ticket)
+    }
+
+    /// The writer's batch, commit and failure figures (shared by every host on this engine).
+    pub fn writer_metrics(&self) -> &Arc<WriterMetrics> {
+        &self.writer_metrics
+    }
+
+    /// Asks a query worker to read `host`'s archive figures into `into` (for the gauges).
+    /// The caller has claimed the refresh ([`HostMetrics::claim_refresh`]); if it cannot be
+    /// queued (closing), the claim is dropped.
+    pub fn refresh_figures(&self, host: Arc<str>, store: Arc<str>, into: &Arc<HostMetrics>) {
+        let queries = self.queries.lock();
+        let sent = queries.as_ref().is_some_and(|tx| {
+            tx.send(Task::Figures(FiguresJob {
+                host,
+                store,
+                into: into.clone(),
+            }))
+            .is_ok()
+        });
+        if !sent {
+            into.refresh_dropped();
+        }
     }
 
     /// Rows waiting for the writer now.

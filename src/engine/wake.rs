@@ -47,8 +47,10 @@ pub struct Answer {
     pub messages: Vec<Element>,
     /// The child of the iq result: `<fin>` for a query, `<metadata>` for a metadata request.
     pub payload: Element,
-    /// The chronologically newest archive id among `messages`.
+    /// The chronologically newest archive id among `messages`, as clients see it.
     pub last_id: Option<String>,
+    /// The same message's own archive id (differs for imported messages), for client marks.
+    pub mark_id: Option<String>,
 }
 
 /// Work finished off the loop, for the loop to act on.
@@ -58,6 +60,8 @@ pub enum Completion {
     Query {
         ticket: u64,
         result: Result<Answer, StanzaError>,
+        /// From the request's arrival to this answer.
+        elapsed: Duration,
     },
     /// An expiry run finished: how many messages it removed, or why it stopped.
     Expired {
@@ -193,6 +197,10 @@ impl Mailbox {
 struct Marks {
     released: u64,
     committed: u64,
+    /// The newest id handed to the writer.
+    handed_out: u64,
+    /// The writer's last commit failed and it is retrying.
+    failing: bool,
 }
 
 /// The writer's progress, shared by every mailbox: `released` (messages up to this id may be
@@ -231,6 +239,34 @@ impl Progress {
         }
         for mailbox in self.mailboxes.lock().iter().filter_map(Weak::upgrade) {
             mailbox.release(id);
+        }
+    }
+
+    /// The engine handed row `id` to the writer. While the writer is failing, the row's
+    /// delivery is released at once: it would otherwise wait for the database to come back.
+    pub fn handed_out(&self, id: u64) {
+        let failing = {
+            let mut marks = self.marks.lock();
+            marks.handed_out = marks.handed_out.max(id);
+            marks.failing
+        };
+        if failing {
+            self.advance(id, false);
+        }
+    }
+
+    /// The writer's commits fail (`true`) or work again (`false`). When they start failing,
+    /// every row handed out so far is released, and [`Progress::handed_out`] releases later
+    /// ones at once until they work again. Both sides take the same lock, so no row falls
+    /// between them (handed out just before the flag is set, and so never released).
+    pub fn set_failing(&self, failing: bool) {
+        let handed_out = {
+            let mut marks = self.marks.lock();
+            marks.failing = failing;
+            marks.handed_out
+        };
+        if failing {
+            self.advance(handed_out, false);
         }
     }
 
@@ -327,5 +363,35 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         p.advance(7, true);
         assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn while_the_writer_fails_rows_are_released_as_they_are_handed_out() {
+        let p = Progress::default();
+        let m = p.subscribe().unwrap();
+        p.handed_out(3);
+        p.handed_out(5);
+        assert_eq!(m.drain().released, 0, "a working writer releases on commit");
+        p.set_failing(true);
+        assert_eq!(
+            m.drain().released,
+            5,
+            "everything handed out so far is released"
+        );
+        p.handed_out(8);
+        assert_eq!(m.drain().released, 8, "and each new row at once");
+        assert!(
+            !p.wait_committed(8, Duration::ZERO),
+            "released is not committed"
+        );
+        p.set_failing(false);
+        p.handed_out(9);
+        assert_eq!(
+            m.drain().released,
+            8,
+            "after recovery, rows wait for their commit again"
+        );
+        p.advance(9, true);
+        assert_eq!(m.drain().released, 9);
     }
 }

@@ -3,14 +3,16 @@
 //! A worker takes a job, waits until every row archived before the query was made is committed
 //! (read-your-writes), parses the query, runs it against the store, builds the result stanzas
 //! and `<fin>`, and queues the completion for the loop. Workers only read the store.
+//! Between queries they also refresh a host's archive figures for the metrics gauges.
 
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use minidom::Element;
 use parking_lot::Mutex;
 
+use super::metrics::HostMetrics;
 use super::wake::{Answer, Completion, Level, Mailbox, Progress};
 use crate::protocol::xep0313::{self, respond, Limits, MamQuery};
 use crate::protocol::{ns, StanzaError};
@@ -44,6 +46,25 @@ pub struct Job {
     pub limits: Limits,
     /// Where the completion goes: the mailbox of the host that asked.
     pub reply: Arc<Mailbox>,
+    /// When the loop handed it over (the query duration counts from here).
+    pub arrived: Instant,
+}
+
+/// A host's archive figures to read, for the metrics gauges.
+#[derive(Debug)]
+pub struct FiguresJob {
+    pub host: Arc<str>,
+    pub store: Arc<str>,
+    pub into: Arc<HostMetrics>,
+}
+
+/// What the workers take from their queue.
+// Nearly every task is an answer: boxing jobs would only add an allocation per query.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Task {
+    Answer(Job),
+    Figures(FiguresJob),
 }
 
 pub struct Worker {
@@ -54,16 +75,41 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn run(self, jobs: Arc<Mutex<Receiver<Job>>>) {
+    pub fn run(self, tasks: Arc<Mutex<Receiver<Task>>>) {
         loop {
             // Only the receive holds the lock; the other workers queue behind it.
-            let job = match jobs.lock().recv() {
-                Ok(job) => job,
+            let job = match tasks.lock().recv() {
+                Ok(Task::Answer(job)) => job,
+                Ok(Task::Figures(job)) => {
+                    self.figures(job);
+                    continue;
+                }
                 Err(_) => return,
             };
-            let (ticket, reply) = (job.ticket, job.reply.clone());
+            let (ticket, reply, arrived) = (job.ticket, job.reply.clone(), job.arrived);
             let result = self.answer(job);
-            reply.push(Completion::Query { ticket, result });
+            reply.push(Completion::Query {
+                ticket,
+                result,
+                elapsed: arrived.elapsed(),
+            });
+        }
+    }
+
+    fn figures(&self, job: FiguresJob) {
+        match self.store.figures(&job.host, &job.store) {
+            Ok(figures) => job.into.figures_refreshed(figures),
+            Err(e) => {
+                if job.into.figures_failed() {
+                    self.progress.log(
+                        Level::Warn,
+                        format!(
+                            "Could not read the archive figures of {} for metrics: {e}",
+                            job.host
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -126,6 +172,7 @@ impl Worker {
             messages: response.messages,
             payload: response.fin,
             last_id,
+            mark_id: response.newest.map(|id| id.to_string()),
         })
     }
 
@@ -140,7 +187,7 @@ impl Worker {
             Ok(page
                 .items
                 .first()
-                .map(|item| (item.id.to_string(), item.id.micros())))
+                .map(|item| (item.client_id(), item.id.micros())))
         };
         let (first, last) = (edge(false)?, edge(true)?);
         let payload = xep0313::metadata(
@@ -151,6 +198,7 @@ impl Worker {
             messages: Vec::new(),
             payload,
             last_id: None,
+            mark_id: None,
         })
     }
 }

@@ -7,24 +7,28 @@
 //! the `committed` watermark, which releases the deliveries waiting on those rows.
 //!
 //! When a commit fails, the rows are kept and retried with backoff, never dropped while the
-//! module runs; the deliveries waiting on them are released at the first failure, so messages
-//! keep flowing while the database is away. Only at shutdown, after a last few attempts, are
-//! rows given up, and then each is named in the log.
+//! module runs; the deliveries waiting on them are released at the first failure, and every
+//! row handed out after it is released at once until a commit works again
+//! ([`Progress::set_failing`]), so messages keep flowing while the database is away. The log
+//! gets one line when writes start failing and one when they work again, not one per retry.
+//! Only at shutdown, after a last few attempts, are rows given up, and then each is named in
+//! the log.
 //!
 //! Does not read, does not parse, does not touch Lua.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use minidom::Element;
 
 use std::collections::VecDeque;
 
+use super::metrics::WriterMetrics;
 use super::wake::{Completion, Level, Mailbox, Progress};
 use crate::id::ArchiveId;
-use crate::store::{ArchiveRef, ExpiryCursor, ExpiryRule, Mark, NewItem, Store};
+use crate::store::{ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Mark, NewItem, Store};
 
 /// A message to archive, as the loop hands it over.
 #[derive(Debug)]
@@ -52,18 +56,29 @@ pub enum WriterMsg {
     Stop,
 }
 
-/// An expiry run in progress.
+/// A removal in progress: an expiry run, or one archive's deletion (account deleted).
 #[derive(Debug)]
 pub struct ExpiryJob {
     pub ticket: u64,
     pub host: Arc<str>,
     pub store: Arc<str>,
     /// What to remove.
-    pub rule: ExpiryRule,
+    pub removal: Removal,
     /// Where the result goes.
     pub reply: Arc<Mailbox>,
-    pub cursor: ExpiryCursor,
     pub deleted: u64,
+}
+
+/// What an [`ExpiryJob`] removes.
+#[derive(Debug)]
+pub enum Removal {
+    /// What `rule` lets go, archive after archive of the job's host and store.
+    Expire {
+        rule: ExpiryRule,
+        cursor: ExpiryCursor,
+    },
+    /// Every message of one archive (its owner's account was deleted).
+    Archive(ArchiveRef),
 }
 
 /// Rows removed per expiry batch: one short transaction, so rows and queries interleave.
@@ -80,6 +95,10 @@ pub struct Writer {
     pub max_batch: usize,
     /// Set by the engine when it shuts down, so that retries stop in bounded time.
     pub stopping: Arc<AtomicBool>,
+    /// Batch sizes, commit durations and failed commits.
+    pub metrics: Arc<WriterMetrics>,
+    /// The database file, for the log lines about failing writes.
+    pub database: String,
 }
 
 impl Writer {
@@ -157,13 +176,21 @@ impl Writer {
 
     /// One expiry batch; true when the job is finished (done, or failed).
     fn expire_step(&self, job: &mut ExpiryJob) -> bool {
-        match self.store.expire(
-            &job.host,
-            &job.store,
-            &job.rule,
-            EXPIRY_BATCH,
-            &mut job.cursor,
-        ) {
+        let step = match &mut job.removal {
+            Removal::Expire { rule, cursor } => {
+                self.store
+                    .expire(&job.host, &job.store, rule, EXPIRY_BATCH, cursor)
+            }
+            Removal::Archive(archive) => {
+                self.store
+                    .delete_archive(archive, EXPIRY_BATCH)
+                    .map(|deleted| ExpiryBatch {
+                        deleted,
+                        done: deleted == 0,
+                    })
+            }
+        };
+        match step {
             Ok(step) => {
                 job.deleted += step.deleted;
                 if step.done {
@@ -240,31 +267,44 @@ impl Writer {
             return;
         };
         let mut attempt: u32 = 0;
+        let mut failing_since: Option<Instant> = None;
         loop {
+            let started = Instant::now();
             match self.store.append(batch) {
                 Ok(()) => {
-                    if attempt > 0 {
+                    self.metrics.committed(batch.len(), started.elapsed());
+                    // One line when a fault clears, as one when it started (not one per retry).
+                    if let Some(since) = failing_since {
+                        self.progress.set_failing(false);
                         self.progress.log(
                             Level::Info,
-                            format!("Archive writes recovered after {attempt} failed attempts"),
+                            format!(
+                                "Writing to the archive {} works again after {attempt} failed attempt{} in {:.1} s; writing the {} messages queued meanwhile",
+                                self.database,
+                                if attempt == 1 { "" } else { "s" },
+                                since.elapsed().as_secs_f64(),
+                                self.queued.load(Ordering::Acquire)
+                            ),
                         );
                     }
                     self.progress.advance(last, true);
                     return;
                 }
                 Err(e) => {
+                    self.metrics.failed();
                     attempt += 1;
                     if attempt == 1 {
+                        failing_since = Some(started);
                         self.progress.log(
                             Level::Error,
                             format!(
-                                "Could not write {} archived messages ({} .. {}): {e}; retrying, messages are still delivered",
-                                batch.len(),
-                                batch[0].id,
-                                batch[batch.len() - 1].id
+                                "Could not write to the archive {}: {e}; retrying until it works, messages are still delivered meanwhile",
+                                self.database
                             ),
                         );
-                        self.progress.advance(last, false);
+                        // Releases this batch's deliveries, and every later one at once until
+                        // a commit works again: none waits for a database that is away.
+                        self.progress.set_failing(true);
                     }
                     if self.stopping.load(Ordering::Acquire) && attempt >= ATTEMPTS_AT_SHUTDOWN {
                         for item in batch {

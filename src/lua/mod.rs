@@ -10,13 +10,18 @@
 //! - `prefs_from_element(prefs) -> table`: a `<prefs>` element in Prosody's stored form.
 //! - `expire_now(database, host, store, end, on_batch) -> removed, found`: expiry for the
 //!   `cleanup` command, run in the calling process.
+//! - `admin(database, create) -> handle | nil, message`: the `prosodyctl` commands' handle
+//!   on the database (see [`admin`]).
 //! - `open(host, options, stanza_mt) -> archive | nil, message`: the per-host handle, whose
 //!   methods are `fd`, `archive`, `query`, `metadata`, `expire`, `drain`, `query_form`,
-//!   `prefs_element` and `close`.
+//!   `prefs_element`, `metrics` and `close`.
+//! - `metric_buckets`: `{ seconds = {...}, batch = {...} }`, the bucket bounds of the
+//!   histograms that `archive:metrics()` fills (see [`crate::engine::metrics`]).
 
+mod admin;
 mod stanza;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +34,7 @@ use mlua::prelude::*;
 use mlua::{Table, UserData, UserDataMethods, Value};
 
 use crate::config::{self, Config, RawValue};
+use crate::engine::metrics::{self, HostMetrics, NotArchived, Reporter, Value as Sample};
 use crate::engine::writer::EXPIRY_BATCH;
 use crate::engine::{Completion, Engine, EngineError, Mailbox, QueryRequest, Request};
 use crate::policy;
@@ -45,11 +51,16 @@ fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
     exports.set("parse_config", lua.create_function(parse_config)?)?;
     exports.set("should_store", lua.create_function(should_store)?)?;
     exports.set("open", lua.create_function(open)?)?;
+    let buckets = lua.create_table()?;
+    buckets.set("seconds", metrics::SECONDS_BUCKETS)?;
+    buckets.set("batch", metrics::BATCH_BUCKETS)?;
+    exports.set("metric_buckets", buckets)?;
     exports.set(
         "prefs_from_element",
         lua.create_function(prefs_from_element)?,
     )?;
     exports.set("expire_now", lua.create_function(expire_now)?)?;
+    exports.set("admin", lua.create_function(admin::admin)?)?;
     Ok(exports)
 }
 
@@ -123,6 +134,7 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Table)> {
     settings.set("archive_store", config.archive_store.as_str())?;
     settings.set("mam_include_total", config.mam_include_total)?;
     settings.set("mam_smart_enable", config.mam_smart_enable)?;
+    settings.set("archive_compression", config.archive_compression)?;
     settings.set(
         "storage_archive_item_limit",
         config.storage_archive_item_limit,
@@ -153,33 +165,15 @@ type Archived = (
     Option<&'static str>,
 );
 
-/// Why a message was not archived, for the shim to choose how loudly to log it.
-#[derive(Debug, Clone, Copy)]
-enum NotArchived {
-    /// Nothing left once `dont_archive_namespaces` were stripped (expected, quiet).
-    Empty,
-    /// Nested deeper than the copy allows (a client's doing).
-    TooDeep,
-    /// The writer's queue is at its bound (the database cannot keep up).
-    QueueFull,
-    /// Anything else: the archive is closed, or an unexpected failure.
-    Failed,
-}
-
-impl NotArchived {
-    fn as_str(self) -> &'static str {
-        match self {
-            NotArchived::Empty => "empty",
-            NotArchived::TooDeep => "too-deep",
-            NotArchived::QueueFull => "queue-full",
-            NotArchived::Failed => "failed",
-        }
-    }
-
-    fn reply(self, why: impl Into<String>) -> Archived {
-        (None, None, Some(why.into()), None, Some(self.as_str()))
-    }
-}
+/// `archive:archive(stanza, user, with, want_stored, seen_by, outgoing)`.
+type ArchiveArgs = (
+    Table,
+    String,
+    String,
+    Option<bool>,
+    Option<Vec<String>>,
+    Option<bool>,
+);
 
 /// One module instance's view of the engine: its host, its options and its mailbox.
 struct Archive {
@@ -194,6 +188,10 @@ struct Archive {
     quota: Option<u32>,
     limits: Limits,
     stanza_mt: Table,
+    /// This host's counts (the archive path adds to them)...
+    metrics: Arc<HostMetrics>,
+    /// ...and what `metrics()` reported of them and of the writer's.
+    reporter: RefCell<Reporter>,
 }
 
 fn open(
@@ -206,6 +204,8 @@ fn open(
         Err(e) => return Ok((None, Some(format!("{}: {e}", config.database.display())))),
     };
     let mailbox = engine.mailbox().map_err(LuaError::external)?;
+    let metrics = Arc::new(HostMetrics::default());
+    let reporter = Reporter::new(metrics.clone(), engine.writer_metrics().clone());
     Ok((
         Some(Archive {
             engine: Some(engine),
@@ -222,6 +222,8 @@ fn open(
                 max_ids: config.max_ids_per_query,
             },
             stanza_mt,
+            metrics,
+            reporter: RefCell::new(reporter),
         }),
         None,
     ))
@@ -242,9 +244,17 @@ impl Archive {
         }
     }
 
+    /// Counts a message that was not archived, and says why.
+    fn refuse(&self, kind: NotArchived, why: impl Into<String>) -> Archived {
+        self.metrics.not_archived(kind);
+        (None, None, Some(why.into()), None, Some(kind.as_str()))
+    }
+
     /// Stores a copy of `stanza` in `user`'s archive. Returns the id and the release mark, or
     /// only the reason it was not stored; with `want_stored`, also the stored copy as a stanza
-    /// (for `archive-message-added`; built only when someone listens).
+    /// (for `archive-message-added`; built only when someone listens). `outgoing`: the user
+    /// sent it (for the metrics).
+    #[allow(clippy::too_many_arguments)]
     fn archive(
         &self,
         lua: &Lua,
@@ -253,21 +263,22 @@ impl Archive {
         with: String,
         want_stored: bool,
         seen_by: Vec<String>,
+        outgoing: bool,
     ) -> LuaResult<Archived> {
         let Some(engine) = self.engine.as_ref() else {
-            return Ok(NotArchived::Failed.reply("the archive is closed"));
+            return Ok(self.refuse(NotArchived::Failed, "the archive is closed"));
         };
         // The shim has already removed stanza-ids claiming to be ours (it strips them from the
         // live stanza, mod_mam.lua:298-312), so this copy needs no second pass.
         let mut stored = match stanza::to_element(stanza, ns::CLIENT) {
             Ok(el) => el,
             Err(e @ stanza::CopyError::TooDeep) => {
-                return Ok(NotArchived::TooDeep.reply(e.to_string()))
+                return Ok(self.refuse(NotArchived::TooDeep, e.to_string()))
             }
-            Err(e) => return Ok(NotArchived::Failed.reply(e.to_string())),
+            Err(e) => return Ok(self.refuse(NotArchived::Failed, e.to_string())),
         };
         if !policy::strip_for_storage(&mut stored, &self.strip) {
-            return Ok(NotArchived::Empty.reply("empty when stripped"));
+            return Ok(self.refuse(NotArchived::Empty, "empty when stripped"));
         }
         let copy = match want_stored {
             true => Some(stanza::build(lua, &self.stanza_mt, &stored, ns::CLIENT)?),
@@ -276,6 +287,7 @@ impl Archive {
         match engine.archive(self.archive_ref(user), with, stored, self.quota, seen_by) {
             Ok(archived) => {
                 self.last_release.set(archived.release_at);
+                self.metrics.archived(outgoing);
                 Ok((
                     Some(archived.id.to_string()),
                     Some(archived.release_at as i64),
@@ -284,8 +296,10 @@ impl Archive {
                     None,
                 ))
             }
-            Err(e @ EngineError::QueueFull(_)) => Ok(NotArchived::QueueFull.reply(e.to_string())),
-            Err(e) => Ok(NotArchived::Failed.reply(e.to_string())),
+            Err(e @ EngineError::QueueFull(_)) => {
+                Ok(self.refuse(NotArchived::QueueFull, e.to_string()))
+            }
+            Err(e) => Ok(self.refuse(NotArchived::Failed, e.to_string())),
         }
     }
 }
@@ -461,15 +475,7 @@ impl UserData for Archive {
 
         methods.add_method(
             "archive",
-            |lua,
-             this,
-             (stanza, user, with, want_stored, seen_by): (
-                Table,
-                String,
-                String,
-                Option<bool>,
-                Option<Vec<String>>,
-            )| {
+            |lua, this, (stanza, user, with, want_stored, seen_by, outgoing): ArchiveArgs| {
                 this.archive(
                     lua,
                     &stanza,
@@ -477,6 +483,7 @@ impl UserData for Archive {
                     with,
                     want_stored.unwrap_or(false),
                     seen_by.unwrap_or_default(),
+                    outgoing.unwrap_or(false),
                 )
             },
         );
@@ -520,6 +527,14 @@ impl UserData for Archive {
             },
         );
 
+        // The account was deleted: remove its archive (after the rows queued before).
+        methods.add_method("delete_user", |_, this, user: String| {
+            let archive = this.archive_ref(user);
+            this.engine()?
+                .delete_archive(archive, &this.mailbox)
+                .map_err(LuaError::external)
+        });
+
         methods.add_method("metadata", |_, this, user: String| {
             this.ask(Request::Metadata, user, None, None)
         });
@@ -539,7 +554,12 @@ impl UserData for Archive {
             for completion in drained.completions {
                 let entry = lua.create_table()?;
                 match completion {
-                    Completion::Query { ticket, result } => {
+                    Completion::Query {
+                        ticket,
+                        result,
+                        elapsed,
+                    } => {
+                        this.metrics.answered(result.is_ok(), elapsed);
                         entry.set("ticket", ticket)?;
                         match result {
                             Ok(response) => {
@@ -564,6 +584,7 @@ impl UserData for Archive {
                                     )?,
                                 )?;
                                 entry.set("last_id", response.last_id)?;
+                                entry.set("mark_id", response.mark_id)?;
                             }
                             Err(e) => {
                                 entry.set("error_type", e.kind.as_str())?;
@@ -587,6 +608,43 @@ impl UserData for Archive {
                 list.raw_push(entry)?;
             }
             Ok((drained.released as i64, list))
+        });
+
+        // What changed in this host's metrics since the last call: a list of
+        // `{ name, labels, add = n | set = v | samples = { value, count, ... } }`. With
+        // `refresh`, also asks for new archive figures when they are older than
+        // FIGURES_MAX_AGE (read off the loop; they show in a later call).
+        methods.add_method("metrics", |lua, this, refresh: Option<bool>| {
+            let engine = this.engine.as_ref();
+            if let Some(engine) = engine.filter(|_| refresh == Some(true)) {
+                if this.metrics.claim_refresh(metrics::FIGURES_MAX_AGE) {
+                    engine.refresh_figures(this.host.clone(), this.store.clone(), &this.metrics);
+                }
+            }
+            let updates = this
+                .reporter
+                .borrow_mut()
+                .report(engine.map(|e| e.queued()));
+            let list = lua.create_table_with_capacity(updates.len(), 0)?;
+            for update in updates {
+                let entry = lua.create_table()?;
+                entry.set("name", update.name)?;
+                entry.set("labels", update.labels)?;
+                match update.value {
+                    Sample::Add(n) => entry.set("add", n)?,
+                    Sample::Set(v) => entry.set("set", v)?,
+                    Sample::Samples(samples) => {
+                        let flat = lua.create_table_with_capacity(samples.len() * 2, 0)?;
+                        for (value, count) in samples {
+                            flat.raw_push(value)?;
+                            flat.raw_push(count)?;
+                        }
+                        entry.set("samples", flat)?;
+                    }
+                }
+                list.raw_push(entry)?;
+            }
+            Ok(list)
         });
 
         methods.add_method("query_form", |lua, this, ()| {

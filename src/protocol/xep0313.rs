@@ -14,6 +14,7 @@
 use super::xep0004::{Field, FieldType, Form, FormKind, FormType, SubmittedForm};
 use super::xep0059::{SetQuery, SetResult};
 use super::{attr_name, ns, xep0082, PreppedJid, StanzaError};
+use crate::id::ArchiveId;
 use crate::store::{Page, Query};
 use minidom::{Element, Node};
 
@@ -99,6 +100,9 @@ pub struct Response {
     pub complete: bool,
     /// One description per stored message that could not be read and was left out.
     pub skipped: Vec<String>,
+    /// The largest id of the page, for smart retention's client marks (clients may know
+    /// imported messages by other ids).
+    pub newest: Option<ArchiveId>,
 }
 
 impl MamQuery {
@@ -263,12 +267,14 @@ pub fn respond(
     let mut messages = Vec::new();
     let mut skipped = Vec::new();
     let (mut first, mut last): (Option<String>, Option<String>) = (None, None);
+    let mut newest = None;
     for (count, item) in page.items.into_iter().enumerate() {
         if count as u64 >= u64::from(plan.qmax) {
             complete = false;
             break;
         }
-        let id = item.id.to_string();
+        newest = newest.max(Some(item.id));
+        let id = item.client_id();
         match parse_stored(&item.stanza) {
             Ok(stanza) => messages.push(result_message(
                 to,
@@ -304,6 +310,7 @@ pub fn respond(
         fin,
         complete,
         skipped,
+        newest,
     }
 }
 
@@ -760,6 +767,7 @@ mod tests {
     fn item_with(n: i64, stanza: &str) -> Item {
         Item {
             id: id(n),
+            key: None,
             with: "romeo@montague.lit".into(),
             stanza: stanza.into(),
         }

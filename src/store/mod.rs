@@ -42,8 +42,79 @@ pub struct NewItem {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     pub id: ArchiveId,
+    /// The id clients know this row by, when it is not `id`'s text: the stock id of an
+    /// imported message (see [`Store::import`]).
+    pub key: Option<String>,
     pub with: String,
     pub stanza: String,
+}
+
+impl Item {
+    /// The id clients see (`<result id>`, `<stanza-id>`, RSM): the imported key, or `id`.
+    pub fn client_id(&self) -> String {
+        match &self.key {
+            Some(key) => key.clone(),
+            None => self.id.to_string(),
+        }
+    }
+}
+
+/// A message read from another archive (stock mod_mam's store, or an export file), ready to
+/// be imported with its own id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportRow {
+    /// The id clients know it by (stock's `key`). Kept: queries accept it and answer with it.
+    pub key: String,
+    /// When it was archived, Unix microseconds.
+    pub micros: i64,
+    /// Bare JID of the other party.
+    pub with: String,
+    /// The stored copy, in the form [`NewItem::stanza`] has.
+    pub stanza: String,
+}
+
+/// Where an import from one source stands in one archive, so that a rerun resumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportCheckpoint {
+    /// The source's own position of the last row handled (e.g. stock's `sort_id`).
+    pub position: i64,
+    /// The id given to the last row imported: later rows get larger ids.
+    pub last_id: i64,
+}
+
+/// What one [`Store::import`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImportBatch {
+    /// Rows written.
+    pub imported: u64,
+    /// Rows already in the archive (same key), left as they are.
+    pub already: u64,
+}
+
+/// Figures for `info` and `user_stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Archives (users) with at least one message.
+    pub users: u64,
+    pub messages: u64,
+    /// Bytes of stored stanzas (as stored, so compressed where compression is on).
+    pub bytes: u64,
+    pub oldest: Option<ArchiveId>,
+    pub newest: Option<ArchiveId>,
+    /// Messages per `with` JID, most first (only for one archive; at most 20).
+    pub contacts: Vec<(String, u64)>,
+}
+
+/// Figures for the metrics gauges ([`Store::figures`]): cheap to read, never a scan of the
+/// messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Archives (users) with at least one message.
+    pub archives: u64,
+    /// Messages in them.
+    pub messages: u64,
+    /// The database on disk, write-ahead log included: the whole file, every host in it.
+    pub bytes: u64,
 }
 
 /// What to look for, with stock `archive:find` semantics (reference §3):
@@ -169,4 +240,39 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records what clients have received; a mark only ever moves forward.
     fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError>;
+
+    /// Where the import from `source` into `archive` stopped, if it ever ran.
+    fn import_checkpoint(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+    ) -> Result<Option<ImportCheckpoint>, StoreError>;
+
+    /// Imports `rows` (in the source's order) into `archive` in one transaction, and records
+    /// `position` as the source's position after them. Each row keeps its key: a row whose key
+    /// is already in the archive is skipped (so a rerun changes nothing); a new row gets the
+    /// smallest free id at or after its time that is above every id this source gave before,
+    /// so the source's order is kept; when that id's text is not the key, the key is kept
+    /// beside it and queries answer with it.
+    fn import(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+        rows: &[ImportRow],
+        position: i64,
+    ) -> Result<ImportBatch, StoreError>;
+
+    /// Figures for the archives of `host` under `store`, or one user's.
+    fn stats(&self, host: &str, store: &str, user: Option<&str>) -> Result<Stats, StoreError>;
+
+    /// Removes at most `limit` of an archive's rows (and, once it is empty, its client marks
+    /// and import checkpoints). Returns how many rows went; call again until it returns 0.
+    fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError>;
+
+    /// Maintenance for the `optimize` command: each step done, in words.
+    fn optimize(&self, vacuum: bool) -> Result<Vec<String>, StoreError>;
+
+    /// Figures of `host`'s archives under `store` for the metrics gauges. Called every few
+    /// seconds at most, on a query worker: must not scan the messages.
+    fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError>;
 }

@@ -180,7 +180,7 @@ class ProsodyServer:
                         )
             out = open(self.workdir / "stdout.txt", "ab")
             self.proc = subprocess.Popen(
-                ["prosody", "-F", "--config", str(self.cfg)],
+                self.command(),
                 stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
             )
             out.close()
@@ -208,6 +208,11 @@ class ProsodyServer:
             "prosody did not start (%s)\n--- stdout ---\n%s\n--- log tail ---\n%s"
             % (self.workdir, (self.workdir / "stdout.txt").read_text(errors="replace"), self.log_tail(50))
         )
+
+    def command(self):
+        """The argv that runs this server in the foreground. A subclass may wrap it (for example
+        in a mount namespace of its own); the process must still end up as Prosody, same pid."""
+        return ["prosody", "-F", "--config", str(self.cfg)]
 
     def _check_module_loaded(self):
         log = self.log_text()
@@ -713,7 +718,7 @@ def restart_server(srv, timeout=15.0, check_module=True):
         offset = srv.log.stat().st_size if srv.log.exists() else 0
         out = open(srv.workdir / "stdout.txt", "ab")
         srv.proc = subprocess.Popen(
-            ["prosody", "-F", "--config", str(srv.cfg)],
+            srv.command(),
             stdout=out, stderr=subprocess.STDOUT, cwd=srv.workdir,
         )
         out.close()
@@ -795,3 +800,63 @@ def stored_prefs_sql(srv, user):
             (user,)).fetchall())
     finally:
         db.close()
+
+
+# --------------------------------------------------------------------------
+# Storage choice, extra config after the VirtualHost lines, and servers on a copy of another
+# server's data directory; used by test_import.py and test_admin_commands.py. Only adds to the
+# harness above.
+
+
+class StorageServer(ProsodyServer):
+    """A ProsodyServer with `storage` = "sql" (the base config) or "internal", more entries in
+    modules_enabled and plugin_paths, and raw `trailing` lines written after the VirtualHost
+    lines (for example another VirtualHost with its own modules_disabled)."""
+
+    def __init__(self, extra_config=(), storage="sql", extra_modules=(), plugin_paths=(), trailing=(), **kw):
+        self._init_args = dict(extra_config=list(extra_config), storage=storage, extra_modules=list(extra_modules),
+                               plugin_paths=list(plugin_paths), trailing=list(trailing), **kw)
+        super().__init__(extra_config, **kw)
+        self.storage = storage
+        self.extra_modules = list(extra_modules)
+        self.plugin_paths = [str(p) for p in plugin_paths]
+        self.trailing = list(trailing)
+
+    def _write_config(self):
+        super()._write_config()
+        text = self.cfg.read_text()
+
+        def sub(old, new):
+            assert old in text, "unexpected config layout in %s: no %r" % (self.cfg, old)
+            return text.replace(old, new, 1)
+
+        if self.storage != "sql":
+            text = sub('storage = "sql"\n', 'storage = "%s"\n' % self.storage)
+        if self.extra_modules:
+            text = sub('"%s" }' % self.module,
+                       '"%s"%s }' % (self.module, "".join(', "%s"' % m for m in self.extra_modules)))
+        if self.plugin_paths:
+            old = 'plugin_paths = { "%s" }' % (REPO / "build" / "plugins")
+            text = sub(old, 'plugin_paths = { "%s"%s }' % (REPO / "build" / "plugins",
+                                                          "".join(', "%s"' % p for p in self.plugin_paths)))
+        if self.trailing:
+            text += "\n" + "\n".join(self.trailing) + "\n"
+        self.cfg.write_text(text)
+
+    def clone(self, start=True, **overrides):
+        """A new StorageServer with this one's settings (overridden by `overrides`, e.g.
+        module="mam_rs") on a copy of this server's data directory: its accounts, archives and
+        prefs. This server must be stopped. The copy is started unless start=False; then its
+        config is written, and restart_server(copy) starts it later."""
+        assert self.proc is None, "clone: stop the source server first (stop_server_keep_data)"
+        args = dict(self._init_args)
+        args.setdefault("module", self.module)
+        args.update(overrides)
+        new = StorageServer(**args)
+        shutil.copytree(self.data, new.data)
+        (new.workdir / "certs").mkdir(exist_ok=True)
+        new.port = _free_port()
+        new._write_config()
+        if start:
+            restart_server(new)
+        return new

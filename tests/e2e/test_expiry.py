@@ -113,7 +113,8 @@ def test_cleanup_command_names_what_is_wrong(make_server):
     never = prosodyctl(srv, "mod_mam_rs", "cleanup")
     assert never.returncode == 0 and "expiry is disabled" in never.stdout, never.stdout
     usage = prosodyctl(srv, "mod_mam_rs", "frobnicate")
-    assert usage.returncode == 1 and "Usage: prosodyctl mod_mam_rs cleanup [host]" in usage.stdout, usage.stdout
+    assert usage.returncode == 1 and 'Unknown command "frobnicate"' in usage.stdout, usage.stdout
+    assert "cleanup [host]" in usage.stdout, usage.stdout
 
 
 def test_cleanup_is_reported_on_prosodys_metrics_endpoint(connect):

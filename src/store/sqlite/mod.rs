@@ -16,6 +16,7 @@
 //! transaction commits. So rows of `archives` and `jids` must never be deleted (or renumbered)
 //! while a store is open; other code may delete `messages` rows (triggers keep the counts).
 
+mod compress;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -23,8 +24,8 @@ mod tests;
 pub use schema::SCHEMA_VERSION;
 
 use super::{
-    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Item, Mark, NewItem, Page, Query, Store,
-    StoreError, Strategy,
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
+    ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
 };
 use crate::id::{ArchiveId, SEQ_BITS};
 use parking_lot::Mutex;
@@ -49,6 +50,8 @@ pub struct SqliteOptions {
     pub page_cache_kib: u32,
     /// Entries each id cache (archives, JIDs) holds; a full cache is emptied and refills.
     pub id_cache_capacity: usize,
+    /// `archive_compression`: store new stanzas zstd-compressed (see [`compress`]).
+    pub compression: bool,
 }
 
 impl Default for SqliteOptions {
@@ -59,6 +62,7 @@ impl Default for SqliteOptions {
             pool_timeout: Duration::from_secs(10),
             page_cache_kib: 8 * 1024,
             id_cache_capacity: 100_000,
+            compression: false,
         }
     }
 }
@@ -69,6 +73,7 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     readers: r2d2::Pool<SqliteConnectionManager>,
     ids: Mutex<IdCache>,
+    codec: compress::Codec,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -99,8 +104,28 @@ const SELECT_MAX_MARK: &str = "SELECT max(last_id) FROM client_marks WHERE aid =
 const SELECT_MIN_MARK: &str = "SELECT min(last_id) FROM client_marks WHERE aid = ?1 AND seen >= ?2";
 const UPSERT_MARK: &str = "INSERT INTO client_marks (aid, client, last_id, seen) VALUES (?1, ?2, ?3, ?4) \
      ON CONFLICT (aid, client) DO UPDATE SET last_id = max(last_id, excluded.last_id), seen = max(seen, excluded.seen)";
+const SELECT_LEGACY: &str = "SELECT id FROM legacy_ids WHERE aid = ?1 AND key = ?2";
+const INSERT_LEGACY: &str = "INSERT INTO legacy_ids (id, aid, key) VALUES (?1, ?2, ?3)";
+const SELECT_ID_TAKEN: &str = "SELECT aid FROM messages WHERE id = ?1";
+const SELECT_IMPORT: &str = "SELECT position, last_id FROM imports WHERE source = ?1 AND aid = ?2";
+const UPSERT_IMPORT: &str = "INSERT INTO imports (source, aid, position, last_id) VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (source, aid) DO UPDATE SET position = excluded.position, last_id = excluded.last_id";
+const DELETE_ARCHIVE_ROWS: &str =
+    "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE aid = ?1 LIMIT ?2)";
+const SELECT_ARCHIVE_COUNT: &str =
+    "SELECT aid, item_count FROM archives WHERE host = ?1 AND user = ?2 AND store = ?3";
+const SELECT_HOST_ARCHIVE_COUNTS: &str =
+    "SELECT aid, item_count FROM archives WHERE host = ?1 AND store = ?2";
+const SELECT_ARCHIVE_FIGURES: &str = "SELECT min(id), max(id), sum(length(CAST(stanza AS BLOB))) \
+     FROM messages WHERE aid = ?1";
+const SELECT_CONTACTS: &str =
+    "SELECT (SELECT jid FROM jids WHERE jid_id = with_id), count(*) AS n \
+     FROM messages WHERE aid = ?1 GROUP BY with_id ORDER BY n DESC LIMIT 20";
 const DELETE_OLDEST: &str =
     "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE aid = ?1 ORDER BY id LIMIT ?2)";
+// One row per archive of the host (the counts are kept by triggers), never the messages.
+const SELECT_HOST_FIGURES: &str = "SELECT count(*), coalesce(sum(item_count), 0) FROM archives \
+     WHERE host = ?1 AND store = ?2 AND item_count > 0";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates its schema to
@@ -116,6 +141,8 @@ impl SqliteStore {
             .map_err(open_err)?;
         schema::enable_wal(&writer)?;
         schema::migrate(&mut writer)?;
+        let codec = compress::Codec::new(options.compression);
+        codec.load(&writer).map_err(open_err)?;
 
         let (busy, kib) = (options.busy_timeout, options.page_cache_kib);
         let manager = SqliteConnectionManager::file(path).with_init(move |conn| {
@@ -134,6 +161,7 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             readers,
             ids: Mutex::new(IdCache::new(options.id_cache_capacity)),
+            codec,
         })
     }
 
@@ -279,16 +307,18 @@ impl SqliteStore {
                 None => return nothing(Some(aid)),
             },
         };
-        let ids = query.ids.as_ref().map(|texts| {
-            let mut ids: Vec<i64> = texts
-                .iter()
-                .filter_map(|text| ArchiveId::parse(text))
-                .map(ArchiveId::as_i64)
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids
-        });
+        let ids = match &query.ids {
+            None => None,
+            Some(texts) => {
+                let mut ids = Vec::with_capacity(texts.len());
+                for text in texts {
+                    ids.extend(lookup_id(conn, aid, text)?);
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                Some(ids)
+            }
+        };
         if ids.as_ref().is_some_and(Vec::is_empty) {
             return nothing(Some(aid));
         }
@@ -326,7 +356,14 @@ impl SqliteStore {
         let items = if range.is_empty() {
             Vec::new()
         } else {
-            select_page(conn, &filter, range, query.limit, query.reverse)?
+            select_page(
+                conn,
+                &self.codec,
+                &filter,
+                range,
+                query.limit,
+                query.reverse,
+            )?
         };
         Ok(Page { items, total })
     }
@@ -341,7 +378,10 @@ impl Store for SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
+        // SAFETY: only read by `with_os_error` while `conn` is locked and open.
+        let handle = unsafe { tx.handle() };
         let mut fresh = Fresh::default();
+        self.codec.prepare(&tx, batch.len()).map_err(db)?;
         {
             let mut insert = tx.prepare_cached(INSERT_MESSAGE).map_err(db)?;
             for item in batch {
@@ -355,12 +395,17 @@ impl Store for SqliteStore {
                     make_room(&tx, aid, quota)?;
                 }
                 insert
-                    .execute((item.id.as_i64(), aid, with_id, &item.stanza))
-                    .map_err(db)?;
+                    .execute((
+                        item.id.as_i64(),
+                        aid,
+                        with_id,
+                        self.codec.encode(&item.stanza),
+                    ))
+                    .map_err(|e| with_os_error(handle, e))?;
             }
         }
         // On any error above, dropping `tx` rolls back and `fresh` is forgotten.
-        tx.commit().map_err(db)?;
+        tx.commit().map_err(|e| with_os_error(handle, e))?;
         drop(conn);
         if !fresh.archives.is_empty() || !fresh.jids.is_empty() {
             let mut ids = self.ids.lock();
@@ -465,6 +510,319 @@ impl Store for SqliteStore {
         }
         Ok(())
     }
+
+    fn import_checkpoint(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+    ) -> Result<Option<ImportCheckpoint>, StoreError> {
+        let conn = self.reader()?;
+        let Some(aid) = self.archive_for_read(&conn, archive).map_err(db)? else {
+            return Ok(None);
+        };
+        conn.prepare_cached(SELECT_IMPORT)
+            .and_then(|mut stmt| {
+                stmt.query_row((source, aid), |row| {
+                    Ok(ImportCheckpoint {
+                        position: row.get(0)?,
+                        last_id: row.get(1)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(db)
+    }
+
+    fn import(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+        rows: &[ImportRow],
+        position: i64,
+    ) -> Result<ImportBatch, StoreError> {
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut fresh = Fresh::default();
+        let aid = self
+            .archive_for_write(&tx, archive, &mut fresh)
+            .map_err(db)?;
+        let mut last_id: i64 = tx
+            .prepare_cached(SELECT_IMPORT)
+            .and_then(|mut stmt| stmt.query_row((source, aid), |row| row.get(1)).optional())
+            .map_err(db)?
+            .unwrap_or(0);
+        // Never in the future: new messages must keep sorting after imported ones.
+        let now = crate::id::now_micros();
+        let mut done = ImportBatch::default();
+        self.codec.prepare(&tx, rows.len()).map_err(db)?;
+        for row in rows {
+            if lookup_id(&tx, aid, &row.key)?.is_some() {
+                done.already += 1;
+                continue;
+            }
+            let taken = |id: i64| -> Result<bool, StoreError> {
+                tx.prepare_cached(SELECT_ID_TAKEN)
+                    .and_then(|mut stmt| stmt.query_row([id], |_| Ok(())).optional())
+                    .map(|found| found.is_some())
+                    .map_err(db)
+            };
+            // A key that is one of our ids (an export read back) stays the id where it can.
+            let own = ArchiveId::parse(&row.key).map(ArchiveId::as_i64);
+            let mut id = match own {
+                Some(id) if id > last_id && !taken(id)? => id,
+                // The upper half of the sequence bits: live ids start each microsecond at 0,
+                // so an import running beside Prosody does not take an id a live message
+                // is about to be committed with.
+                _ => last_id
+                    .saturating_add(1)
+                    .max(ArchiveId::first_at(row.micros.clamp(0, now)).as_i64() | IMPORT_SEQ),
+            };
+            while taken(id)? {
+                id += 1;
+            }
+            let with_id = self.jid_for_write(&tx, &row.with, &mut fresh).map_err(db)?;
+            let stanza = self.codec.encode(&row.stanza);
+            tx.prepare_cached(INSERT_MESSAGE)
+                .and_then(|mut stmt| stmt.execute((id, aid, with_id, stanza)))
+                .map_err(db)?;
+            if own != Some(id) {
+                tx.prepare_cached(INSERT_LEGACY)
+                    .and_then(|mut stmt| stmt.execute((id, aid, &row.key)))
+                    .map_err(db)?;
+            }
+            last_id = id;
+            done.imported += 1;
+        }
+        tx.prepare_cached(UPSERT_IMPORT)
+            .and_then(|mut stmt| stmt.execute((source, aid, position, last_id)))
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        drop(conn);
+        let mut ids = self.ids.lock();
+        for (archive, aid) in fresh.archives {
+            ids.remember_archive(archive, aid);
+        }
+        for (jid, id) in fresh.jids {
+            ids.remember_jid(jid, id);
+        }
+        Ok(done)
+    }
+
+    fn stats(&self, host: &str, store: &str, user: Option<&str>) -> Result<Stats, StoreError> {
+        let conn = self.reader()?;
+        let aids: Vec<(i64, i64)> = match user {
+            Some(user) => conn
+                .prepare_cached(SELECT_ARCHIVE_COUNT)
+                .and_then(|mut stmt| {
+                    stmt.query_map((host, user, store), |row| Ok((row.get(0)?, row.get(1)?)))?
+                        .collect()
+                }),
+            None => conn
+                .prepare_cached(SELECT_HOST_ARCHIVE_COUNTS)
+                .and_then(|mut stmt| {
+                    stmt.query_map((host, store), |row| Ok((row.get(0)?, row.get(1)?)))?
+                        .collect()
+                }),
+        }
+        .map_err(db)?;
+        let mut stats = Stats::default();
+        for (aid, count) in &aids {
+            if *count == 0 {
+                continue;
+            }
+            stats.users += 1;
+            stats.messages += *count as u64;
+            let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) = conn
+                .prepare_cached(SELECT_ARCHIVE_FIGURES)
+                .and_then(|mut stmt| {
+                    stmt.query_row([aid], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                })
+                .map_err(db)?;
+            stats.bytes += bytes.unwrap_or(0) as u64;
+            if let Some(oldest) = oldest.map(stored_id).transpose()? {
+                stats.oldest = Some(stats.oldest.map_or(oldest, |o| o.min(oldest)));
+            }
+            if let Some(newest) = newest.map(stored_id).transpose()? {
+                stats.newest = Some(stats.newest.map_or(newest, |n| n.max(newest)));
+            }
+        }
+        if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
+            if *count > 0 {
+                stats.contacts = conn
+                    .prepare_cached(SELECT_CONTACTS)
+                    .and_then(|mut stmt| {
+                        stmt.query_map([aid], |row| {
+                            Ok((row.get(0)?, row.get::<_, i64>(1)? as u64))
+                        })?
+                        .collect()
+                    })
+                    .map_err(db)?;
+            }
+        }
+        Ok(stats)
+    }
+
+    fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError> {
+        let mut conn = self.writer.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let key = (&*archive.host, &archive.user, &*archive.store);
+        let Some(aid) = tx
+            .prepare_cached(SELECT_ARCHIVE)
+            .and_then(|mut stmt| stmt.query_row(key, |row| row.get::<_, i64>(0)).optional())
+            .map_err(db)?
+        else {
+            return Ok(0);
+        };
+        let deleted = tx
+            .prepare_cached(DELETE_ARCHIVE_ROWS)
+            .and_then(|mut stmt| stmt.execute((aid, i64::from(limit))))
+            .map_err(db)? as u64;
+        if deleted == 0 {
+            // The archive row itself stays (ids of archives are cached and never reused).
+            tx.execute_batch(&format!(
+                "DELETE FROM client_marks WHERE aid = {aid}; DELETE FROM imports WHERE aid = {aid};"
+            ))
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(deleted)
+    }
+
+    fn optimize(&self, vacuum: bool) -> Result<Vec<String>, StoreError> {
+        let conn = self.writer.lock();
+        let mut report = Vec::new();
+        let missing = schema::missing_indexes(&conn).map_err(db)?;
+        if !missing.is_empty() {
+            return Err(StoreError::Database(format!(
+                "missing indexes: {}; the schema was changed by hand",
+                missing.join(", ")
+            )));
+        }
+        report.push("indexes: all present".to_string());
+        let check: Vec<String> = conn
+            .prepare("PRAGMA quick_check")
+            .and_then(|mut stmt| stmt.query_map([], |row| row.get(0))?.collect())
+            .map_err(db)?;
+        if check != ["ok"] {
+            return Err(StoreError::Database(format!(
+                "quick_check found damage: {}",
+                check.join("; ")
+            )));
+        }
+        report.push("quick_check: ok".to_string());
+        if self.codec.enabled() {
+            report.push(compress_all(&conn, &self.codec)?);
+        }
+        conn.execute_batch("ANALYZE; PRAGMA optimize;")
+            .map_err(db)?;
+        report.push("ANALYZE: statistics refreshed".to_string());
+        let before = file_bytes(&self.path);
+        if vacuum {
+            conn.execute_batch("VACUUM").map_err(db)?;
+            report.push("VACUUM: file rebuilt without free pages".to_string());
+        }
+        let (busy, log, done): (i64, i64, i64) = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .map_err(db)?;
+        report.push(if busy == 0 {
+            format!("WAL checkpoint: {done} of {log} pages, log truncated")
+        } else {
+            format!("WAL checkpoint: {done} of {log} pages (readers busy, log kept)")
+        });
+        report.push(format!(
+            "database file: {before} -> {} bytes",
+            file_bytes(&self.path)
+        ));
+        Ok(report)
+    }
+
+    fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError> {
+        let (archives, messages): (i64, i64) = self
+            .reader()?
+            .prepare_cached(SELECT_HOST_FIGURES)
+            .and_then(|mut stmt| {
+                stmt.query_row((host, store), |row| Ok((row.get(0)?, row.get(1)?)))
+            })
+            .map_err(db)?;
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        Ok(Figures {
+            archives: archives as u64,
+            messages: messages as u64,
+            bytes: file_bytes(&self.path) + file_bytes(Path::new(&wal)),
+        })
+    }
+}
+
+/// `optimize` with compression on: trains a dictionary if there is none yet, then compresses
+/// the rows stored as text, a batch per transaction.
+fn compress_all(conn: &Connection, codec: &compress::Codec) -> Result<String, StoreError> {
+    let has_dictionary: bool = conn
+        .query_row("SELECT EXISTS (SELECT 1 FROM dictionaries)", [], |row| {
+            row.get(0)
+        })
+        .map_err(db)?;
+    if !has_dictionary {
+        match codec.train(conn).map_err(db)? {
+            compress::Trained::Yes(_) => {}
+            compress::Trained::TooFewRows => {
+                return Ok(format!(
+                    "compression: fewer than {} messages to train a dictionary from; rows stay as text",
+                    compress::TRAIN_AFTER
+                ))
+            }
+            compress::Trained::Failed => {
+                return Ok("compression: zstd could not train a dictionary from these messages; rows stay as text".into())
+            }
+        }
+    }
+    let (mut done, mut before, mut after) = (0u64, 0u64, 0u64);
+    let mut after_id = i64::MIN;
+    loop {
+        let tx = conn.unchecked_transaction().map_err(db)?;
+        let rows: Vec<(i64, String)> = tx
+            .prepare_cached(
+                "SELECT id, stanza FROM messages WHERE id > ?1 AND typeof(stanza) = 'text' \
+                 ORDER BY id LIMIT 2000",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([after_id], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(db)?;
+        for (id, text) in &rows {
+            let value = codec.encode(text);
+            if let rusqlite::types::Value::Blob(blob) = &value {
+                before += text.len() as u64;
+                after += blob.len() as u64;
+                done += 1;
+                tx.prepare_cached("UPDATE messages SET stanza = ?2 WHERE id = ?1")
+                    .and_then(|mut stmt| stmt.execute((id, value)))
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        match rows.last() {
+            Some((id, _)) if rows.len() == 2000 => after_id = *id,
+            _ => break,
+        }
+    }
+    Ok(format!(
+        "compression: {done} messages compressed, {before} -> {after} bytes of stanzas"
+    ))
+}
+
+/// Sequence bits set in imported ids (see [`Store::import`] in `SqliteStore`).
+const IMPORT_SEQ: i64 = 1 << (SEQ_BITS - 1);
+
+fn file_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// The newest id `rule` lets go in archive `aid`, or `None` when nothing may go.
@@ -650,6 +1008,7 @@ fn count_query(filter: &Filter<'_>, range: IdRange) -> (String, Vec<i64>) {
 /// One page of rows, ascending ids or descending when `reverse`.
 fn select_page(
     conn: &Connection,
+    codec: &compress::Codec,
     filter: &Filter<'_>,
     range: IdRange,
     limit: Option<u32>,
@@ -662,15 +1021,20 @@ fn select_page(
             Ok((
                 row.get::<_, i64>(0)?,
                 row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
+                row.get::<_, rusqlite::types::Value>(2)?,
+                row.get::<_, Option<String>>(3)?,
             ))
         })
         .map_err(db)?;
     let mut items = Vec::with_capacity(limit.map_or(0, |n| n.min(1000) as usize));
     for row in rows {
-        let (id, with, stanza) = row.map_err(db)?;
+        let (id, with, stored, key) = row.map_err(db)?;
+        let stanza = codec
+            .decode(conn, stored)
+            .map_err(|e| StoreError::Database(format!("message {id}: {e}")))?;
         items.push(Item {
             id: stored_id(id)?,
+            key,
             with,
             stanza,
         });
@@ -688,7 +1052,8 @@ fn page_query(
 ) -> (String, Vec<i64>) {
     let mut params = Vec::with_capacity(5);
     let sql = format!(
-        "SELECT id, (SELECT jid FROM jids WHERE jid_id = messages.with_id), stanza \
+        "SELECT id, (SELECT jid FROM jids WHERE jid_id = messages.with_id), stanza, \
+         (SELECT key FROM legacy_ids WHERE legacy_ids.id = messages.id) \
          FROM messages{} ORDER BY id {} LIMIT ?",
         filter.where_clause(range, &mut params),
         if reverse { "DESC" } else { "ASC" },
@@ -699,14 +1064,23 @@ fn page_query(
 
 /// The id named by client text, if it is a row of archive `aid`; otherwise item-not-found.
 fn known_id(conn: &Connection, aid: i64, text: &str) -> Result<i64, StoreError> {
-    let id = ArchiveId::parse(text)
-        .ok_or(StoreError::ItemNotFound)?
-        .as_i64();
-    let found = conn
-        .prepare_cached(SELECT_ITEM_IN_ARCHIVE)
-        .and_then(|mut stmt| stmt.query_row((id, aid), |_| Ok(())).optional())
-        .map_err(db)?;
-    found.map(|()| id).ok_or(StoreError::ItemNotFound)
+    lookup_id(conn, aid, text)?.ok_or(StoreError::ItemNotFound)
+}
+
+/// The row of archive `aid` that clients know as `text`: a native id, or an imported key.
+fn lookup_id(conn: &Connection, aid: i64, text: &str) -> Result<Option<i64>, StoreError> {
+    if let Some(id) = ArchiveId::parse(text).map(ArchiveId::as_i64) {
+        let found = conn
+            .prepare_cached(SELECT_ITEM_IN_ARCHIVE)
+            .and_then(|mut stmt| stmt.query_row((id, aid), |_| Ok(())).optional())
+            .map_err(db)?;
+        if found.is_some() {
+            return Ok(Some(id));
+        }
+    }
+    conn.prepare_cached(SELECT_LEGACY)
+        .and_then(|mut stmt| stmt.query_row((aid, text), |row| row.get(0)).optional())
+        .map_err(db)
 }
 
 fn prepare<'c>(conn: &'c Connection, sql: &str, cached: bool) -> rusqlite::Result<Statement<'c>> {
@@ -749,4 +1123,26 @@ fn stored_id(v: i64) -> Result<ArchiveId, StoreError> {
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
+}
+
+/// `e` from a write on connection `handle`, with what the operating system said where SQLite's
+/// own text hides it: a write the OS refused (an immutable file, a failing disk) is only
+/// "disk I/O error" otherwise. A full disk is already SQLite's "database or disk is full".
+fn with_os_error(handle: *mut rusqlite::ffi::sqlite3, e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{CannotOpen, SystemIoFailure};
+    let os = match &e {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(failure.code, SystemIoFailure | CannotOpen) =>
+        {
+            // SAFETY: `handle` is the caller's open connection, which it holds locked. SQLite
+            // sets this value on exactly these two kinds of failure, so it is this one's.
+            let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(handle) };
+            (errno != 0).then(|| std::io::Error::from_raw_os_error(errno))
+        }
+        _ => None,
+    };
+    match os {
+        Some(os) => StoreError::Database(format!("{e}: {os}")),
+        None => db(e),
+    }
 }

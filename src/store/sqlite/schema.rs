@@ -12,7 +12,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[Migration] = &[v1_initial, v2_client_marks];
+const MIGRATIONS: &[Migration] = &[v1_initial, v2_client_marks, v3_imports];
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -113,6 +113,69 @@ fn v2_client_marks(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         ) WITHOUT ROWID;
         "#,
     )
+}
+
+/// Version 3: messages imported from another archive (stock mod_mam's) keep their ids.
+///
+/// - `legacy_ids` maps the id clients know an imported message by (stock's `key`) to its row.
+///   Only imported rows have one, so native rows pay nothing; a trigger removes the entry with
+///   its message (expiry, quota, deletion).
+/// - `imports` is where each import source stopped in each archive, so a rerun resumes.
+/// - `dictionaries` holds the zstd dictionaries of `archive_compression` (see `compress`).
+fn v3_imports(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        r#"
+        CREATE TABLE legacy_ids (
+            id  INTEGER PRIMARY KEY,
+            aid INTEGER NOT NULL REFERENCES archives (aid),
+            key TEXT NOT NULL,
+            UNIQUE (aid, key)
+        );
+        CREATE TRIGGER messages_legacy_delete AFTER DELETE ON messages BEGIN
+            DELETE FROM legacy_ids WHERE id = OLD.id;
+        END;
+        CREATE TABLE dictionaries (
+            dict_id INTEGER PRIMARY KEY,
+            dict    BLOB NOT NULL
+        );
+        CREATE TABLE imports (
+            source   TEXT NOT NULL,
+            aid      INTEGER NOT NULL REFERENCES archives (aid),
+            position INTEGER NOT NULL,
+            last_id  INTEGER NOT NULL,
+            PRIMARY KEY (source, aid)
+        ) WITHOUT ROWID;
+        "#,
+    )
+}
+
+/// The indexes and triggers the queries and counts rely on, by name.
+const EXPECTED: &[(&str, &str)] = &[
+    ("index", "messages_by_archive"),
+    ("index", "messages_by_with"),
+    ("index", "sqlite_autoindex_archives_1"),
+    ("index", "sqlite_autoindex_jids_1"),
+    ("index", "sqlite_autoindex_legacy_ids_1"),
+    ("trigger", "messages_count_insert"),
+    ("trigger", "messages_count_delete"),
+    ("trigger", "messages_count_move"),
+    ("trigger", "messages_legacy_delete"),
+];
+
+/// Which of the [`EXPECTED`] indexes and triggers the file lacks.
+pub fn missing_indexes(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (kind, name) in EXPECTED {
+        let found: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = ?1 AND name = ?2)",
+            (kind, name),
+            |row| row.get(0),
+        )?;
+        if !found {
+            missing.push(format!("{kind} {name}"));
+        }
+    }
+    Ok(missing)
 }
 
 /// Brings the file up to [`SCHEMA_VERSION`] in one transaction, or refuses a newer file.

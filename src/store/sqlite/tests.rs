@@ -1069,3 +1069,280 @@ fn smart_retention_keeps_young_rows_and_ignores_stale_clients() {
     assert_eq!(expire_all(&store, without), 5);
     assert_eq!(numbers(&find(&store, Query::default())), vec![10]);
 }
+
+// Import: stock rows keep the ids clients know them by.
+
+/// How many rows romeo's archive has.
+fn total(store: &SqliteStore) -> Option<u64> {
+    find(
+        store,
+        Query {
+            total: true,
+            ..Query::default()
+        },
+    )
+    .total
+}
+
+fn stock(n: i64) -> crate::store::ImportRow {
+    crate::store::ImportRow {
+        key: format!("stock-{n:04}"),
+        micros: T0 + n * SECOND,
+        with: with_of(n).to_owned(),
+        stanza: format!("<message xmlns='jabber:client' id='s{n}'><body>old {n}</body></message>"),
+    }
+}
+
+fn keys(page: &Page) -> Vec<String> {
+    page.items.iter().map(|i| i.client_id()).collect()
+}
+
+#[test]
+fn imported_rows_answer_with_their_stock_ids_and_page_from_them() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let rows: Vec<_> = (1..=5).map(stock).collect();
+    let done = store.import(&romeo(), "sql", &rows, 5).unwrap();
+    assert_eq!((done.imported, done.already), (5, 0));
+
+    let all = find(&store, Query::default());
+    assert_eq!(
+        keys(&all),
+        [
+            "stock-0001",
+            "stock-0002",
+            "stock-0003",
+            "stock-0004",
+            "stock-0005"
+        ]
+    );
+    assert_eq!(numbers(&all), [1, 2, 3, 4, 5], "time kept to the second");
+
+    let after = find(
+        &store,
+        Query {
+            after: Some("stock-0002".into()),
+            limit: Some(2),
+            ..Query::default()
+        },
+    );
+    assert_eq!(keys(&after), ["stock-0003", "stock-0004"]);
+    let before = find(
+        &store,
+        Query {
+            before: Some("stock-0002".into()),
+            ..Query::default()
+        },
+    );
+    assert_eq!(keys(&before), ["stock-0001"]);
+    let ids = find(
+        &store,
+        Query {
+            ids: Some(vec!["stock-0005".into(), "nope".into()]),
+            ..Query::default()
+        },
+    );
+    assert_eq!(keys(&ids), ["stock-0005"]);
+    // Stock ids belong to their archive only.
+    let juliet = archive("example.com", "juliet", "archive");
+    assert!(matches!(
+        store.find(
+            &juliet,
+            &Query {
+                after: Some("stock-0002".into()),
+                ..Query::default()
+            }
+        ),
+        Err(StoreError::ItemNotFound)
+    ));
+}
+
+#[test]
+fn a_second_import_changes_nothing_and_new_messages_sort_after() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let rows: Vec<_> = (1..=5).map(stock).collect();
+    store.import(&romeo(), "sql", &rows[..3], 3).unwrap();
+    assert_eq!(
+        store
+            .import_checkpoint(&romeo(), "sql")
+            .unwrap()
+            .map(|c| c.position),
+        Some(3)
+    );
+    // Resumed with an overlap: the overlap is recognised, the rest imported.
+    let again = store.import(&romeo(), "sql", &rows[1..], 5).unwrap();
+    assert_eq!((again.imported, again.already), (2, 2));
+    let third = store.import(&romeo(), "sql", &rows, 5).unwrap();
+    assert_eq!((third.imported, third.already), (0, 5));
+    assert_eq!(total(&store), Some(5));
+
+    store
+        .append(&[row(&romeo(), ArchiveId::first_at(T0 + 100 * SECOND), "x@y")])
+        .unwrap();
+    let all = find(&store, Query::default());
+    assert_eq!(all.items.len(), 6);
+    assert_eq!(
+        all.items[5].key, None,
+        "a native row is known by its own id"
+    );
+}
+
+#[test]
+fn source_order_is_kept_when_times_go_backwards() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let mut rows: Vec<_> = (1..=3).map(stock).collect();
+    rows[2].micros = T0; // older than the rows before it in the source
+    store.import(&romeo(), "sql", &rows, 3).unwrap();
+    assert_eq!(
+        keys(&find(&store, Query::default())),
+        ["stock-0001", "stock-0002", "stock-0003"]
+    );
+}
+
+#[test]
+fn an_export_read_back_keeps_native_ids() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let page = find(&store, Query::default());
+    let other = TempDir::new().unwrap();
+    let copy = open(&other);
+    let rows: Vec<_> = page
+        .items
+        .iter()
+        .map(|i| crate::store::ImportRow {
+            key: i.client_id(),
+            micros: i.id.micros(),
+            with: i.with.clone(),
+            stanza: i.stanza.clone(),
+        })
+        .collect();
+    copy.import(&romeo(), "file", &rows, 0).unwrap();
+    let back = copy.find(&romeo(), &Query::default()).unwrap();
+    assert_eq!(back, page, "same ids, no stored key, same rows");
+}
+
+#[test]
+fn stats_delete_and_expiry_cover_imported_rows() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let rows: Vec<_> = (11..=12).map(stock).collect();
+    store.import(&romeo(), "sql", &rows, 2).unwrap();
+    let s = store
+        .stats("example.com", "archive", Some("romeo"))
+        .unwrap();
+    assert_eq!((s.users, s.messages), (1, 12));
+    assert_eq!(s.oldest.map(|i| i.micros()), Some(T0 + SECOND));
+    assert_eq!(s.newest.map(|i| i.micros()), Some(T0 + 12 * SECOND));
+    assert!(s.bytes > 12 * 40, "{}", s.bytes);
+    assert_eq!(s.contacts[0], ("juliet@capulet.lit".to_owned(), 8));
+    let host = store.stats("example.com", "archive", None).unwrap();
+    assert_eq!((host.users, host.messages), (1, 12));
+    assert_eq!(
+        store
+            .stats("example.com", "archive", Some("nobody"))
+            .unwrap(),
+        Stats::default()
+    );
+
+    // Expiry removes the legacy id with its row.
+    let mut cursor = ExpiryCursor::default();
+    store
+        .expire(
+            "example.com",
+            "archive",
+            &ExpiryRule::Age {
+                end: T0 + 11 * SECOND,
+            },
+            100,
+            &mut cursor,
+        )
+        .unwrap();
+    let conn = store.writer.lock();
+    let legacy: i64 = conn
+        .query_row("SELECT count(*) FROM legacy_ids", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(legacy, 1);
+    drop(conn);
+
+    assert_eq!(store.delete_archive(&romeo(), 1000).unwrap(), 1);
+    assert_eq!(store.delete_archive(&romeo(), 1000).unwrap(), 0);
+    assert_eq!(total(&store), Some(0));
+    assert_eq!(store.import_checkpoint(&romeo(), "sql").unwrap(), None);
+    let report = store.optimize(true).unwrap();
+    assert!(report.iter().any(|l| l.starts_with("VACUUM")), "{report:?}");
+}
+
+#[test]
+fn a_duplicate_id_fails_the_whole_batch() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let juliet = archive("example.com", "juliet", "archive");
+    let r = store.append(&[row(&romeo(), id(1), "a@b"), row(&juliet, id(1), "a@b")]);
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(total(&store), Some(0));
+}
+
+#[test]
+fn compression_trains_a_dictionary_and_every_row_reads_back() {
+    let dir = TempDir::new().unwrap();
+    let options = SqliteOptions {
+        compression: true,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&db_path(&dir), &options).unwrap();
+    let text = |n: i64| {
+        format!(
+            "<message xmlns='jabber:client' from='romeo@example.com/phone' to='juliet@capulet.lit' \
+             type='chat' id='m{n}'><body>message number {n}, wherefore art thou</body></message>"
+        )
+    };
+    let rows: Vec<NewItem> = (1..=3000)
+        .map(|n| NewItem {
+            stanza: text(n),
+            ..row(&romeo(), id(n), with_of(n))
+        })
+        .collect();
+    for chunk in rows.chunks(500) {
+        store.append(chunk).unwrap();
+    }
+    let kinds = |store: &SqliteStore| -> (i64, i64) {
+        let conn = store.writer.lock();
+        conn.query_row(
+            "SELECT sum(typeof(stanza) = 'text'), sum(typeof(stanza) = 'blob') FROM messages",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let (text_rows, blob_rows) = kinds(&store);
+    assert_eq!(text_rows, 1000, "rows before the dictionary stay text");
+    assert_eq!(blob_rows, 2000);
+    let all = find(&store, Query::default());
+    assert_eq!(all.items.len(), 3000);
+    for (n, item) in (1..).zip(&all.items) {
+        assert_eq!(item.stanza, text(n));
+    }
+    let report = store.optimize(false).unwrap();
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("compression: 1000 messages")),
+        "{report:?}"
+    );
+    assert_eq!(kinds(&store), (0, 3000));
+    let bytes = store.stats("example.com", "archive", None).unwrap().bytes;
+    assert!(
+        bytes < 3000 * text(1).len() as u64 / 2,
+        "{bytes} bytes stored"
+    );
+    drop(store);
+
+    // Turned off: compressed rows stay readable, new ones are text.
+    let plain = open(&dir);
+    plain.append(&[row(&romeo(), id(5000), "x@y")]).unwrap();
+    let all = plain.find(&romeo(), &Query::default()).unwrap();
+    assert_eq!(all.items.len(), 3001);
+    assert_eq!(all.items[0].stanza, text(1));
+}

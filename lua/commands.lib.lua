@@ -11,8 +11,10 @@ local datetime = require "util.datetime";
 local time_now = require "util.time".now;
 local configmanager = require "core.configmanager";
 -- util.datamanager itself: core.storagemanager redirects its functions to the storage drivers,
--- and inside prosodyctl no driver is active.
-local datamanager = require "core.storagemanager".olddm or require "util.datamanager";
+-- and inside prosodyctl no driver is active. (Required when a command runs, not at load.)
+local function datamanager()
+	return require "core.storagemanager".olddm or require "util.datamanager";
+end
 
 return function (native, read_options)
 
@@ -247,7 +249,7 @@ local function sql_source(host, store)
 end
 
 local function internal_source(host, store)
-	local dm = datamanager;
+	local dm = datamanager();
 	local source = { name = "internal", where = ("files under %s"):format(prosody.paths.data) };
 	local loaded = {};
 	local function load(user)
@@ -474,7 +476,7 @@ end
 local function delete_prefs(user, host)
 	local driver = storage_driver(host, "archive_prefs");
 	if driver == "internal" then
-		local ok, err = datamanager.store(user, host, "archive_prefs", nil);
+		local ok, err = datamanager().store(user, host, "archive_prefs", nil);
 		return ok, err;
 	elseif driver == "sql" then
 		local params, err = sql_params(host);

@@ -599,7 +599,9 @@ describe("mod_mam_rs shim", function ()
 			m.global_events.fire_event("user-deleted", { username = "bob", host = "elsewhere" });
 			assert.is_nil(m.stores.archive_prefs.alice);
 			assert.same({ [false] = true }, m.stores.archive_prefs.bob, "another host's event is not ours");
-			assert.truthy(m.wait_for(function () return m.logged("info", "Removed the archive of deleted account alice@localhost %(2 messages%)"); end));
+			assert.is_true(m.wait_for(function ()
+				return m.logged("info", "Removed the archive of deleted account alice@localhost (2 messages)") == 1;
+			end));
 			local sent = run_query(m, st.iq({ type = "set", id = "q", from = "alice@localhost/res" }):tag("query", { xmlns = XMLNS_MAM }));
 			assert.equal(1, #sent, "only the iq result: the archive is empty");
 		end);

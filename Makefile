@@ -22,7 +22,7 @@ APT_PACKAGES := prosody lua5.4 lua-busted
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust test-spec test-e2e test-fuzz bench bench-e2e deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-postgres test-spec test-e2e test-fuzz bench bench-e2e deps deps-python lint clean dist
 
 all: build
 
@@ -68,8 +68,14 @@ run: deps build
 
 test: deps-python build test-rust test-spec test-e2e test-fuzz
 
-test-rust:
-	$(CARGO) test --no-default-features --locked
+## The store suite runs on SQLite and on a throwaway PostgreSQL server (tools/with-postgres.sh).
+test-rust: deps-postgres
+	tools/with-postgres.sh $(CARGO) test --no-default-features --features postgres-tests --locked
+
+deps-postgres:
+	@dpkg -s postgresql >/dev/null 2>&1 || { echo "Installing Debian packages: postgresql"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql; }
 
 test-spec: build
 	$(LUA) /usr/bin/busted --lpath='./spec/?.lua' spec

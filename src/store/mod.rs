@@ -8,6 +8,7 @@
 //! This layer knows SQL and rows. It does not know XMPP: stanzas are opaque serialised XML,
 //! and query semantics ([`Query`]) are already resolved by the protocol layer.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::id::ArchiveId;

@@ -1,0 +1,965 @@
+//! The PostgreSQL [`Store`]: the archive in a database server, in the module's own tables.
+//!
+//! The same model and the same query semantics as the SQLite store (`store::sqlite`): interned
+//! archives and JIDs, ids as `BIGINT` primary keys, totals from a count kept per archive. The
+//! SQL differs where PostgreSQL does better: batches go in as arrays in one statement (one
+//! round trip per commit, not per row), `ids` lists are bound as one array parameter, and the
+//! per-archive counts are kept by statement-level triggers.
+//!
+//! Connections: one writer connection (reconnected when the server went away) and an r2d2
+//! pool for queries, each checked before use, so a restarted server is picked up again.
+//! Not yet here (see README): compression.
+
+mod schema;
+#[cfg(all(test, feature = "postgres-tests"))]
+mod tests;
+
+pub use schema::SCHEMA_VERSION;
+
+use super::{
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
+    ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
+};
+use crate::id::{ArchiveId, SEQ_BITS};
+use parking_lot::Mutex;
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls};
+use r2d2_postgres::PostgresConnectionManager;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+/// How to reach the server: Prosody's `sql` block, as libpq-style settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PgOptions {
+    pub host: String,
+    pub port: Option<u16>,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+    /// Read connections, i.e. how many queries run at once.
+    pub pool_size: u32,
+    /// How long to wait for a connection.
+    pub connect_timeout: Duration,
+}
+
+impl PgOptions {
+    fn config(&self) -> postgres::Config {
+        let mut c = postgres::Config::new();
+        c.host(&self.host)
+            .dbname(&self.database)
+            .user(&self.user)
+            .connect_timeout(self.connect_timeout)
+            .application_name("mod_mam_rs");
+        if let Some(port) = self.port {
+            c.port(port);
+        }
+        if let Some(password) = &self.password {
+            c.password(password);
+        }
+        c
+    }
+
+    /// `user@host:port/database`, for messages (never the password).
+    pub fn describe(&self) -> String {
+        match self.port {
+            Some(port) => format!(
+                "PostgreSQL {}@{}:{port}/{}",
+                self.user, self.host, self.database
+            ),
+            None => format!("PostgreSQL {}@{}/{}", self.user, self.host, self.database),
+        }
+    }
+}
+
+/// An archive store in a PostgreSQL database.
+pub struct PgStore {
+    options: PgOptions,
+    writer: Mutex<Option<Client>>,
+    readers: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    ids: Mutex<IdCache>,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("server", &self.options.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+const SELECT_ARCHIVE: &str =
+    "SELECT aid FROM mam_rs_archives WHERE host = $1 AND username = $2 AND store = $3";
+const UPSERT_ARCHIVE: &str =
+    "INSERT INTO mam_rs_archives (host, username, store) VALUES ($1, $2, $3) \
+     ON CONFLICT (host, username, store) DO UPDATE SET store = EXCLUDED.store RETURNING aid";
+const SELECT_JID: &str = "SELECT jid_id FROM mam_rs_jids WHERE jid = $1";
+const UPSERT_JID: &str = "INSERT INTO mam_rs_jids (jid) VALUES ($1) \
+     ON CONFLICT (jid) DO UPDATE SET jid = EXCLUDED.jid RETURNING jid_id";
+const INSERT_MESSAGES: &str = "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) \
+     SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[])";
+const INSERT_MESSAGE: &str =
+    "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES ($1, $2, $3, $4)";
+const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM mam_rs_archives WHERE aid = $1";
+const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM mam_rs_messages WHERE id = $1 AND aid = $2";
+const SELECT_LEGACY: &str = "SELECT id FROM mam_rs_legacy_ids WHERE aid = $1 AND key = $2";
+const DELETE_OLDEST: &str = "DELETE FROM mam_rs_messages WHERE id IN \
+     (SELECT id FROM mam_rs_messages WHERE aid = $1 ORDER BY id LIMIT $2)";
+
+impl PgStore {
+    /// Connects, migrates the schema to [`SCHEMA_VERSION`] and opens the read pool.
+    pub fn open(options: &PgOptions) -> Result<PgStore, StoreError> {
+        let describe = options.describe();
+        let open_err = |e: postgres::Error| StoreError::Open(format!("{describe}: {e}"));
+        let mut writer = options.config().connect(NoTls).map_err(open_err)?;
+        schema::migrate(&mut writer)?;
+        let manager = PostgresConnectionManager::new(options.config(), NoTls);
+        let readers = r2d2::Pool::builder()
+            .max_size(options.pool_size.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(options.connect_timeout.max(Duration::from_secs(1)))
+            .build(manager)
+            .map_err(|e| StoreError::Open(format!("{describe}: read pool: {e}")))?;
+        Ok(PgStore {
+            options: options.clone(),
+            writer: Mutex::new(Some(writer)),
+            readers,
+            ids: Mutex::new(IdCache::default()),
+        })
+    }
+
+    /// Runs `f` on the writer connection, connecting again first if the last one broke.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.writer.lock();
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = None;
+            let client =
+                self.options.config().connect(NoTls).map_err(|e| {
+                    StoreError::Database(format!("{}: {e}", self.options.describe()))
+                })?;
+            *slot = Some(client);
+        }
+        let client = slot.as_mut().expect("connected above");
+        let result = f(client);
+        if client.is_closed() {
+            *slot = None;
+        }
+        result
+    }
+
+    fn reader(
+        &self,
+    ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, StoreError> {
+        self.readers.get().map_err(|e| {
+            StoreError::Database(format!("{}: no connection: {e}", self.options.describe()))
+        })
+    }
+
+    fn archive_for_write(
+        &self,
+        tx: &mut impl GenericClient,
+        archive: &ArchiveRef,
+        fresh: &mut Fresh,
+    ) -> Result<i64, StoreError> {
+        if let Some(&aid) = fresh.archives.get(archive) {
+            return Ok(aid);
+        }
+        if let Some(&aid) = self.ids.lock().archives.get(archive) {
+            return Ok(aid);
+        }
+        let row = tx
+            .query_one(
+                UPSERT_ARCHIVE,
+                &[&&*archive.host, &archive.user, &&*archive.store],
+            )
+            .map_err(db)?;
+        let aid: i64 = row.get(0);
+        fresh.archives.insert(archive.clone(), aid);
+        Ok(aid)
+    }
+
+    fn jid_for_write(
+        &self,
+        tx: &mut impl GenericClient,
+        jid: &str,
+        fresh: &mut Fresh,
+    ) -> Result<i64, StoreError> {
+        if let Some(&id) = fresh.jids.get(jid) {
+            return Ok(id);
+        }
+        if let Some(&id) = self.ids.lock().jids.get(jid) {
+            return Ok(id);
+        }
+        let id: i64 = tx.query_one(UPSERT_JID, &[&jid]).map_err(db)?.get(0);
+        fresh.jids.insert(jid.to_owned(), id);
+        Ok(id)
+    }
+
+    fn archive_for_read(
+        &self,
+        conn: &mut impl GenericClient,
+        archive: &ArchiveRef,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(&aid) = self.ids.lock().archives.get(archive) {
+            return Ok(Some(aid));
+        }
+        let aid: Option<i64> = conn
+            .query_opt(
+                SELECT_ARCHIVE,
+                &[&&*archive.host, &archive.user, &&*archive.store],
+            )
+            .map_err(db)?
+            .map(|row| row.get(0));
+        if let Some(aid) = aid {
+            self.ids.lock().remember_archive(archive.clone(), aid);
+        }
+        Ok(aid)
+    }
+
+    fn jid_for_read(
+        &self,
+        conn: &mut impl GenericClient,
+        jid: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(&id) = self.ids.lock().jids.get(jid) {
+            return Ok(Some(id));
+        }
+        let id: Option<i64> = conn
+            .query_opt(SELECT_JID, &[&jid])
+            .map_err(db)?
+            .map(|row| row.get(0));
+        if let Some(id) = id {
+            self.ids.lock().remember_jid(jid.to_owned(), id);
+        }
+        Ok(id)
+    }
+
+    fn remember(&self, fresh: Fresh) {
+        let mut ids = self.ids.lock();
+        for (archive, aid) in fresh.archives {
+            ids.remember_archive(archive, aid);
+        }
+        for (jid, id) in fresh.jids {
+            ids.remember_jid(jid, id);
+        }
+    }
+
+    /// `find` on one snapshot (a repeatable-read transaction).
+    fn find_in(
+        &self,
+        conn: &mut impl GenericClient,
+        archive: &ArchiveRef,
+        query: &Query,
+    ) -> Result<Page, StoreError> {
+        let empty = Page {
+            items: Vec::new(),
+            total: query.total.then_some(0),
+        };
+        // An unknown before/after is an error even where nothing could match.
+        let check_ids = |conn: &mut _, aid: Option<i64>| -> Result<(), StoreError> {
+            if query.limit != Some(0) {
+                for id in [query.after.as_deref(), query.before.as_deref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    known_id(conn, aid.ok_or(StoreError::ItemNotFound)?, id)?;
+                }
+            }
+            Ok(())
+        };
+        let Some(aid) = self.archive_for_read(conn, archive)? else {
+            check_ids(conn, None)?;
+            return Ok(empty);
+        };
+        let with_id = match query.with.as_deref() {
+            None => None,
+            Some(jid) => match self.jid_for_read(conn, jid)? {
+                Some(id) => Some(id),
+                None => {
+                    check_ids(conn, Some(aid))?;
+                    return Ok(empty);
+                }
+            },
+        };
+        let ids = match &query.ids {
+            None => None,
+            Some(texts) => {
+                let mut ids = Vec::with_capacity(texts.len());
+                for text in texts {
+                    ids.extend(lookup_id(conn, aid, text)?);
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                if ids.is_empty() {
+                    check_ids(conn, Some(aid))?;
+                    return Ok(empty);
+                }
+                Some(ids)
+            }
+        };
+        let filter = Filter {
+            aid,
+            with_id,
+            ids: ids.as_deref(),
+        };
+        let mut range = IdRange::from_times(query.start, query.end);
+        let total = if query.total {
+            Some(count(conn, &filter, range)?)
+        } else {
+            None
+        };
+        if query.limit == Some(0) {
+            return Ok(Page {
+                items: Vec::new(),
+                total,
+            });
+        }
+        if let Some(after) = query.after.as_deref() {
+            let id = known_id(conn, aid, after)?;
+            match id.checked_add(1) {
+                Some(next) => range.lo = range.lo.max(next),
+                None => range.hi = -1,
+            }
+        }
+        if let Some(before) = query.before.as_deref() {
+            let id = known_id(conn, aid, before)?;
+            range.hi = range.hi.min(id - 1);
+        }
+        let items = if range.is_empty() {
+            Vec::new()
+        } else {
+            select_page(conn, &filter, range, query.limit, query.reverse)?
+        };
+        Ok(Page { items, total })
+    }
+}
+
+impl Store for PgStore {
+    fn append(&self, batch: &[NewItem]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let fresh = self.write(|client| {
+            let mut tx = client.transaction().map_err(db)?;
+            let mut fresh = Fresh::default();
+            let (mut ids, mut aids, mut withs, mut stanzas) = (
+                Vec::with_capacity(batch.len()),
+                Vec::with_capacity(batch.len()),
+                Vec::with_capacity(batch.len()),
+                Vec::with_capacity(batch.len()),
+            );
+            for item in batch {
+                let aid = self.archive_for_write(&mut tx, &item.archive, &mut fresh)?;
+                let with_id = self.jid_for_write(&mut tx, &item.with, &mut fresh)?;
+                if let Some(quota) = item.quota {
+                    // Rows of this batch ahead of this one count towards the quota too.
+                    flush(&mut tx, &mut ids, &mut aids, &mut withs, &mut stanzas)?;
+                    make_room(&mut tx, aid, quota)?;
+                }
+                ids.push(item.id.as_i64());
+                aids.push(aid);
+                withs.push(with_id);
+                stanzas.push(item.stanza.as_str());
+            }
+            flush(&mut tx, &mut ids, &mut aids, &mut withs, &mut stanzas)?;
+            tx.commit().map_err(db)?;
+            Ok(fresh)
+        })?;
+        self.remember(fresh);
+        Ok(())
+    }
+
+    fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError> {
+        let mut conn = self.reader()?;
+        let mut tx = conn
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(db)?;
+        self.find_in(&mut tx, archive, query)
+    }
+
+    fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
+        let mut conn = self.reader()?;
+        let max: Option<i64> = conn
+            .query_one("SELECT max(id) FROM mam_rs_messages", &[])
+            .map_err(db)?
+            .get(0);
+        max.map(stored_id).transpose()
+    }
+
+    fn expire(
+        &self,
+        host: &str,
+        store: &str,
+        rule: &ExpiryRule,
+        limit: u32,
+        cursor: &mut ExpiryCursor,
+    ) -> Result<ExpiryBatch, StoreError> {
+        let mut at = *cursor;
+        let batch = self.write(|client| {
+            let mut tx = client.transaction().map_err(db)?;
+            let mut deleted: u64 = 0;
+            let mut done = false;
+            'archives: while deleted < u64::from(limit) {
+                let aids: Vec<i64> = tx
+                    .query(
+                        "SELECT aid FROM mam_rs_archives WHERE host = $1 AND store = $2 AND aid > $3 \
+                         ORDER BY aid LIMIT 64",
+                        &[&host, &store, &at.after_archive],
+                    )
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                if aids.is_empty() {
+                    done = true;
+                    break;
+                }
+                for aid in aids {
+                    let room = u64::from(limit) - deleted;
+                    let Some(last) = expiry_bound(&mut tx, aid, rule)? else {
+                        at.after_archive = aid;
+                        continue;
+                    };
+                    let n = tx
+                        .execute(
+                            "DELETE FROM mam_rs_messages WHERE id IN (SELECT id FROM mam_rs_messages \
+                             WHERE aid = $1 AND id <= $2 ORDER BY id LIMIT $3)",
+                            &[&aid, &last, &(room as i64)],
+                        )
+                        .map_err(db)?;
+                    deleted += n;
+                    if n == room {
+                        break 'archives;
+                    }
+                    at.after_archive = aid;
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(ExpiryBatch { deleted, done })
+        })?;
+        *cursor = at;
+        Ok(batch)
+    }
+
+    fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let fresh = self.write(|client| {
+            let mut tx = client.transaction().map_err(db)?;
+            let mut fresh = Fresh::default();
+            for mark in marks {
+                let aid = self.archive_for_write(&mut tx, &mark.archive, &mut fresh)?;
+                tx.execute(
+                    "INSERT INTO mam_rs_client_marks (aid, client, last_id, seen) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (aid, client) DO UPDATE SET \
+                     last_id = GREATEST(mam_rs_client_marks.last_id, EXCLUDED.last_id), \
+                     seen = GREATEST(mam_rs_client_marks.seen, EXCLUDED.seen)",
+                    &[&aid, &mark.client, &mark.last_id.as_i64(), &mark.seen],
+                )
+                .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(fresh)
+        })?;
+        self.remember(fresh);
+        Ok(())
+    }
+
+    fn import_checkpoint(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+    ) -> Result<Option<ImportCheckpoint>, StoreError> {
+        let mut conn = self.reader()?;
+        let Some(aid) = self.archive_for_read(&mut *conn, archive)? else {
+            return Ok(None);
+        };
+        Ok(conn
+            .query_opt(
+                "SELECT position, last_id FROM mam_rs_imports WHERE source = $1 AND aid = $2",
+                &[&source, &aid],
+            )
+            .map_err(db)?
+            .map(|row| ImportCheckpoint {
+                position: row.get(0),
+                last_id: row.get(1),
+            }))
+    }
+
+    fn import(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+        rows: &[ImportRow],
+        position: i64,
+    ) -> Result<ImportBatch, StoreError> {
+        let (done, fresh) = self.write(|client| {
+            let mut tx = client.transaction().map_err(db)?;
+            // One import into one archive at a time (as SQLite's write lock gives).
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('mam_rs_import'))",
+                &[],
+            )
+            .map_err(db)?;
+            let mut fresh = Fresh::default();
+            let aid = self.archive_for_write(&mut tx, archive, &mut fresh)?;
+            let mut last_id: i64 = tx
+                .query_opt(
+                    "SELECT last_id FROM mam_rs_imports WHERE source = $1 AND aid = $2",
+                    &[&source, &aid],
+                )
+                .map_err(db)?
+                .map_or(0, |row| row.get(0));
+            let now = crate::id::now_micros();
+            let mut done = ImportBatch::default();
+            for row in rows {
+                if lookup_id(&mut tx, aid, &row.key)?.is_some() {
+                    done.already += 1;
+                    continue;
+                }
+                let own = ArchiveId::parse(&row.key).map(ArchiveId::as_i64);
+                let mut id = match own {
+                    Some(id) if id > last_id && !taken(&mut tx, id)? => id,
+                    // As in the SQLite store: the upper half of the sequence bits.
+                    _ => last_id.saturating_add(1).max(
+                        ArchiveId::first_at(row.micros.clamp(0, now)).as_i64() | IMPORT_SEQ,
+                    ),
+                };
+                while taken(&mut tx, id)? {
+                    id += 1;
+                }
+                let with_id = self.jid_for_write(&mut tx, &row.with, &mut fresh)?;
+                tx.execute(INSERT_MESSAGE, &[&id, &aid, &with_id, &row.stanza])
+                    .map_err(db)?;
+                if own != Some(id) {
+                    tx.execute(
+                        "INSERT INTO mam_rs_legacy_ids (id, aid, key) VALUES ($1, $2, $3)",
+                        &[&id, &aid, &row.key],
+                    )
+                    .map_err(db)?;
+                }
+                last_id = id;
+                done.imported += 1;
+            }
+            tx.execute(
+                "INSERT INTO mam_rs_imports (source, aid, position, last_id) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (source, aid) DO UPDATE SET position = EXCLUDED.position, \
+                 last_id = EXCLUDED.last_id",
+                &[&source, &aid, &position, &last_id],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok((done, fresh))
+        })?;
+        self.remember(fresh);
+        Ok(done)
+    }
+
+    fn stats(&self, host: &str, store: &str, user: Option<&str>) -> Result<Stats, StoreError> {
+        let mut conn = self.reader()?;
+        let rows = match user {
+            Some(user) => conn.query(
+                "SELECT aid, item_count FROM mam_rs_archives WHERE host = $1 AND username = $2 AND store = $3",
+                &[&host, &user, &store],
+            ),
+            None => conn.query(
+                "SELECT aid, item_count FROM mam_rs_archives WHERE host = $1 AND store = $2",
+                &[&host, &store],
+            ),
+        }
+        .map_err(db)?;
+        let aids: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut stats = Stats::default();
+        for (aid, count) in &aids {
+            if *count == 0 {
+                continue;
+            }
+            stats.users += 1;
+            stats.messages += *count as u64;
+            let row = conn
+                .query_one(
+                    "SELECT min(id), max(id), sum(octet_length(stanza))::BIGINT \
+                     FROM mam_rs_messages WHERE aid = $1",
+                    &[aid],
+                )
+                .map_err(db)?;
+            let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2));
+            stats.bytes += bytes.unwrap_or(0) as u64;
+            if let Some(oldest) = oldest.map(stored_id).transpose()? {
+                stats.oldest = Some(stats.oldest.map_or(oldest, |o| o.min(oldest)));
+            }
+            if let Some(newest) = newest.map(stored_id).transpose()? {
+                stats.newest = Some(stats.newest.map_or(newest, |n| n.max(newest)));
+            }
+        }
+        if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
+            if *count > 0 {
+                stats.contacts = conn
+                    .query(
+                        "SELECT j.jid, count(*) AS n FROM mam_rs_messages m \
+                         JOIN mam_rs_jids j ON j.jid_id = m.with_id WHERE m.aid = $1 \
+                         GROUP BY j.jid ORDER BY n DESC, j.jid LIMIT 20",
+                        &[aid],
+                    )
+                    .map_err(db)?
+                    .iter()
+                    .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                    .collect();
+            }
+        }
+        Ok(stats)
+    }
+
+    fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError> {
+        self.write(|client| {
+            let mut tx = client.transaction().map_err(db)?;
+            let Some(aid): Option<i64> = tx
+                .query_opt(
+                    SELECT_ARCHIVE,
+                    &[&&*archive.host, &archive.user, &&*archive.store],
+                )
+                .map_err(db)?
+                .map(|row| row.get(0))
+            else {
+                return Ok(0);
+            };
+            let deleted = tx
+                .execute(
+                    "DELETE FROM mam_rs_messages WHERE id IN \
+                     (SELECT id FROM mam_rs_messages WHERE aid = $1 LIMIT $2)",
+                    &[&aid, &i64::from(limit)],
+                )
+                .map_err(db)?;
+            if deleted == 0 {
+                tx.execute("DELETE FROM mam_rs_client_marks WHERE aid = $1", &[&aid])
+                    .map_err(db)?;
+                tx.execute("DELETE FROM mam_rs_imports WHERE aid = $1", &[&aid])
+                    .map_err(db)?;
+            }
+            tx.commit().map_err(db)?;
+            Ok(deleted)
+        })
+    }
+
+    fn optimize(&self, vacuum: bool) -> Result<Vec<String>, StoreError> {
+        self.write(|client| {
+            let mut report = Vec::new();
+            let expected = [
+                "mam_rs_messages_by_archive",
+                "mam_rs_messages_by_with",
+                "mam_rs_legacy_ids_aid_key_key",
+            ];
+            let mut missing = Vec::new();
+            for name in expected {
+                let found: bool = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE indexname = $1)",
+                        &[&name],
+                    )
+                    .map_err(db)?
+                    .get(0);
+                if !found {
+                    missing.push(name);
+                }
+            }
+            if !missing.is_empty() {
+                return Err(StoreError::Database(format!(
+                    "missing indexes: {}; the schema was changed by hand",
+                    missing.join(", ")
+                )));
+            }
+            report.push("indexes: all present".to_string());
+            let tables = "mam_rs_messages, mam_rs_archives, mam_rs_jids, mam_rs_legacy_ids";
+            if vacuum {
+                client
+                    .batch_execute(&format!("VACUUM (ANALYZE) {tables}"))
+                    .map_err(db)?;
+                report.push("VACUUM (ANALYZE): dead rows reclaimed, statistics refreshed".into());
+            } else {
+                client
+                    .batch_execute(&format!("ANALYZE {tables}"))
+                    .map_err(db)?;
+                report.push("ANALYZE: statistics refreshed".into());
+            }
+            Ok(report)
+        })
+    }
+
+    fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError> {
+        let mut conn = self.reader()?;
+        let row = conn
+            .query_one(
+                "SELECT count(*) FILTER (WHERE item_count > 0), coalesce(sum(item_count), 0)::BIGINT, \
+                 pg_total_relation_size('mam_rs_messages') FROM mam_rs_archives \
+                 WHERE host = $1 AND store = $2",
+                &[&host, &store],
+            )
+            .map_err(db)?;
+        Ok(Figures {
+            archives: row.get::<_, i64>(0) as u64,
+            messages: row.get::<_, i64>(1) as u64,
+            bytes: row.get::<_, i64>(2) as u64,
+        })
+    }
+}
+
+/// Writes the rows gathered so far in one statement.
+fn flush(
+    tx: &mut impl GenericClient,
+    ids: &mut Vec<i64>,
+    aids: &mut Vec<i64>,
+    withs: &mut Vec<i64>,
+    stanzas: &mut Vec<&str>,
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(INSERT_MESSAGES, &[&*ids, &*aids, &*withs, &*stanzas])
+        .map_err(db)?;
+    ids.clear();
+    aids.clear();
+    withs.clear();
+    stanzas.clear();
+    Ok(())
+}
+
+/// Stock's quota rule (see the SQLite store).
+fn make_room(tx: &mut impl GenericClient, aid: i64, quota: u32) -> Result<(), StoreError> {
+    let count: i64 = tx.query_one(SELECT_ITEM_COUNT, &[&aid]).map_err(db)?.get(0);
+    if count >= i64::from(quota) {
+        let keep = i64::from(quota) * 99 / 100;
+        tx.execute(DELETE_OLDEST, &[&aid, &(count - keep)])
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+fn expiry_bound(
+    tx: &mut impl GenericClient,
+    aid: i64,
+    rule: &ExpiryRule,
+) -> Result<Option<i64>, StoreError> {
+    match *rule {
+        ExpiryRule::Age { end } => Ok(Some(ArchiveId::last_at(end).as_i64())),
+        ExpiryRule::Delivered {
+            end,
+            strategy,
+            seen_since,
+        } => {
+            let sql = match strategy {
+                Strategy::One => {
+                    "SELECT max(last_id) FROM mam_rs_client_marks WHERE aid = $1 AND seen >= $2"
+                }
+                Strategy::All => {
+                    "SELECT min(last_id) FROM mam_rs_client_marks WHERE aid = $1 AND seen >= $2"
+                }
+            };
+            let delivered: Option<i64> =
+                tx.query_one(sql, &[&aid, &seen_since]).map_err(db)?.get(0);
+            Ok(delivered.map(|id| id.min(ArchiveId::last_at(end).as_i64())))
+        }
+    }
+}
+
+fn taken(tx: &mut impl GenericClient, id: i64) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_opt("SELECT 1 FROM mam_rs_messages WHERE id = $1", &[&id])
+        .map_err(db)?
+        .is_some())
+}
+
+fn known_id(conn: &mut impl GenericClient, aid: i64, text: &str) -> Result<i64, StoreError> {
+    lookup_id(conn, aid, text)?.ok_or(StoreError::ItemNotFound)
+}
+
+/// The row of archive `aid` that clients know as `text`: a native id, or an imported key.
+fn lookup_id(
+    conn: &mut impl GenericClient,
+    aid: i64,
+    text: &str,
+) -> Result<Option<i64>, StoreError> {
+    if let Some(id) = ArchiveId::parse(text).map(ArchiveId::as_i64) {
+        if conn
+            .query_opt(SELECT_ITEM_IN_ARCHIVE, &[&id, &aid])
+            .map_err(db)?
+            .is_some()
+        {
+            return Ok(Some(id));
+        }
+    }
+    Ok(conn
+        .query_opt(SELECT_LEGACY, &[&aid, &text])
+        .map_err(db)?
+        .map(|row| row.get(0)))
+}
+
+/// Sequence bits set in imported ids.
+const IMPORT_SEQ: i64 = 1 << (SEQ_BITS - 1);
+/// The largest time (microseconds) whose ids fit a signed 64-bit integer.
+const MAX_MICROS: i64 = i64::MAX >> SEQ_BITS;
+
+#[derive(Debug, Clone, Copy)]
+struct IdRange {
+    lo: i64,
+    hi: i64,
+}
+
+impl IdRange {
+    fn from_times(start: Option<i64>, end: Option<i64>) -> IdRange {
+        let lo = match start {
+            None => 0,
+            Some(t) if t > MAX_MICROS => i64::MAX,
+            Some(t) => ArchiveId::first_at(t).as_i64(),
+        };
+        let hi = match end {
+            None => i64::MAX,
+            Some(t) if t < 0 => -1,
+            Some(t) if t > MAX_MICROS => i64::MAX,
+            Some(t) => ArchiveId::last_at(t).as_i64(),
+        };
+        IdRange { lo, hi }
+    }
+
+    fn is_empty(self) -> bool {
+        self.lo > self.hi
+    }
+
+    fn is_everything(self) -> bool {
+        self.lo <= 0 && self.hi == i64::MAX
+    }
+}
+
+struct Filter<'a> {
+    aid: i64,
+    with_id: Option<i64>,
+    ids: Option<&'a [i64]>,
+}
+
+impl Filter<'_> {
+    /// ` WHERE ...` over table alias `m`, and its parameters.
+    fn where_clause<'p>(&'p self, range: &'p IdRange) -> (String, Vec<&'p (dyn ToSql + Sync)>) {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.aid];
+        let mut sql = String::from(" WHERE m.aid = $1");
+        if let Some(with_id) = &self.with_id {
+            params.push(with_id);
+            sql.push_str(&format!(" AND m.with_id = ${}", params.len()));
+        }
+        params.push(&range.lo);
+        params.push(&range.hi);
+        sql.push_str(&format!(
+            " AND m.id BETWEEN ${} AND ${}",
+            params.len() - 1,
+            params.len()
+        ));
+        if let Some(ids) = &self.ids {
+            params.push(ids);
+            sql.push_str(&format!(" AND m.id = ANY(${})", params.len()));
+        }
+        (sql, params)
+    }
+}
+
+fn count(
+    conn: &mut impl GenericClient,
+    filter: &Filter<'_>,
+    range: IdRange,
+) -> Result<u64, StoreError> {
+    if range.is_empty() {
+        return Ok(0);
+    }
+    let n: i64 = if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
+        conn.query_one(SELECT_ITEM_COUNT, &[&filter.aid])
+            .map_err(db)?
+            .get(0)
+    } else {
+        let (clause, params) = filter.where_clause(&range);
+        conn.query_one(
+            &format!("SELECT count(*) FROM mam_rs_messages m{clause}"),
+            &params,
+        )
+        .map_err(db)?
+        .get(0)
+    };
+    u64::try_from(n).map_err(|_| StoreError::Database(format!("negative count {n}")))
+}
+
+fn select_page(
+    conn: &mut impl GenericClient,
+    filter: &Filter<'_>,
+    range: IdRange,
+    limit: Option<u32>,
+    reverse: bool,
+) -> Result<Vec<Item>, StoreError> {
+    let (clause, mut params) = filter.where_clause(&range);
+    let limit = limit.map(i64::from);
+    params.push(&limit);
+    let sql = format!(
+        "SELECT m.id, j.jid, m.stanza, l.key FROM mam_rs_messages m \
+         JOIN mam_rs_jids j ON j.jid_id = m.with_id \
+         LEFT JOIN mam_rs_legacy_ids l ON l.id = m.id{clause} \
+         ORDER BY m.id {} LIMIT ${}",
+        if reverse { "DESC" } else { "ASC" },
+        params.len()
+    );
+    conn.query(&sql, &params)
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok(Item {
+                id: stored_id(row.get(0))?,
+                with: row.get(1),
+                stanza: row.get(2),
+                key: row.get(3),
+            })
+        })
+        .collect()
+}
+
+/// Ids created by the current write transaction, cached only once it commits.
+#[derive(Default)]
+struct Fresh {
+    archives: HashMap<ArchiveRef, i64>,
+    jids: HashMap<String, i64>,
+}
+
+/// Committed `aid` and `jid_id` values. Bounded: a full map is emptied and refills.
+#[derive(Default)]
+struct IdCache {
+    archives: HashMap<ArchiveRef, i64>,
+    jids: HashMap<String, i64>,
+}
+
+const ID_CACHE_CAPACITY: usize = 100_000;
+
+impl IdCache {
+    fn remember_archive(&mut self, archive: ArchiveRef, aid: i64) {
+        if self.archives.len() >= ID_CACHE_CAPACITY {
+            self.archives.clear();
+        }
+        self.archives.insert(archive, aid);
+    }
+
+    fn remember_jid(&mut self, jid: String, id: i64) {
+        if self.jids.len() >= ID_CACHE_CAPACITY {
+            self.jids.clear();
+        }
+        self.jids.insert(jid, id);
+    }
+}
+
+fn stored_id(v: i64) -> Result<ArchiveId, StoreError> {
+    ArchiveId::from_i64(v)
+        .ok_or_else(|| StoreError::Database(format!("negative id {v} in mam_rs_messages")))
+}
+
+fn db(e: postgres::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}

@@ -1,0 +1,122 @@
+//! The PostgreSQL schema: the module's own tables (prefixed `mam_rs_`, so they sit beside
+//! Prosody's `prosody` and `prosodyarchive` in the admin's database) and the migration runner.
+//!
+//! The version lives in `mam_rs_schema`. [`MIGRATIONS`] is the list of steps; step `i` moves a
+//! database from version `i` to `i + 1`. Steps run in one transaction under an advisory lock,
+//! so several Prosody processes starting together migrate once. A newer database is refused.
+
+use crate::store::StoreError;
+use postgres::Client;
+
+/// Step `i` moves the schema from version `i` to version `i + 1`.
+const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this code writes and understands.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Any fixed number: the advisory lock that serialises migrations.
+const MIGRATION_LOCK: i64 = 0x6d61_6d5f_7273; // "mam_rs"
+
+/// Version 1: the same model as the SQLite store (see `store::sqlite::schema`).
+///
+/// - Archives and JIDs are interned; message rows refer to them by integer.
+/// - `(aid, id)` and `(aid, with_id, id)` are the two query paths.
+/// - `item_count` is kept by statement-level triggers (one update per archive per statement,
+///   not per row), so an unfiltered total is one row read.
+/// - `legacy_ids` keeps the stock ids of imported messages; a trigger removes them with their
+///   rows.
+const V1: &str = r#"
+CREATE TABLE mam_rs_archives (
+    aid        BIGSERIAL PRIMARY KEY,
+    host       TEXT NOT NULL,
+    username   TEXT NOT NULL,
+    store      TEXT NOT NULL,
+    item_count BIGINT NOT NULL DEFAULT 0,
+    UNIQUE (host, username, store)
+);
+CREATE TABLE mam_rs_jids (
+    jid_id BIGSERIAL PRIMARY KEY,
+    jid    TEXT NOT NULL UNIQUE
+);
+CREATE TABLE mam_rs_messages (
+    id      BIGINT PRIMARY KEY,
+    aid     BIGINT NOT NULL REFERENCES mam_rs_archives (aid),
+    with_id BIGINT NOT NULL REFERENCES mam_rs_jids (jid_id),
+    stanza  TEXT NOT NULL
+);
+CREATE INDEX mam_rs_messages_by_archive ON mam_rs_messages (aid, id);
+CREATE INDEX mam_rs_messages_by_with ON mam_rs_messages (aid, with_id, id);
+CREATE TABLE mam_rs_legacy_ids (
+    id  BIGINT PRIMARY KEY,
+    aid BIGINT NOT NULL REFERENCES mam_rs_archives (aid),
+    key TEXT NOT NULL,
+    UNIQUE (aid, key)
+);
+CREATE TABLE mam_rs_imports (
+    source   TEXT NOT NULL,
+    aid      BIGINT NOT NULL REFERENCES mam_rs_archives (aid),
+    position BIGINT NOT NULL,
+    last_id  BIGINT NOT NULL,
+    PRIMARY KEY (source, aid)
+);
+CREATE TABLE mam_rs_client_marks (
+    aid     BIGINT NOT NULL REFERENCES mam_rs_archives (aid),
+    client  TEXT NOT NULL,
+    last_id BIGINT NOT NULL,
+    seen    BIGINT NOT NULL,
+    PRIMARY KEY (aid, client)
+);
+
+CREATE FUNCTION mam_rs_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE mam_rs_archives a SET item_count = a.item_count + n.c
+    FROM (SELECT aid, count(*) AS c FROM new_rows GROUP BY aid) n WHERE a.aid = n.aid;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION mam_rs_count_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE mam_rs_archives a SET item_count = a.item_count - o.c
+    FROM (SELECT aid, count(*) AS c FROM old_rows GROUP BY aid) o WHERE a.aid = o.aid;
+    DELETE FROM mam_rs_legacy_ids WHERE id IN (SELECT id FROM old_rows);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER mam_rs_messages_count_insert AFTER INSERT ON mam_rs_messages
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mam_rs_count_insert();
+CREATE TRIGGER mam_rs_messages_count_delete AFTER DELETE ON mam_rs_messages
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION mam_rs_count_delete();
+"#;
+
+/// Brings the database up to [`SCHEMA_VERSION`] in one transaction, or refuses a newer one.
+/// Returns the version it had.
+pub fn migrate(client: &mut Client) -> Result<i32, StoreError> {
+    let open_err = |e: postgres::Error| StoreError::Open(format!("schema migration failed: {e}"));
+    let mut tx = client.transaction().map_err(open_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(open_err)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS mam_rs_schema (version INTEGER NOT NULL)")
+        .map_err(open_err)?;
+    let found: i32 = tx
+        .query_opt("SELECT version FROM mam_rs_schema", &[])
+        .map_err(open_err)?
+        .map_or(0, |row| row.get(0));
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::Open(format!(
+            "the database has mod_mam_rs schema version {found}, newer than the {SCHEMA_VERSION} \
+             this build knows; upgrade mod_mam_rs or use another database"
+        )));
+    }
+    for step in &MIGRATIONS[found as usize..] {
+        tx.batch_execute(step).map_err(open_err)?;
+    }
+    if found < SCHEMA_VERSION {
+        tx.execute("DELETE FROM mam_rs_schema", &[])
+            .map_err(open_err)?;
+        tx.execute(
+            "INSERT INTO mam_rs_schema (version) VALUES ($1)",
+            &[&SCHEMA_VERSION],
+        )
+        .map_err(open_err)?;
+    }
+    tx.commit().map_err(open_err)?;
+    Ok(found)
+}

@@ -1,0 +1,76 @@
+//! The shared store suite (`store/suite.rs`) on a real PostgreSQL server.
+//!
+//! Built with the `postgres-tests` feature and run by `make test-rust` through
+//! `tools/with-postgres.sh`, which starts a throwaway server and sets `MAM_RS_TEST_POSTGRES`
+//! (`host=… port=… user=…`). Each test gets its own database, named after its temporary
+//! directory, so opening the same directory again opens the same store.
+
+use super::*;
+use crate::store::{
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Mark, NewItem, Query, Store, StoreError,
+    Strategy,
+};
+use std::sync::Arc;
+use tempfile::TempDir;
+
+type Backend = PgStore;
+
+fn server() -> postgres::Config {
+    let conninfo = std::env::var("MAM_RS_TEST_POSTGRES").expect(
+        "MAM_RS_TEST_POSTGRES must name a PostgreSQL server (tools/with-postgres.sh sets it)",
+    );
+    conninfo.parse().expect("MAM_RS_TEST_POSTGRES")
+}
+
+fn open(dir: &TempDir) -> PgStore {
+    let config = server();
+    let name = format!(
+        "mam_rs_t_{:016x}",
+        dir.path()
+            .to_string_lossy()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            })
+    );
+    let mut admin = config.connect(NoTls).expect("connect to the test server");
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .unwrap()
+        .is_some();
+    if !exists {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+    }
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => "localhost".into(),
+    };
+    let options = PgOptions {
+        host,
+        port: config.get_ports().first().copied(),
+        database: name,
+        user: config.get_user().unwrap_or("postgres").to_owned(),
+        password: config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+        pool_size: 4,
+        connect_timeout: std::time::Duration::from_secs(5),
+    };
+    PgStore::open(&options).expect("open")
+}
+
+include!("../suite.rs");
+
+#[test]
+fn a_second_process_sees_committed_rows_and_migrates_once() {
+    let dir = TempDir::new().unwrap();
+    let one = romeo_with_ten_rows(&dir);
+    let two = open(&dir);
+    assert_eq!(total(&two), Some(10));
+    two.append(&[row(&romeo(), id(11), "x@y")]).unwrap();
+    assert_eq!(total(&one), Some(11));
+}

@@ -17,19 +17,31 @@ NATIVE := mam_rs_native
 SO_BUILT := target/release/lib$(NATIVE).so
 PLUGIN := build/plugins/mod_mam_rs
 VENV := .venv
-APT_PACKAGES := prosody lua5.4 lua-busted
+APT_PACKAGES := prosody lua5.4 lua-dbi-sqlite3
+# The tests also start their own PostgreSQL and MariaDB (tools/with-postgres.sh,
+# tests/e2e/dbservers.py; no system service is used), and Prosody reaches them through
+# LuaDBI's drivers. `make run` does not need these.
+TEST_APT_PACKAGES := lua-busted postgresql mariadb-server mariadb-client lua-dbi-postgresql lua-dbi-mysql
 
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust deps-postgres test-spec test-e2e test-fuzz bench bench-e2e deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-e2e deps deps-python lint clean dist
 
 all: build
 
-## Installs the Debian packages and the Python test environment that are missing.
+## Installs the Debian packages (and, for the tests, the Python environment) that are missing.
 deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
+
+deps-test: deps
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(TEST_APT_PACKAGES)"
+
+apt-install:
 	@missing=""; \
-	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
 	if ! command -v $(PYTHON) >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
 		missing="$$missing python3 python3-venv"; \
 	fi; \
@@ -39,7 +51,7 @@ deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-deps-python: deps
+deps-python: deps-test
 	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	@$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
 
@@ -69,15 +81,11 @@ run: deps build
 test: deps-python build test-rust test-spec test-e2e test-fuzz
 
 ## The store suite runs on SQLite and on a throwaway PostgreSQL server (tools/with-postgres.sh).
-test-rust: deps-postgres
+test-rust: deps-test
 	tools/with-postgres.sh $(CARGO) test --no-default-features --features postgres-tests --locked
 
-deps-postgres:
-	@dpkg -s postgresql >/dev/null 2>&1 || { echo "Installing Debian packages: postgresql"; \
-		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends postgresql; }
 
-test-spec: build
+test-spec: deps-test build
 	$(LUA) /usr/bin/busted --lpath='./spec/?.lua' spec
 
 test-e2e: deps-python build

@@ -215,8 +215,13 @@ local function sql_source(host, store)
 	if not ok then
 		return nil, ("cannot connect to the %s database %s: %s"):format(params.driver, params.database, tostring(cerr));
 	end
+	-- Each read in its own transaction (committed), as mod_storage_sql does: LuaDBI opens one
+	-- implicitly, and on PostgreSQL one failed statement would poison every later one.
 	local function select(sql, ...)
-		local ok, iter = pcall(engine.select, engine, sql, ...);
+		local args = table.pack(...);
+		local ok, iter = engine:transaction(function ()
+			return engine:select(sql, table.unpack(args, 1, args.n));
+		end);
 		if not ok then error(("reading %s: %s"):format(params.database, tostring(iter)), 0); end
 		return iter;
 	end

@@ -811,13 +811,16 @@ def stored_prefs_sql(srv, user):
 class StorageServer(ProsodyServer):
     """A ProsodyServer with `storage` = "sql" (the base config) or "internal", more entries in
     modules_enabled and plugin_paths, and raw `trailing` lines written after the VirtualHost
-    lines (for example another VirtualHost with its own modules_disabled)."""
+    lines (for example another VirtualHost with its own modules_disabled). `sql`, when given,
+    is the line that replaces the base config's SQLite `sql = { ... }` line (for example
+    postgres_server.prosody_sql()), so that Prosody sees one sql option."""
 
-    def __init__(self, extra_config=(), storage="sql", extra_modules=(), plugin_paths=(), trailing=(), **kw):
+    def __init__(self, extra_config=(), storage="sql", extra_modules=(), plugin_paths=(), trailing=(), sql=None, **kw):
         self._init_args = dict(extra_config=list(extra_config), storage=storage, extra_modules=list(extra_modules),
-                               plugin_paths=list(plugin_paths), trailing=list(trailing), **kw)
+                               plugin_paths=list(plugin_paths), trailing=list(trailing), sql=sql, **kw)
         super().__init__(extra_config, **kw)
         self.storage = storage
+        self.sql = sql
         self.extra_modules = list(extra_modules)
         self.plugin_paths = [str(p) for p in plugin_paths]
         self.trailing = list(trailing)
@@ -832,6 +835,8 @@ class StorageServer(ProsodyServer):
 
         if self.storage != "sql":
             text = sub('storage = "sql"\n', 'storage = "%s"\n' % self.storage)
+        if self.sql:
+            text = sub('sql = { driver = "SQLite3", database = "prosody.sqlite" }\n', self.sql.rstrip("\n") + "\n")
         if self.extra_modules:
             text = sub('"%s" }' % self.module,
                        '"%s"%s }' % (self.module, "".join(', "%s"' % m for m in self.extra_modules)))
@@ -860,3 +865,28 @@ class StorageServer(ProsodyServer):
         if start:
             restart_server(new)
         return new
+
+
+# --------------------------------------------------------------------------
+# Real database servers (tests/e2e/dbservers.py): one PostgreSQL and one MariaDB per session,
+# started only when a test asks for one, stopped and removed at the end. MAM_E2E_POSTGRES /
+# MAM_E2E_MYSQL (URLs) use existing servers instead. A test that stops a server must start it
+# again (try/finally): the session's later tests share it. Only adds to the harness above.
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A running PostgreSQL (dbservers.PostgresServer): .prosody_sql(), .sql(), .stop(), .start()."""
+    from dbservers import open_server
+    srv = open_server("postgres")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server():
+    """A running MariaDB (dbservers.MariaDBServer), Prosody's driver "MySQL"; API as postgres_server."""
+    from dbservers import open_server
+    srv = open_server("mariadb")
+    yield srv
+    srv.close()

@@ -1,10 +1,12 @@
 """`prosodyctl mod_mam_rs import`: a stock mod_mam archive carried over into mod_mam_rs.
 
-The archives imported here are written by stock mod_mam itself on a real Prosody 0.12 (SQL on
-SQLite, and internal file storage), or through Prosody's own archive storage API for the large
-one. Only the deliberately malformed rows are written by hand. After the switch to mam_rs on
-the same data directory and config, clients must see what stock showed them: the same ids
-(so a client resuming from a stock id goes on where it stopped), bodies, stamps and order.
+The archives imported here are written by stock mod_mam itself on a real Prosody 0.12
+(mod_storage_sql on SQLite, on PostgreSQL and on MariaDB with the "MySQL" driver, and internal
+file storage), or through Prosody's own archive storage API for the large one. Only the
+deliberately malformed rows are written by hand. After the switch to mam_rs on the same data
+directory and config (and a copy of the same database), clients must see what stock showed
+them: the same ids (so a client resuming from a stock id goes on where it stopped), bodies,
+stamps and order. The PostgreSQL and MariaDB servers are the session's own (dbservers.py).
 """
 
 import math
@@ -90,7 +92,7 @@ class Item:
 
 @dataclass
 class StockView:
-    srv: StorageServer  # stopped; clone() it to get a server on a copy of its data
+    srv: StorageServer  # stopped; clone_stock() gives a server on a copy of its data
     keys: dict  # user -> archive keys in storage order (read from the store, not from MAM)
     archives: dict = field(default_factory=dict)  # user -> [Item], stock's full answer
     with_pages: dict = field(default_factory=dict)  # (user, with) -> [(ids, count, complete)], max 7
@@ -99,6 +101,7 @@ class StockView:
     received: dict = field(default_factory=dict)  # user -> {body: stanza-id by the user, live}
     resumed: dict = field(default_factory=dict)  # name -> (ids, complete): stock's answers to resume_queries
     dave_bodies: list = field(default_factory=list)
+    sql: "StockSql" = None  # where stock's SQL tables are (storage "sql")
 
     @property
     def total(self):
@@ -137,8 +140,94 @@ def internal_keys(data_dir, store="archive"):
     return out
 
 
-def read_keys(srv):
-    return sql_keys(srv.data) if srv.storage == "sql" else internal_keys(srv.data)
+def _lit(s):
+    return "'%s'" % str(s).replace("'", "''")
+
+
+SQL_BACKENDS = ("sqlite", "postgres", "mariadb")
+
+
+@dataclass
+class StockSql:
+    """Where stock's mod_storage_sql keeps its tables: "sqlite", the base config's prosody.sqlite
+    in the server's data directory, or a database of its own on the session's real PostgreSQL
+    or MariaDB (tests/e2e/dbservers.py), named by the config's `sql = { ... }` line."""
+    backend: str
+    db: object = None  # dbservers.DatabaseServer, None for sqlite
+    database: str = None  # the database's name on db
+
+    @classmethod
+    def new(cls, backend, request):
+        if backend == "sqlite":
+            return cls(backend)
+        db = request.getfixturevalue({"postgres": "postgres_server", "mariadb": "mariadb_server"}[backend])
+        return cls(backend, db, db.create_database())
+
+    def config_line(self):
+        """StorageServer's sql= (None: the base config's SQLite line)."""
+        return None if self.db is None else self.db.prosody_sql(self.database)
+
+    def copy(self):
+        """A copy of the database. For sqlite, clone() copies the data directory and the file in it."""
+        return self if self.db is None else StockSql(self.backend, self.db, self.db.create_database(template=self.database))
+
+    def drop(self):
+        if self.db is not None:
+            self.db.drop_database(self.database)
+
+    def keys(self, srv, store="archive"):
+        """user -> archive keys of `store` in storage order, read from the database itself."""
+        if self.db is None:
+            return sql_keys(srv.data, store)
+        out = {}
+        for user, key in self.db.sql('SELECT "user", "key" FROM "prosodyarchive" WHERE "host" = %s AND "store" = %s '
+                                     'ORDER BY "sort_id";' % (_lit(HOST), _lit(store)), database=self.database):
+            out.setdefault(user, []).append(key)
+        return out
+
+    def insert_archive_rows(self, srv, rows):
+        """Raw rows (user, key, when, with, type, value) into the "archive" store, as a damaged or
+        foreign writer might have left them."""
+        if self.db is None:
+            db = sqlite3.connect(str(srv.data / "prosody.sqlite"))
+            with db:
+                db.executemany('INSERT INTO prosodyarchive (host, "user", store, "key", "when", "with", type, value) '
+                               "VALUES ('localhost', ?, 'archive', ?, ?, ?, ?, ?)", rows)
+            db.close()
+            return
+        self.db.sql("\n".join(
+            'INSERT INTO "prosodyarchive" ("host", "user", "store", "key", "when", "with", "type", "value") '
+            "VALUES (%s, %s, 'archive', %s, %d, %s, %s, %s);" % (_lit(HOST), _lit(u), _lit(k), when, _lit(w), _lit(t), _lit(v))
+            for u, k, when, w, t, v in rows), database=self.database)
+
+
+def read_keys(srv, store="archive"):
+    if srv.storage != "sql":
+        return internal_keys(srv.data, store)
+    return (getattr(srv, "stock_sql", None) or StockSql("sqlite")).keys(srv, store)
+
+
+def clone_stock(view, **overrides):
+    """view.srv.clone(**overrides), with a copy of stock's database when it is on a database
+    server (so that no test sees another's changes). Stop it with stop_clone()."""
+    sql = view.sql.copy() if view.sql else None
+    if sql is not None and sql.db is not None:
+        overrides["sql"] = sql.config_line()
+    try:
+        srv = view.srv.clone(**overrides)
+    except BaseException:
+        if sql is not None and sql is not view.sql:
+            sql.drop()
+        raise
+    srv.stock_sql = sql
+    return srv
+
+
+def stop_clone(srv):
+    srv.stop()
+    sql = getattr(srv, "stock_sql", None)
+    if sql is not None:
+        sql.drop()
 
 
 def next_second():
@@ -149,11 +238,13 @@ def next_second():
         time.sleep(0.01)
 
 
-def build_stock_view(loop_thread, storage):
-    srv = StorageServer(storage=storage, module="mam", users=ALL).start()
-    view = StockView(srv, {})
-    clients = {u: Client(loop_thread, srv, u, resource="stock").connect() for u in LIVE}
+def build_stock_view(loop_thread, storage, sql=None):
+    srv = StorageServer(storage=storage, module="mam", users=ALL, sql=sql.config_line() if sql else None).start()
+    srv.stock_sql = sql
+    view = StockView(srv, {}, sql=sql)
+    clients = {}
     try:
+        clients.update((u, Client(loop_thread, srv, u, resource="stock").connect()) for u in LIVE)
         n = 0
         burst_first = []
         for burst in range(BURSTS):
@@ -210,8 +301,12 @@ def build_stock_view(loop_thread, storage):
             r = clients["alice"].mam_ok(**kw)
             view.resumed[name] = (r.ids, r.complete)
         # mod_offline kept dave's messages in its own archive store: an importer must leave those.
-        offline = sql_keys(srv.data, "offline") if storage == "sql" else internal_keys(srv.data, "offline")
+        offline = read_keys(srv, "offline")
         assert len(offline.get("dave", [])) == 3, "mod_offline should hold dave's 3 messages: %r" % offline
+    except BaseException:
+        # Not left running (and connected to its database); its log stays for the report.
+        stop_server_keep_data(srv)
+        raise
     finally:
         for c in clients.values():
             c.disconnect()
@@ -250,11 +345,16 @@ def _sids(msg):
     return [(s.get("by"), s.get("id")) for s in msg.findall("{%s}stanza-id" % NS_SID)]
 
 
-@pytest.fixture(scope="module")
-def stock_sql(loop_thread):
-    view = build_stock_view(loop_thread, "sql")
-    yield view
-    view.srv.stop()
+@pytest.fixture(scope="module", params=SQL_BACKENDS)
+def stock_sql(request, loop_thread):
+    """Stock mod_mam's archive on mod_storage_sql: SQLite, PostgreSQL, or MariaDB ("MySQL")."""
+    sql = StockSql.new(request.param, request)
+    try:
+        view = build_stock_view(loop_thread, "sql", sql)
+        yield view
+        view.srv.stop()
+    finally:
+        sql.drop()
 
 
 @pytest.fixture(scope="module")
@@ -371,8 +471,8 @@ def wait_until(pred, timeout=15.0, step=0.1):
 
 @pytest.fixture(scope="module")
 def imported_sql(stock_sql, loop_thread):
-    """mam_rs running on a copy of the stock SQL data dir; `import` run while it runs."""
-    srv = stock_sql.srv.clone(module="mam_rs")
+    """mam_rs running on a copy of the stock SQL data dir (and database); `import` run while it runs."""
+    srv = clone_stock(stock_sql, module="mam_rs")
     clients = {}
     try:
         run = run_import(srv)
@@ -381,13 +481,18 @@ def imported_sql(stock_sql, loop_thread):
     finally:
         for c in clients.values():
             c.disconnect()
-        srv.stop()
+        stop_clone(srv)
 
 
 def test_sql_import_summary_counts_every_stock_message(stock_sql, imported_sql):
-    _, run, _ = imported_sql
+    srv, run, _ = imported_sql
     assert (run.users, run.messages, run.already, run.skipped) == (len(ALL), stock_sql.total, 0, 0), run.out
     assert run.skipped_lines == [], run.out
+    sql = srv.stock_sql
+    source = ("%s database %s" % (sql.db.driver, sql.database) if sql.db
+              else "SQLite3 database %s" % (srv.data / "prosody.sqlite"))
+    assert " from %s into " % source in run.out, "the import should name the database it read, %s:\n%s" % (
+        source, run.out)
 
 
 def test_sql_import_answers_as_stock_did(stock_sql, imported_sql, connect):
@@ -424,8 +529,9 @@ def test_sql_import_second_run_imports_nothing_new(stock_sql, imported_sql):
         + again.out
 
 
+@pytest.mark.parametrize("stock_sql", ["sqlite"], indirect=True)  # about mam_rs's own archive: one backend will do
 def test_messages_after_the_import_sort_after_imported_ones(stock_sql, connect):
-    srv = stock_sql.srv.clone(module="mam_rs")
+    srv = clone_stock(stock_sql, module="mam_rs")
     try:
         alice, bob = connect(srv, "alice"), connect(srv, "bob")
         # Switched to mam_rs and restarted; clients chat before the admin runs the import.
@@ -446,7 +552,7 @@ def test_messages_after_the_import_sort_after_imported_ones(stock_sql, connect):
         assert r.bodies == [before_import, after_import] and r.complete
         assert alice.mam_ok(rsm={"max": 2, "before": ""}).bodies == [before_import, after_import]
     finally:
-        srv.stop()
+        stop_clone(srv)
 
 
 # --------------------------------------------------------------------------
@@ -483,7 +589,7 @@ def test_internal_import_one_user_then_the_rest_while_stopped(stock_internal, co
 
 def test_malformed_sql_rows_are_reported_and_skipped(stock_sql, fill_plugin_dir, connect):
     view = stock_sql
-    srv = view.srv.clone(module="mam_rs", start=False, plugin_paths=[fill_plugin_dir])
+    srv = clone_stock(view, module="mam_rs", start=False, plugin_paths=[fill_plugin_dir])
     try:
         now = int(time.time())
         bad = [
@@ -491,14 +597,9 @@ def test_malformed_sql_rows_are_reported_and_skipped(stock_sql, fill_plugin_dir,
             ("alice", "e2e-bad-iq", "bob@localhost", "xml", "<iq type='get' id='x'><ping xmlns='urn:xmpp:ping'/></iq>"),
             ("bob", "e2e-bad-json", "alice@localhost", "json", '{"body":"not a stanza"}'),
         ]
-        db = sqlite3.connect(str(srv.data / "prosody.sqlite"))
-        with db:
-            db.executemany('INSERT INTO prosodyarchive (host, "user", store, "key", "when", "with", type, value) '
-                           "VALUES ('localhost', ?, 'archive', ?, ?, ?, ?, ?)",
-                           [(u, k, now, w, t, v) for u, k, w, t, v in bad])
-        db.close()
+        srv.stock_sql.insert_archive_rows(srv, [(u, k, now, w, t, v) for u, k, w, t, v in bad])
         stock_fill(srv, "bob", "alice@localhost", 5)  # good rows after bob's bad one, by the stock API
-        keys = sql_keys(srv.data)
+        keys = read_keys(srv)
         want_bob = [k for k in keys["bob"] if not k.startswith("e2e-bad")]
         assert want_bob[:-5] == view.keys["bob"] and len(want_bob) == len(view.keys["bob"]) + 5
         good = view.total + 5
@@ -521,7 +622,7 @@ def test_malformed_sql_rows_are_reported_and_skipped(stock_sql, fill_plugin_dir,
         assert again.messages == 0, again.out
         assert again.already == good, "already= should count the messages found already imported:\n" + again.out
     finally:
-        srv.stop()
+        stop_clone(srv)
 
 
 def test_unreadable_internal_archive_skips_that_user_and_goes_on(stock_internal, fill_plugin_dir, connect):
@@ -652,3 +753,35 @@ def test_import_reads_the_store_and_database_the_config_names(fill_plugin_dir, c
         assert r.ids == keys and r.bodies == ["fill %d & <ü>" % i for i in range(1, 6)]
     finally:
         srv.stop()
+
+
+# --------------------------------------------------------------------------
+# The stock database server unreachable
+
+
+def test_import_while_the_database_server_is_down_fails_clearly_then_works(postgres_server, fill_plugin_dir,
+                                                                          connect):
+    db = postgres_server
+    name = db.create_database()
+    srv = StorageServer(module="mam_rs", users=("alice", "bob"), plugin_paths=[fill_plugin_dir],
+                        sql=db.prosody_sql(name)).start()
+    try:
+        stock_fill(srv, "alice", "bob@localhost", 5)
+        keys = StockSql("postgres", db, name).keys(srv)["alice"]
+        assert len(keys) == 5
+        stop_server_keep_data(srv)
+        db.stop()
+        try:
+            down = run_import(srv, expect_rc=1)
+        finally:
+            db.start()
+        assert (down.users, down.messages, down.already) == (0, 0, 0), down.out
+        assert "cannot connect to the PostgreSQL database %s" % name in down.out, down.out
+        run = run_import(srv)
+        assert (run.users, run.messages, run.already, run.skipped) == (1, 5, 0, 0), run.out
+        restart_server(srv)
+        r = connect(srv, "alice").mam_all()
+        assert r.ids == keys and r.bodies == ["fill %d & <ü>" % i for i in range(1, 6)]
+    finally:
+        srv.stop()
+        db.drop_database(name)

@@ -115,6 +115,34 @@ local function hosts_arg(only_host)
 	return targets;
 end
 
+-- The arguments of command arg[1]: the `allowed` --options, and positionals of one `shape`:
+-- "user" (exactly one user@host) or "host" (at most one host). Returns positional, options;
+-- or nil and what is wrong.
+local function command_args(arg, allowed, shape)
+	local positional, options = parse_args(arg, allowed);
+	if not positional then return nil, options; end
+	if shape == "user" and #positional ~= 1 then
+		return nil, ("%s needs exactly one user@host argument"):format(arg[1]);
+	elseif shape == "host" and #positional > 1 then
+		return nil, ("%s takes at most one host"):format(arg[1]);
+	end
+	return positional, options;
+end
+
+-- For commands on one user: username, host (checked by user_arg); or nil and what is wrong.
+local function user_of(arg)
+	local positional, err = command_args(arg, {}, "user");
+	if not positional then return nil, err; end
+	return user_arg(positional[1], arg[1]);
+end
+
+-- For commands on [host]: the hosts to act on; or nil and what is wrong.
+local function hosts_of(arg)
+	local positional, err = command_args(arg, {}, "host");
+	if not positional then return nil, err; end
+	return hosts_arg(positional[1]);
+end
+
 local function open_db(host, create)
 	local s = settings_of(host);
 	local db, err = native.admin(s.database, create, s.archive_compression);
@@ -234,9 +262,9 @@ local function sql_source(host, store)
 		table.sort(users);
 		return users;
 	end
-	function source.count(user, after)
-		for row in select([[SELECT COUNT(*) FROM "prosodyarchive" WHERE "host"=? AND "user"=? AND "store"=? AND "sort_id">?]],
-			host, user, store, after) do
+	function source.count(user)
+		for row in select([[SELECT COUNT(*) FROM "prosodyarchive" WHERE "host"=? AND "user"=? AND "store"=?]],
+			host, user, store) do
 			return tonumber(row[1]);
 		end
 		return 0;
@@ -273,8 +301,8 @@ local function internal_source(host, store)
 		table.sort(users);
 		return users;
 	end
-	function source.count(user, after)
-		return math.max(#load(user) - after, 0);
+	function source.count(user)
+		return #load(user);
 	end
 	function source.rows(user, after)
 		local items, page = load(user), {};
@@ -326,7 +354,7 @@ local function import_host(host, only_user, totals)
 	local todo, resumed = 0, 0;
 	for _, user in ipairs(users) do
 		if db:checkpoint(host, store, user, source.name) then resumed = resumed + 1; end
-		local ok, n = pcall(source.count, user, 0);
+		local ok, n = pcall(source.count, user);
 		todo = todo + (ok and n or 0);
 	end
 	if resumed > 0 then
@@ -422,10 +450,7 @@ function commands.import(arg)
 end
 
 function commands.info(arg)
-	local positional, options = parse_args(arg, {});
-	if not positional then return fail("%s", options); end
-	if #positional > 1 then return fail("info takes at most one host"); end
-	local targets, err = hosts_arg(positional[1]);
+	local targets, err = hosts_of(arg);
 	if not targets then return fail("%s", err); end
 	for _, host in ipairs(targets) do
 		local db, derr, s = open_db(host, false);
@@ -441,10 +466,7 @@ function commands.info(arg)
 end
 
 function commands.user_stats(arg)
-	local positional, options = parse_args(arg, {});
-	if not positional then return fail("%s", options); end
-	if #positional ~= 1 then return fail("user_stats needs exactly one user@host argument"); end
-	local user, host = user_arg(positional[1], "user_stats");
+	local user, host = user_of(arg);
 	if not user then return fail("%s", host); end
 	local db, err, s = open_db(host, false);
 	if not db then return fail("%s: %s", host, err); end
@@ -458,9 +480,8 @@ function commands.user_stats(arg)
 end
 
 function commands.export(arg)
-	local positional, options = parse_args(arg, { format = true, output = true });
+	local positional, options = command_args(arg, { format = true, output = true }, "user");
 	if not positional then return fail("%s", options); end
-	if #positional ~= 1 then return fail("export needs exactly one user@host argument"); end
 	local format = options.format or "json";
 	if format ~= "json" and format ~= "xml" then
 		return fail("Unknown --format %q for export (json or xml)", format);
@@ -498,10 +519,7 @@ local function delete_prefs(user, host)
 end
 
 function commands.delete_user_data(arg)
-	local positional, options = parse_args(arg, {});
-	if not positional then return fail("%s", options); end
-	if #positional ~= 1 then return fail("delete_user_data needs exactly one user@host argument"); end
-	local user, host = user_arg(positional[1], "delete_user_data");
+	local user, host = user_of(arg);
 	if not user then return fail("%s", host); end
 	local db, err, s = open_db(host, false);
 	local removed = 0;
@@ -517,10 +535,7 @@ function commands.delete_user_data(arg)
 end
 
 function commands.optimize(arg)
-	local positional, options = parse_args(arg, {});
-	if not positional then return fail("%s", options); end
-	if #positional > 1 then return fail("optimize takes at most one host"); end
-	local targets, err = hosts_arg(positional[1]);
+	local targets, err = hosts_of(arg);
 	if not targets then return fail("%s", err); end
 	local done = {};
 	for _, host in ipairs(targets) do
@@ -539,10 +554,7 @@ function commands.optimize(arg)
 end
 
 function commands.cleanup(arg)
-	local positional, options = parse_args(arg, {});
-	if not positional then return fail("%s", options); end
-	if #positional > 1 then return fail("cleanup takes at most one host"); end
-	local targets, err = hosts_arg(positional[1]);
+	local targets, err = hosts_of(arg);
 	if not targets then return fail("%s", err); end
 	local ok = true;
 	for _, name in ipairs(targets) do

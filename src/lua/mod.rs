@@ -10,7 +10,7 @@
 //! - `prefs_from_element(prefs) -> table`: a `<prefs>` element in Prosody's stored form.
 //! - `expire_now(database, host, store, end, on_batch) -> removed, found`: expiry for the
 //!   `cleanup` command, run in the calling process.
-//! - `admin(database, create) -> handle | nil, message`: the `prosodyctl` commands' handle
+//! - `admin(database, create, compression) -> handle | nil, message`: the `prosodyctl` commands' handle
 //!   on the database (see [`admin`]).
 //! - `open(host, options, stanza_mt) -> archive | nil, message`: the per-host handle, whose
 //!   methods are `fd`, `archive`, `query`, `metadata`, `expire`, `drain`, `query_form`,

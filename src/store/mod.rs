@@ -9,6 +9,7 @@
 //! and query semantics ([`Query`]) are already resolved by the protocol layer.
 
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use crate::id::ArchiveId;

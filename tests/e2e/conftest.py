@@ -772,6 +772,16 @@ class ModulesServer(ProsodyServer):
 # --------------------------------------------------------------------------
 # Small helpers shared by the test modules.
 
+def wait_until(pred, timeout=15.0, step=0.2):
+    """Polls `pred` until it is true or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
 def token():
     """A short unique string for message bodies."""
     return uuid.uuid4().hex[:12]

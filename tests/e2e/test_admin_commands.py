@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conftest import (
+    wait_until,
     NS_CLIENT, NS_DELAY, NS_FORWARD, NS_MAM, Client, StorageServer, exchange, prosodyctl, stamp_to_epoch,
     stored_prefs_sql, token,
 )
@@ -34,14 +35,6 @@ PAYLOAD = "<thread>t-1</thread><x xmlns='urn:example:e2e' note='a&amp;b &lt;c&gt
 INFO_RE = re.compile(r"^(\S+): (\d+) users, (\d+) messages, (\d+) bytes, oldest (\S+), newest (\S+)$")
 STATS_RE = re.compile(r"^(\S+): (\d+) messages, (\d+) bytes, oldest (\S+), newest (\S+)$")
 
-
-def wait_until(pred, timeout=15.0, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def ctl(srv, *args, timeout=120):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import exchange, prosodyctl, token
+from conftest import exchange, prosodyctl, token, wait_until
 
 pytestmark = pytest.mark.mam_rs_only
 
@@ -16,14 +16,6 @@ pytestmark = pytest.mark.mam_rs_only
 def archived_bodies(client, with_jid):
     return client.mam_ok(fields={"with": with_jid}, rsm={"max": 50}).bodies
 
-
-def wait_until(pred, timeout=15.0, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def test_expired_messages_go_on_schedule_and_newer_ones_stay(make_server, connect):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from conftest import (
+    wait_until,
     NS_SID, Client, StorageServer, exchange, prosodyctl, restart_server, stamp_to_epoch,
     stop_server_keep_data, token,
 )
@@ -455,14 +456,6 @@ def assert_dave_imported(view, dave):
     assert r.ids == view.keys["dave"], "dave: got %r, want the archive store's keys %r" % (r.ids, view.keys["dave"])
     assert r.bodies == view.dave_bodies
 
-
-def wait_until(pred, timeout=15.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 # --------------------------------------------------------------------------

@@ -5,12 +5,11 @@ exactly that many. Times and the database size are checked for presence and sani
 """
 
 import re
-import time
 import urllib.request
 
 import pytest
 
-from conftest import ModulesServer, _free_port, exchange, token
+from conftest import ModulesServer, _free_port, exchange, token, wait_until
 
 pytestmark = pytest.mark.mam_rs_only
 
@@ -18,14 +17,6 @@ P = "prosody_mod_mam_rs__"
 HOST = {"host": "localhost"}
 LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
-
-def wait_until(pred, timeout=20.0, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 class Scrape:
@@ -159,7 +150,7 @@ def test_messages_queries_and_writes_are_counted_exactly(metered, connect):
         s = metered.scrape()
         return s.get("archive_messages"), s.get("archive_users")
 
-    assert wait_until(lambda: figures() == (rows, 3)), figures()
+    assert wait_until(lambda: figures() == (rows, 3), timeout=20.0), figures()
     size = metered.scrape().get("database_bytes")
     on_disk = sum(p.stat().st_size for p in metered.data.glob("mam_rs.sqlite*") if not p.name.endswith("-shm"))
     assert size and 4096 <= size and abs(size - on_disk) <= on_disk, (size, on_disk)

@@ -16,16 +16,16 @@ mod tests;
 
 pub use schema::SCHEMA_VERSION;
 
+use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
     ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
 };
-use crate::id::{ArchiveId, SEQ_BITS};
+use crate::id::ArchiveId;
 use parking_lot::Mutex;
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls};
 use r2d2_postgres::PostgresConnectionManager;
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -124,7 +124,7 @@ impl PgStore {
             options: options.clone(),
             writer: Mutex::new(Some(writer)),
             readers,
-            ids: Mutex::new(IdCache::default()),
+            ids: Mutex::new(IdCache::new(ID_CACHE_CAPACITY)),
         })
     }
 
@@ -236,104 +236,39 @@ impl PgStore {
         }
         Ok(id)
     }
+}
 
-    fn remember(&self, fresh: Fresh) {
-        let mut ids = self.ids.lock();
-        for (archive, aid) in fresh.archives {
-            ids.remember_archive(archive, aid);
-        }
-        for (jid, id) in fresh.jids {
-            ids.remember_jid(jid, id);
-        }
+/// One read transaction of a [`PgStore`], for [`rows::find`].
+struct Snap<'a, C> {
+    store: &'a PgStore,
+    conn: &'a mut C,
+}
+
+impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
+    fn archive(&mut self, archive: &ArchiveRef) -> Result<Option<i64>, StoreError> {
+        self.store.archive_for_read(self.conn, archive)
     }
 
-    /// `find` on one snapshot (a repeatable-read transaction).
-    fn find_in(
-        &self,
-        conn: &mut impl GenericClient,
-        archive: &ArchiveRef,
-        query: &Query,
-    ) -> Result<Page, StoreError> {
-        let empty = Page {
-            items: Vec::new(),
-            total: query.total.then_some(0),
-        };
-        // An unknown before/after is an error even where nothing could match.
-        let check_ids = |conn: &mut _, aid: Option<i64>| -> Result<(), StoreError> {
-            if query.limit != Some(0) {
-                for id in [query.after.as_deref(), query.before.as_deref()]
-                    .into_iter()
-                    .flatten()
-                {
-                    known_id(conn, aid.ok_or(StoreError::ItemNotFound)?, id)?;
-                }
-            }
-            Ok(())
-        };
-        let Some(aid) = self.archive_for_read(conn, archive)? else {
-            check_ids(conn, None)?;
-            return Ok(empty);
-        };
-        let with_id = match query.with.as_deref() {
-            None => None,
-            Some(jid) => match self.jid_for_read(conn, jid)? {
-                Some(id) => Some(id),
-                None => {
-                    check_ids(conn, Some(aid))?;
-                    return Ok(empty);
-                }
-            },
-        };
-        let ids = match &query.ids {
-            None => None,
-            Some(texts) => {
-                let mut ids = Vec::with_capacity(texts.len());
-                for text in texts {
-                    ids.extend(lookup_id(conn, aid, text)?);
-                }
-                ids.sort_unstable();
-                ids.dedup();
-                if ids.is_empty() {
-                    check_ids(conn, Some(aid))?;
-                    return Ok(empty);
-                }
-                Some(ids)
-            }
-        };
-        let filter = Filter {
-            aid,
-            with_id,
-            ids: ids.as_deref(),
-        };
-        let mut range = IdRange::from_times(query.start, query.end);
-        let total = if query.total {
-            Some(count(conn, &filter, range)?)
-        } else {
-            None
-        };
-        if query.limit == Some(0) {
-            return Ok(Page {
-                items: Vec::new(),
-                total,
-            });
-        }
-        if let Some(after) = query.after.as_deref() {
-            let id = known_id(conn, aid, after)?;
-            match id.checked_add(1) {
-                Some(next) => range.lo = range.lo.max(next),
-                None => range.hi = -1,
-            }
-        }
-        if let Some(before) = query.before.as_deref() {
-            let id = known_id(conn, aid, before)?;
-            range.hi = range.hi.min(id - 1);
-        }
-        let items = if range.is_empty() {
-            Vec::new()
-        } else {
-            select_page(conn, &filter, range, query.limit, query.reverse)?
-        };
-        Ok(Page { items, total })
+    fn jid(&mut self, jid: &str) -> Result<Option<i64>, StoreError> {
+        self.store.jid_for_read(self.conn, jid)
+    }
+
+    fn lookup_id(&mut self, aid: i64, text: &str) -> Result<Option<i64>, StoreError> {
+        lookup_id(self.conn, aid, text)
+    }
+
+    fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
+        count(self.conn, filter, range)
+    }
+
+    fn page(
+        &mut self,
+        filter: &Filter<'_>,
+        range: IdRange,
+        limit: Option<u32>,
+        reverse: bool,
+    ) -> Result<Vec<Item>, StoreError> {
+        select_page(self.conn, filter, range, limit, reverse)
     }
 }
 
@@ -368,7 +303,7 @@ impl Store for PgStore {
             tx.commit().map_err(db)?;
             Ok(fresh)
         })?;
-        self.remember(fresh);
+        self.ids.lock().remember(fresh);
         Ok(())
     }
 
@@ -380,7 +315,14 @@ impl Store for PgStore {
             .read_only(true)
             .start()
             .map_err(db)?;
-        self.find_in(&mut tx, archive, query)
+        rows::find(
+            &mut Snap {
+                store: self,
+                conn: &mut tx,
+            },
+            archive,
+            query,
+        )
     }
 
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
@@ -468,7 +410,7 @@ impl Store for PgStore {
             tx.commit().map_err(db)?;
             Ok(fresh)
         })?;
-        self.remember(fresh);
+        self.ids.lock().remember(fresh);
         Ok(())
     }
 
@@ -524,21 +466,12 @@ impl Store for PgStore {
                     done.already += 1;
                     continue;
                 }
-                let own = ArchiveId::parse(&row.key).map(ArchiveId::as_i64);
-                let mut id = match own {
-                    Some(id) if id > last_id && !taken(&mut tx, id)? => id,
-                    // As in the SQLite store: the upper half of the sequence bits.
-                    _ => last_id.saturating_add(1).max(
-                        ArchiveId::first_at(row.micros.clamp(0, now)).as_i64() | IMPORT_SEQ,
-                    ),
-                };
-                while taken(&mut tx, id)? {
-                    id += 1;
-                }
+                let (id, keep_key) =
+                    rows::import_id(&row.key, row.micros, last_id, now, |id| taken(&mut tx, id))?;
                 let with_id = self.jid_for_write(&mut tx, &row.with, &mut fresh)?;
                 tx.execute(INSERT_MESSAGE, &[&id, &aid, &with_id, &row.stanza])
                     .map_err(db)?;
-                if own != Some(id) {
+                if keep_key {
                     tx.execute(
                         "INSERT INTO mam_rs_legacy_ids (id, aid, key) VALUES ($1, $2, $3)",
                         &[&id, &aid, &row.key],
@@ -558,7 +491,7 @@ impl Store for PgStore {
             tx.commit().map_err(db)?;
             Ok((done, fresh))
         })?;
-        self.remember(fresh);
+        self.ids.lock().remember(fresh);
         Ok(done)
     }
 
@@ -731,42 +664,32 @@ fn flush(
     Ok(())
 }
 
-/// Stock's quota rule (see the SQLite store).
+/// Stock's quota rule ([`rows::over_quota`]) before a row goes into archive `aid`.
 fn make_room(tx: &mut impl GenericClient, aid: i64, quota: u32) -> Result<(), StoreError> {
     let count: i64 = tx.query_one(SELECT_ITEM_COUNT, &[&aid]).map_err(db)?.get(0);
-    if count >= i64::from(quota) {
-        let keep = i64::from(quota) * 99 / 100;
-        tx.execute(DELETE_OLDEST, &[&aid, &(count - keep)])
-            .map_err(db)?;
+    if let Some(excess) = rows::over_quota(count, quota) {
+        tx.execute(DELETE_OLDEST, &[&aid, &excess]).map_err(db)?;
     }
     Ok(())
 }
 
+/// The newest id `rule` lets go in archive `aid`, or `None` when nothing may go.
 fn expiry_bound(
     tx: &mut impl GenericClient,
     aid: i64,
     rule: &ExpiryRule,
 ) -> Result<Option<i64>, StoreError> {
-    match *rule {
-        ExpiryRule::Age { end } => Ok(Some(ArchiveId::last_at(end).as_i64())),
-        ExpiryRule::Delivered {
-            end,
-            strategy,
-            seen_since,
-        } => {
-            let sql = match strategy {
-                Strategy::One => {
-                    "SELECT max(last_id) FROM mam_rs_client_marks WHERE aid = $1 AND seen >= $2"
-                }
-                Strategy::All => {
-                    "SELECT min(last_id) FROM mam_rs_client_marks WHERE aid = $1 AND seen >= $2"
-                }
-            };
-            let delivered: Option<i64> =
-                tx.query_one(sql, &[&aid, &seen_since]).map_err(db)?.get(0);
-            Ok(delivered.map(|id| id.min(ArchiveId::last_at(end).as_i64())))
-        }
-    }
+    rows::expiry_bound(rule, |strategy, seen_since| {
+        let sql = match strategy {
+            Strategy::One => {
+                "SELECT max(last_id) FROM mam_rs_client_marks WHERE aid = $1 AND seen >= $2"
+            }
+            Strategy::All => {
+                "SELECT min(last_id) FROM mam_rs_client_marks WHERE aid = $1 AND seen >= $2"
+            }
+        };
+        Ok(tx.query_one(sql, &[&aid, &seen_since]).map_err(db)?.get(0))
+    })
 }
 
 fn taken(tx: &mut impl GenericClient, id: i64) -> Result<bool, StoreError> {
@@ -774,10 +697,6 @@ fn taken(tx: &mut impl GenericClient, id: i64) -> Result<bool, StoreError> {
         .query_opt("SELECT 1 FROM mam_rs_messages WHERE id = $1", &[&id])
         .map_err(db)?
         .is_some())
-}
-
-fn known_id(conn: &mut impl GenericClient, aid: i64, text: &str) -> Result<i64, StoreError> {
-    lookup_id(conn, aid, text)?.ok_or(StoreError::ItemNotFound)
 }
 
 /// The row of archive `aid` that clients know as `text`: a native id, or an imported key.
@@ -801,86 +720,43 @@ fn lookup_id(
         .map(|row| row.get(0)))
 }
 
-/// Sequence bits set in imported ids.
-const IMPORT_SEQ: i64 = 1 << (SEQ_BITS - 1);
-/// The largest time (microseconds) whose ids fit a signed 64-bit integer.
-const MAX_MICROS: i64 = i64::MAX >> SEQ_BITS;
-
-#[derive(Debug, Clone, Copy)]
-struct IdRange {
-    lo: i64,
-    hi: i64,
+/// ` WHERE ...` for `filter` and `range` over table alias `m`, and its parameters.
+fn where_clause<'p>(
+    filter: &'p Filter<'_>,
+    range: &'p IdRange,
+) -> (String, Vec<&'p (dyn ToSql + Sync)>) {
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&filter.aid];
+    let mut sql = String::from(" WHERE m.aid = $1");
+    if let Some(with_id) = &filter.with_id {
+        params.push(with_id);
+        sql.push_str(&format!(" AND m.with_id = ${}", params.len()));
+    }
+    params.push(&range.lo);
+    params.push(&range.hi);
+    sql.push_str(&format!(
+        " AND m.id BETWEEN ${} AND ${}",
+        params.len() - 1,
+        params.len()
+    ));
+    if let Some(ids) = &filter.ids {
+        params.push(ids);
+        sql.push_str(&format!(" AND m.id = ANY(${})", params.len()));
+    }
+    (sql, params)
 }
 
-impl IdRange {
-    fn from_times(start: Option<i64>, end: Option<i64>) -> IdRange {
-        let lo = match start {
-            None => 0,
-            Some(t) if t > MAX_MICROS => i64::MAX,
-            Some(t) => ArchiveId::first_at(t).as_i64(),
-        };
-        let hi = match end {
-            None => i64::MAX,
-            Some(t) if t < 0 => -1,
-            Some(t) if t > MAX_MICROS => i64::MAX,
-            Some(t) => ArchiveId::last_at(t).as_i64(),
-        };
-        IdRange { lo, hi }
-    }
-
-    fn is_empty(self) -> bool {
-        self.lo > self.hi
-    }
-
-    fn is_everything(self) -> bool {
-        self.lo <= 0 && self.hi == i64::MAX
-    }
-}
-
-struct Filter<'a> {
-    aid: i64,
-    with_id: Option<i64>,
-    ids: Option<&'a [i64]>,
-}
-
-impl Filter<'_> {
-    /// ` WHERE ...` over table alias `m`, and its parameters.
-    fn where_clause<'p>(&'p self, range: &'p IdRange) -> (String, Vec<&'p (dyn ToSql + Sync)>) {
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.aid];
-        let mut sql = String::from(" WHERE m.aid = $1");
-        if let Some(with_id) = &self.with_id {
-            params.push(with_id);
-            sql.push_str(&format!(" AND m.with_id = ${}", params.len()));
-        }
-        params.push(&range.lo);
-        params.push(&range.hi);
-        sql.push_str(&format!(
-            " AND m.id BETWEEN ${} AND ${}",
-            params.len() - 1,
-            params.len()
-        ));
-        if let Some(ids) = &self.ids {
-            params.push(ids);
-            sql.push_str(&format!(" AND m.id = ANY(${})", params.len()));
-        }
-        (sql, params)
-    }
-}
-
+/// Rows matching `filter` and `range` (not empty).
 fn count(
     conn: &mut impl GenericClient,
     filter: &Filter<'_>,
     range: IdRange,
 ) -> Result<u64, StoreError> {
-    if range.is_empty() {
-        return Ok(0);
-    }
     let n: i64 = if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
         conn.query_one(SELECT_ITEM_COUNT, &[&filter.aid])
             .map_err(db)?
             .get(0)
     } else {
-        let (clause, params) = filter.where_clause(&range);
+        let (clause, params) = where_clause(filter, &range);
         conn.query_one(
             &format!("SELECT count(*) FROM mam_rs_messages m{clause}"),
             &params,
@@ -898,7 +774,7 @@ fn select_page(
     limit: Option<u32>,
     reverse: bool,
 ) -> Result<Vec<Item>, StoreError> {
-    let (clause, mut params) = filter.where_clause(&range);
+    let (clause, mut params) = where_clause(filter, &range);
     let limit = limit.map(i64::from);
     params.push(&limit);
     let sql = format!(
@@ -923,42 +799,8 @@ fn select_page(
         .collect()
 }
 
-/// Ids created by the current write transaction, cached only once it commits.
-#[derive(Default)]
-struct Fresh {
-    archives: HashMap<ArchiveRef, i64>,
-    jids: HashMap<String, i64>,
-}
-
-/// Committed `aid` and `jid_id` values. Bounded: a full map is emptied and refills.
-#[derive(Default)]
-struct IdCache {
-    archives: HashMap<ArchiveRef, i64>,
-    jids: HashMap<String, i64>,
-}
-
+/// Entries each id cache (archives, JIDs) holds, as the SQLite store's default.
 const ID_CACHE_CAPACITY: usize = 100_000;
-
-impl IdCache {
-    fn remember_archive(&mut self, archive: ArchiveRef, aid: i64) {
-        if self.archives.len() >= ID_CACHE_CAPACITY {
-            self.archives.clear();
-        }
-        self.archives.insert(archive, aid);
-    }
-
-    fn remember_jid(&mut self, jid: String, id: i64) {
-        if self.jids.len() >= ID_CACHE_CAPACITY {
-            self.jids.clear();
-        }
-        self.jids.insert(jid, id);
-    }
-}
-
-fn stored_id(v: i64) -> Result<ArchiveId, StoreError> {
-    ArchiveId::from_i64(v)
-        .ok_or_else(|| StoreError::Database(format!("negative id {v} in mam_rs_messages")))
-}
 
 fn db(e: postgres::Error) -> StoreError {
     StoreError::Database(e.to_string())

@@ -23,15 +23,15 @@ mod tests;
 
 pub use schema::SCHEMA_VERSION;
 
+use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
     ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
 };
-use crate::id::{ArchiveId, SEQ_BITS};
+use crate::id::ArchiveId;
 use parking_lot::Mutex;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
-use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -267,105 +267,39 @@ impl SqliteStore {
         }
         Ok(id)
     }
+}
 
-    /// `find` inside one read transaction (one snapshot for the id checks, total and page).
-    fn find_in(
-        &self,
-        conn: &Connection,
-        archive: &ArchiveRef,
-        query: &Query,
-    ) -> Result<Page, StoreError> {
-        let nothing = Page {
-            items: Vec::new(),
-            total: query.total.then_some(0),
-        };
-        // An empty answer still checks before/after first: an unknown id is an error even
-        // where nothing could match (stock looks the id up before anything else).
-        let nothing = |aid: Option<i64>| -> Result<Page, StoreError> {
-            if query.limit != Some(0) {
-                for id in [query.after.as_deref(), query.before.as_deref()]
-                    .into_iter()
-                    .flatten()
-                {
-                    match aid {
-                        Some(aid) => {
-                            known_id(conn, aid, id)?;
-                        }
-                        None => return Err(StoreError::ItemNotFound),
-                    }
-                }
-            }
-            Ok(nothing.clone())
-        };
-        let Some(aid) = self.archive_for_read(conn, archive).map_err(db)? else {
-            return nothing(None);
-        };
-        let with_id = match query.with.as_deref() {
-            None => None,
-            Some(jid) => match self.jid_for_read(conn, jid).map_err(db)? {
-                Some(id) => Some(id),
-                None => return nothing(Some(aid)),
-            },
-        };
-        let ids = match &query.ids {
-            None => None,
-            Some(texts) => {
-                let mut ids = Vec::with_capacity(texts.len());
-                for text in texts {
-                    ids.extend(lookup_id(conn, aid, text)?);
-                }
-                ids.sort_unstable();
-                ids.dedup();
-                Some(ids)
-            }
-        };
-        if ids.as_ref().is_some_and(Vec::is_empty) {
-            return nothing(Some(aid));
-        }
-        let filter = Filter {
-            aid,
-            with_id,
-            ids: ids.as_deref(),
-        };
-        let mut range = IdRange::from_times(query.start, query.end);
+/// One read transaction of a [`SqliteStore`], for [`rows::find`].
+struct Snap<'a> {
+    store: &'a SqliteStore,
+    conn: &'a Connection,
+}
 
-        // The total ignores before/after; with limit 0 it is all that is asked (stock #1128:
-        // no id check, so an unknown `after` is not an error).
-        let total = if query.total {
-            Some(count(conn, &filter, range)?)
-        } else {
-            None
-        };
-        if query.limit == Some(0) {
-            return Ok(Page {
-                items: Vec::new(),
-                total,
-            });
-        }
-        if let Some(after) = query.after.as_deref() {
-            let id = known_id(conn, aid, after)?;
-            match id.checked_add(1) {
-                Some(next) => range.lo = range.lo.max(next),
-                None => range.hi = -1,
-            }
-        }
-        if let Some(before) = query.before.as_deref() {
-            let id = known_id(conn, aid, before)?;
-            range.hi = range.hi.min(id - 1);
-        }
-        let items = if range.is_empty() {
-            Vec::new()
-        } else {
-            select_page(
-                conn,
-                &self.codec,
-                &filter,
-                range,
-                query.limit,
-                query.reverse,
-            )?
-        };
-        Ok(Page { items, total })
+impl rows::Snapshot for Snap<'_> {
+    fn archive(&mut self, archive: &ArchiveRef) -> Result<Option<i64>, StoreError> {
+        self.store.archive_for_read(self.conn, archive).map_err(db)
+    }
+
+    fn jid(&mut self, jid: &str) -> Result<Option<i64>, StoreError> {
+        self.store.jid_for_read(self.conn, jid).map_err(db)
+    }
+
+    fn lookup_id(&mut self, aid: i64, text: &str) -> Result<Option<i64>, StoreError> {
+        lookup_id(self.conn, aid, text)
+    }
+
+    fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
+        count(self.conn, filter, range)
+    }
+
+    fn page(
+        &mut self,
+        filter: &Filter<'_>,
+        range: IdRange,
+        limit: Option<u32>,
+        reverse: bool,
+    ) -> Result<Vec<Item>, StoreError> {
+        select_page(self.conn, &self.store.codec, filter, range, limit, reverse)
     }
 }
 
@@ -408,13 +342,7 @@ impl Store for SqliteStore {
         tx.commit().map_err(|e| with_os_error(handle, e))?;
         drop(conn);
         if !fresh.archives.is_empty() || !fresh.jids.is_empty() {
-            let mut ids = self.ids.lock();
-            for (archive, aid) in fresh.archives {
-                ids.remember_archive(archive, aid);
-            }
-            for (jid, id) in fresh.jids {
-                ids.remember_jid(jid, id);
-            }
+            self.ids.lock().remember(fresh);
         }
         Ok(())
     }
@@ -423,7 +351,14 @@ impl Store for SqliteStore {
         let mut conn = self.reader()?;
         // Deferred and read-only: dropping it at the end just ends the snapshot.
         let tx = conn.transaction().map_err(db)?;
-        self.find_in(&tx, archive, query)
+        rows::find(
+            &mut Snap {
+                store: self,
+                conn: &tx,
+            },
+            archive,
+            query,
+        )
     }
 
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
@@ -553,7 +488,6 @@ impl Store for SqliteStore {
             .and_then(|mut stmt| stmt.query_row((source, aid), |row| row.get(1)).optional())
             .map_err(db)?
             .unwrap_or(0);
-        // Never in the future: new messages must keep sorting after imported ones.
         let now = crate::id::now_micros();
         let mut done = ImportBatch::default();
         self.codec.prepare(&tx, rows.len()).map_err(db)?;
@@ -568,26 +502,13 @@ impl Store for SqliteStore {
                     .map(|found| found.is_some())
                     .map_err(db)
             };
-            // A key that is one of our ids (an export read back) stays the id where it can.
-            let own = ArchiveId::parse(&row.key).map(ArchiveId::as_i64);
-            let mut id = match own {
-                Some(id) if id > last_id && !taken(id)? => id,
-                // The upper half of the sequence bits: live ids start each microsecond at 0,
-                // so an import running beside Prosody does not take an id a live message
-                // is about to be committed with.
-                _ => last_id
-                    .saturating_add(1)
-                    .max(ArchiveId::first_at(row.micros.clamp(0, now)).as_i64() | IMPORT_SEQ),
-            };
-            while taken(id)? {
-                id += 1;
-            }
+            let (id, keep_key) = rows::import_id(&row.key, row.micros, last_id, now, taken)?;
             let with_id = self.jid_for_write(&tx, &row.with, &mut fresh).map_err(db)?;
             let stanza = self.codec.encode(&row.stanza);
             tx.prepare_cached(INSERT_MESSAGE)
                 .and_then(|mut stmt| stmt.execute((id, aid, with_id, stanza)))
                 .map_err(db)?;
-            if own != Some(id) {
+            if keep_key {
                 tx.prepare_cached(INSERT_LEGACY)
                     .and_then(|mut stmt| stmt.execute((id, aid, &row.key)))
                     .map_err(db)?;
@@ -600,13 +521,7 @@ impl Store for SqliteStore {
             .map_err(db)?;
         tx.commit().map_err(db)?;
         drop(conn);
-        let mut ids = self.ids.lock();
-        for (archive, aid) in fresh.archives {
-            ids.remember_archive(archive, aid);
-        }
-        for (jid, id) in fresh.jids {
-            ids.remember_jid(jid, id);
-        }
+        self.ids.lock().remember(fresh);
         Ok(done)
     }
 
@@ -818,169 +733,67 @@ fn compress_all(conn: &Connection, codec: &compress::Codec) -> Result<String, St
     ))
 }
 
-/// Sequence bits set in imported ids (see [`Store::import`] in `SqliteStore`).
-const IMPORT_SEQ: i64 = 1 << (SEQ_BITS - 1);
-
 fn file_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// The newest id `rule` lets go in archive `aid`, or `None` when nothing may go.
 fn expiry_bound(conn: &Connection, aid: i64, rule: &ExpiryRule) -> Result<Option<i64>, StoreError> {
-    match *rule {
-        ExpiryRule::Age { end } => Ok(Some(ArchiveId::last_at(end).as_i64())),
-        ExpiryRule::Delivered {
-            end,
-            strategy,
-            seen_since,
-        } => {
-            let sql = match strategy {
-                Strategy::One => SELECT_MAX_MARK,
-                Strategy::All => SELECT_MIN_MARK,
-            };
-            let delivered: Option<i64> = conn
-                .prepare_cached(sql)
-                .and_then(|mut stmt| stmt.query_row((aid, seen_since), |row| row.get(0)))
-                .map_err(db)?;
-            Ok(delivered.map(|id| id.min(ArchiveId::last_at(end).as_i64())))
-        }
-    }
+    rows::expiry_bound(rule, |strategy, seen_since| {
+        let sql = match strategy {
+            Strategy::One => SELECT_MAX_MARK,
+            Strategy::All => SELECT_MIN_MARK,
+        };
+        conn.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.query_row((aid, seen_since), |row| row.get(0)))
+            .map_err(db)
+    })
 }
 
-/// Stock's quota rule (mod_mam.lua:439-458 with #1545): an archive at or over `quota` rows
-/// loses its oldest rows down to `floor(quota * 0.99)` before the next row goes in.
+/// Stock's quota rule ([`rows::over_quota`]) before a row goes into archive `aid`.
 fn make_room(conn: &Connection, aid: i64, quota: u32) -> Result<(), StoreError> {
     let count: i64 = conn
         .prepare_cached(SELECT_ITEM_COUNT)
         .and_then(|mut stmt| stmt.query_row([aid], |row| row.get(0)))
         .map_err(db)?;
-    if count >= i64::from(quota) {
-        let keep = i64::from(quota) * 99 / 100;
+    if let Some(excess) = rows::over_quota(count, quota) {
         conn.prepare_cached(DELETE_OLDEST)
-            .and_then(|mut stmt| stmt.execute((aid, count - keep)))
+            .and_then(|mut stmt| stmt.execute((aid, excess)))
             .map_err(db)?;
     }
     Ok(())
 }
 
-/// Ids created by the current write transaction, cached only once it commits.
-#[derive(Default)]
-struct Fresh {
-    archives: HashMap<ArchiveRef, i64>,
-    jids: HashMap<String, i64>,
-}
-
-/// Committed `aid` and `jid_id` values. Bounded: a full map is emptied and refills.
-struct IdCache {
-    capacity: usize,
-    archives: HashMap<ArchiveRef, i64>,
-    jids: HashMap<String, i64>,
-}
-
-impl IdCache {
-    fn new(capacity: usize) -> IdCache {
-        IdCache {
-            capacity,
-            archives: HashMap::new(),
-            jids: HashMap::new(),
+/// `WHERE ...` for `filter` and `range`, pushing the parameters it binds.
+///
+/// Every condition is bound except the `ids` list, which is written as integer literals:
+/// they are `i64` values we formatted, and a literal list lets SQLite look each one up
+/// by rowid. Only those statements are prepared uncached. With an ids list, `+aid` and
+/// `+with_id` keep SQLite from walking the archive's index instead (the unary `+` makes
+/// a term unusable by an index); without one, the archive index is the plan.
+fn where_clause(filter: &Filter<'_>, range: IdRange, params: &mut Vec<i64>) -> String {
+    let plus = if filter.ids.is_some() { "+" } else { "" };
+    let mut sql = format!(" WHERE {plus}aid = ?");
+    params.push(filter.aid);
+    if let Some(with_id) = filter.with_id {
+        let _ = write!(sql, " AND {plus}with_id = ?");
+        params.push(with_id);
+    }
+    sql.push_str(" AND id BETWEEN ? AND ?");
+    params.extend([range.lo, range.hi]);
+    if let Some(ids) = filter.ids {
+        sql.push_str(" AND id IN (");
+        for (i, id) in ids.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(sql, "{sep}{id}");
         }
+        sql.push(')');
     }
-
-    fn remember_archive(&mut self, archive: ArchiveRef, aid: i64) {
-        if self.archives.len() >= self.capacity {
-            self.archives.clear();
-        }
-        self.archives.insert(archive, aid);
-    }
-
-    fn remember_jid(&mut self, jid: String, id: i64) {
-        if self.jids.len() >= self.capacity {
-            self.jids.clear();
-        }
-        self.jids.insert(jid, id);
-    }
+    sql
 }
 
-/// The largest time (microseconds) whose ids fit a signed 64-bit integer.
-const MAX_MICROS: i64 = i64::MAX >> SEQ_BITS;
-
-/// An inclusive range of stored ids.
-#[derive(Debug, Clone, Copy)]
-struct IdRange {
-    lo: i64,
-    hi: i64,
-}
-
-impl IdRange {
-    /// The ids of rows archived between `start` and `end` (inclusive, microseconds).
-    fn from_times(start: Option<i64>, end: Option<i64>) -> IdRange {
-        let lo = match start {
-            None => 0,
-            Some(t) if t > MAX_MICROS => i64::MAX,
-            Some(t) => ArchiveId::first_at(t).as_i64(),
-        };
-        let hi = match end {
-            None => i64::MAX,
-            Some(t) if t < 0 => -1,
-            Some(t) if t > MAX_MICROS => i64::MAX,
-            Some(t) => ArchiveId::last_at(t).as_i64(),
-        };
-        IdRange { lo, hi }
-    }
-
-    fn is_empty(self) -> bool {
-        self.lo > self.hi
-    }
-
-    fn is_everything(self) -> bool {
-        self.lo <= 0 && self.hi == i64::MAX
-    }
-}
-
-/// The conditions other than the id range.
-struct Filter<'a> {
-    aid: i64,
-    with_id: Option<i64>,
-    /// Sorted, without duplicates, never empty.
-    ids: Option<&'a [i64]>,
-}
-
-impl Filter<'_> {
-    /// `WHERE ...` for these conditions and `range`, pushing the parameters it binds.
-    ///
-    /// Every condition is bound except the `ids` list, which is written as integer literals:
-    /// they are `i64` values we formatted, and a literal list lets SQLite look each one up
-    /// by rowid. Only those statements are prepared uncached. With an ids list, `+aid` and
-    /// `+with_id` keep SQLite from walking the archive's index instead (the unary `+` makes
-    /// a term unusable by an index); without one, the archive index is the plan.
-    fn where_clause(&self, range: IdRange, params: &mut Vec<i64>) -> String {
-        let plus = if self.ids.is_some() { "+" } else { "" };
-        let mut sql = format!(" WHERE {plus}aid = ?");
-        params.push(self.aid);
-        if let Some(with_id) = self.with_id {
-            let _ = write!(sql, " AND {plus}with_id = ?");
-            params.push(with_id);
-        }
-        sql.push_str(" AND id BETWEEN ? AND ?");
-        params.extend([range.lo, range.hi]);
-        if let Some(ids) = self.ids {
-            sql.push_str(" AND id IN (");
-            for (i, id) in ids.iter().enumerate() {
-                let sep = if i == 0 { "" } else { "," };
-                let _ = write!(sql, "{sep}{id}");
-            }
-            sql.push(')');
-        }
-        sql
-    }
-}
-
-/// Rows matching `filter` and `range`, ignoring before/after (the caller passes the range from
-/// start/end only).
+/// Rows matching `filter` and `range` (not empty).
 fn count(conn: &Connection, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
-    if range.is_empty() {
-        return Ok(0);
-    }
     let n: i64 = if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
         conn.prepare_cached(SELECT_ITEM_COUNT)
             .and_then(|mut stmt| stmt.query_row([filter.aid], |row| row.get(0)))
@@ -1000,7 +813,7 @@ fn count_query(filter: &Filter<'_>, range: IdRange) -> (String, Vec<i64>) {
     let mut params = Vec::with_capacity(4);
     let sql = format!(
         "SELECT count(*) FROM messages{}",
-        filter.where_clause(range, &mut params)
+        where_clause(filter, range, &mut params)
     );
     (sql, params)
 }
@@ -1055,16 +868,11 @@ fn page_query(
         "SELECT id, (SELECT jid FROM jids WHERE jid_id = messages.with_id), stanza, \
          (SELECT key FROM legacy_ids WHERE legacy_ids.id = messages.id) \
          FROM messages{} ORDER BY id {} LIMIT ?",
-        filter.where_clause(range, &mut params),
+        where_clause(filter, range, &mut params),
         if reverse { "DESC" } else { "ASC" },
     );
     params.push(limit.map_or(-1, i64::from));
     (sql, params)
-}
-
-/// The id named by client text, if it is a row of archive `aid`; otherwise item-not-found.
-fn known_id(conn: &Connection, aid: i64, text: &str) -> Result<i64, StoreError> {
-    lookup_id(conn, aid, text)?.ok_or(StoreError::ItemNotFound)
 }
 
 /// The row of archive `aid` that clients know as `text`: a native id, or an imported key.
@@ -1114,11 +922,6 @@ impl std::ops::DerefMut for Statement<'_> {
             Statement::Once(stmt) => stmt,
         }
     }
-}
-
-fn stored_id(v: i64) -> Result<ArchiveId, StoreError> {
-    ArchiveId::from_i64(v)
-        .ok_or_else(|| StoreError::Database(format!("negative id {v} in messages")))
 }
 
 fn db(e: rusqlite::Error) -> StoreError {

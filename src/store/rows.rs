@@ -1,0 +1,282 @@
+//! What the SQL stores share beside the [`Store`](super::Store) contract: the query semantics
+//! ([`find`], over a store's [`Snapshot`]), the id range a query covers, the caches of
+//! interned archive and JID ids, and the rules that decide which rows an import, the quota or
+//! an expiry run touches. Each store only runs the SQL.
+
+use super::{ArchiveRef, ExpiryRule, Item, Page, Query, StoreError, Strategy};
+use crate::id::{ArchiveId, SEQ_BITS};
+use std::collections::HashMap;
+
+/// The largest time (microseconds) whose ids fit a signed 64-bit integer.
+const MAX_MICROS: i64 = i64::MAX >> SEQ_BITS;
+
+/// Sequence bits set in imported ids: live ids start each microsecond at 0, so an import
+/// running beside Prosody does not take an id a live message is about to be committed with.
+const IMPORT_SEQ: i64 = 1 << (SEQ_BITS - 1);
+
+/// An inclusive range of stored ids.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdRange {
+    pub lo: i64,
+    pub hi: i64,
+}
+
+impl IdRange {
+    /// The ids of rows archived between `start` and `end` (inclusive, microseconds).
+    pub fn from_times(start: Option<i64>, end: Option<i64>) -> IdRange {
+        let lo = match start {
+            None => 0,
+            Some(t) if t > MAX_MICROS => i64::MAX,
+            Some(t) => ArchiveId::first_at(t).as_i64(),
+        };
+        let hi = match end {
+            None => i64::MAX,
+            Some(t) if t < 0 => -1,
+            Some(t) if t > MAX_MICROS => i64::MAX,
+            Some(t) => ArchiveId::last_at(t).as_i64(),
+        };
+        IdRange { lo, hi }
+    }
+
+    /// Only ids after `id` (a query's `after`).
+    pub fn after(&mut self, id: i64) {
+        match id.checked_add(1) {
+            Some(next) => self.lo = self.lo.max(next),
+            None => self.hi = -1,
+        }
+    }
+
+    /// Only ids before `id` (a query's `before`).
+    pub fn before(&mut self, id: i64) {
+        self.hi = self.hi.min(id - 1);
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.lo > self.hi
+    }
+
+    pub fn is_everything(self) -> bool {
+        self.lo <= 0 && self.hi == i64::MAX
+    }
+}
+
+/// Ids created by the current write transaction, cached only once it commits.
+#[derive(Default)]
+pub(crate) struct Fresh {
+    pub archives: HashMap<ArchiveRef, i64>,
+    pub jids: HashMap<String, i64>,
+}
+
+/// Committed `aid` and `jid_id` values. Bounded: a full map is emptied and refills.
+pub(crate) struct IdCache {
+    capacity: usize,
+    pub archives: HashMap<ArchiveRef, i64>,
+    pub jids: HashMap<String, i64>,
+}
+
+impl IdCache {
+    pub fn new(capacity: usize) -> IdCache {
+        IdCache {
+            capacity,
+            archives: HashMap::new(),
+            jids: HashMap::new(),
+        }
+    }
+
+    pub fn remember_archive(&mut self, archive: ArchiveRef, aid: i64) {
+        if self.archives.len() >= self.capacity {
+            self.archives.clear();
+        }
+        self.archives.insert(archive, aid);
+    }
+
+    pub fn remember_jid(&mut self, jid: String, id: i64) {
+        if self.jids.len() >= self.capacity {
+            self.jids.clear();
+        }
+        self.jids.insert(jid, id);
+    }
+
+    /// What a committed transaction created.
+    pub fn remember(&mut self, fresh: Fresh) {
+        for (archive, aid) in fresh.archives {
+            self.remember_archive(archive, aid);
+        }
+        for (jid, id) in fresh.jids {
+            self.remember_jid(jid, id);
+        }
+    }
+}
+
+/// The id an imported row gets (see [`Store::import`](super::Store::import)): its key when the
+/// key is one of our ids, free and after `last_id` (an export read back); otherwise the first
+/// free id at its time, above `last_id` so that the source's order is kept. `taken` asks the
+/// store whether an id is in use. Returns the id and whether the key must be kept beside it
+/// (it is not the id's own text).
+pub(crate) fn import_id(
+    key: &str,
+    micros: i64,
+    last_id: i64,
+    now: i64,
+    mut taken: impl FnMut(i64) -> Result<bool, StoreError>,
+) -> Result<(i64, bool), StoreError> {
+    let own = ArchiveId::parse(key).map(ArchiveId::as_i64);
+    let mut id = match own {
+        Some(id) if id > last_id && !taken(id)? => return Ok((id, false)),
+        // Never in the future: new messages must keep sorting after imported ones.
+        _ => last_id
+            .saturating_add(1)
+            .max(ArchiveId::first_at(micros.clamp(0, now)).as_i64() | IMPORT_SEQ),
+    };
+    while taken(id)? {
+        id += 1;
+    }
+    Ok((id, own != Some(id)))
+}
+
+/// Stock's quota rule (mod_mam.lua:439-458 with #1545): an archive holding `count` rows, at or
+/// over `quota`, loses its oldest rows down to `floor(quota * 0.99)` before the next row goes
+/// in. Returns how many to remove.
+pub(crate) fn over_quota(count: i64, quota: u32) -> Option<i64> {
+    (count >= i64::from(quota)).then(|| count - i64::from(quota) * 99 / 100)
+}
+
+/// The newest id `rule` lets go in one archive, or `None` when nothing may go. `delivered`
+/// reads the newest id that one / all of the archive's clients seen since a time have.
+pub(crate) fn expiry_bound(
+    rule: &ExpiryRule,
+    delivered: impl FnOnce(Strategy, i64) -> Result<Option<i64>, StoreError>,
+) -> Result<Option<i64>, StoreError> {
+    match *rule {
+        ExpiryRule::Age { end } => Ok(Some(ArchiveId::last_at(end).as_i64())),
+        ExpiryRule::Delivered {
+            end,
+            strategy,
+            seen_since,
+        } => {
+            Ok(delivered(strategy, seen_since)?.map(|id| id.min(ArchiveId::last_at(end).as_i64())))
+        }
+    }
+}
+
+/// A stored id as an [`ArchiveId`]; a negative one means the table was changed by hand.
+pub(crate) fn stored_id(v: i64) -> Result<ArchiveId, StoreError> {
+    ArchiveId::from_i64(v)
+        .ok_or_else(|| StoreError::Database(format!("negative id {v} in the messages table")))
+}
+
+/// The conditions of a query other than the id range.
+pub(crate) struct Filter<'a> {
+    pub aid: i64,
+    pub with_id: Option<i64>,
+    /// Sorted, without duplicates, never empty.
+    pub ids: Option<&'a [i64]>,
+}
+
+/// What [`find`] needs from one read snapshot of a store.
+pub(crate) trait Snapshot {
+    /// The `aid` of an existing archive.
+    fn archive(&mut self, archive: &ArchiveRef) -> Result<Option<i64>, StoreError>;
+    /// The `jid_id` of a known JID.
+    fn jid(&mut self, jid: &str) -> Result<Option<i64>, StoreError>;
+    /// The row of archive `aid` that clients know as `text`: a native id, or an imported key.
+    fn lookup_id(&mut self, aid: i64, text: &str) -> Result<Option<i64>, StoreError>;
+    /// Rows matching `filter` within `range`.
+    fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError>;
+    /// One page of them, ascending ids or descending when `reverse`.
+    fn page(
+        &mut self,
+        filter: &Filter<'_>,
+        range: IdRange,
+        limit: Option<u32>,
+        reverse: bool,
+    ) -> Result<Vec<Item>, StoreError>;
+}
+
+/// `Store::find` with stock `archive:find` semantics, over one snapshot.
+pub(crate) fn find(
+    snap: &mut impl Snapshot,
+    archive: &ArchiveRef,
+    query: &Query,
+) -> Result<Page, StoreError> {
+    let known = |snap: &mut _, aid, text| -> Result<i64, StoreError> {
+        Snapshot::lookup_id(snap, aid, text)?.ok_or(StoreError::ItemNotFound)
+    };
+    // An empty answer still checks before/after first: an unknown id is an error even where
+    // nothing could match (stock looks the id up before anything else).
+    let nothing = |snap: &mut _, aid: Option<i64>| -> Result<Page, StoreError> {
+        if query.limit != Some(0) {
+            for text in [query.after.as_deref(), query.before.as_deref()]
+                .into_iter()
+                .flatten()
+            {
+                known(snap, aid.ok_or(StoreError::ItemNotFound)?, text)?;
+            }
+        }
+        Ok(Page {
+            items: Vec::new(),
+            total: query.total.then_some(0),
+        })
+    };
+    let Some(aid) = snap.archive(archive)? else {
+        return nothing(snap, None);
+    };
+    let with_id = match query.with.as_deref() {
+        None => None,
+        Some(jid) => match snap.jid(jid)? {
+            Some(id) => Some(id),
+            None => return nothing(snap, Some(aid)),
+        },
+    };
+    let ids = match &query.ids {
+        None => None,
+        Some(texts) => {
+            let mut ids = Vec::with_capacity(texts.len());
+            for text in texts {
+                ids.extend(snap.lookup_id(aid, text)?);
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.is_empty() {
+                return nothing(snap, Some(aid));
+            }
+            Some(ids)
+        }
+    };
+    let filter = Filter {
+        aid,
+        with_id,
+        ids: ids.as_deref(),
+    };
+    let mut range = IdRange::from_times(query.start, query.end);
+
+    // The total ignores before/after; with limit 0 it is all that is asked (stock #1128: no id
+    // check, so an unknown `after` is not an error).
+    let total = if query.total {
+        Some(if range.is_empty() {
+            0
+        } else {
+            snap.count(&filter, range)?
+        })
+    } else {
+        None
+    };
+    if query.limit == Some(0) {
+        return Ok(Page {
+            items: Vec::new(),
+            total,
+        });
+    }
+    if let Some(after) = query.after.as_deref() {
+        range.after(known(snap, aid, after)?);
+    }
+    if let Some(before) = query.before.as_deref() {
+        range.before(known(snap, aid, before)?);
+    }
+    let items = if range.is_empty() {
+        Vec::new()
+    } else {
+        snap.page(&filter, range, query.limit, query.reverse)?
+    };
+    Ok(Page { items, total })
+}

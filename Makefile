@@ -80,16 +80,24 @@ run: deps build
 
 test: deps-python build test-rust test-spec test-e2e test-fuzz
 
-## The store suite runs on SQLite and on a throwaway PostgreSQL server (tools/with-postgres.sh).
+## The store suite runs on SQLite and on a throwaway PostgreSQL and MariaDB server
+## (tools/with-postgres.sh, tools/with-mariadb.sh).
 test-rust: deps-test
-	tools/with-postgres.sh $(CARGO) test --no-default-features --features postgres-tests --locked
+	tools/with-postgres.sh tools/with-mariadb.sh $(CARGO) test --no-default-features --features postgres-tests,mysql-tests --locked
 
 
 test-spec: deps-test build
 	$(LUA) /usr/bin/busted --lpath='./spec/?.lua' spec
 
+## The end-to-end suite once per archive backend: the SQLite file, then a real PostgreSQL and a
+## real MariaDB that the suite starts (tests/e2e/dbservers.py). One only: E2E_BACKENDS=sqlite.
+E2E_BACKENDS ?= sqlite postgres mariadb
+
 test-e2e: deps-python build
-	$(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider
+	@set -e; for backend in $(E2E_BACKENDS); do \
+		echo "== end-to-end suite, archive on $$backend"; \
+		MAM_E2E_BACKEND=$$backend $(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider; \
+	done
 
 ## A short run of every fuzz target (cargo-fuzz on the stable toolchain; installs it when
 ## missing). Longer: FUZZ_SECONDS=300 tools/fuzz-smoke.sh

@@ -145,7 +145,7 @@ end
 
 local function open_db(host, create)
 	local s = settings_of(host);
-	local db, err = native.admin(s.database, create, s.archive_compression);
+	local db, err = native.admin(read_options(module:context(host)), create);
 	return db, err, s;
 end
 
@@ -177,10 +177,19 @@ local function cleanup_host(name)
 		print(name .. ": expiry is disabled (archive_expires_after), nothing to remove");
 		return true;
 	end
+	local db, err = open_db(name, false);
+	if not db then
+		if err:match("^no archive database") then
+			print(("%s: %s, nothing to remove"):format(name, err));
+			return true;
+		end
+		print(("%s: cleanup failed: %s"):format(name, err));
+		return false;
+	end
 	for _, rule in ipairs(rules) do
 		print(("%s: removing %s messages from before %s"):format(name, rule[1],
 			os.date("!%Y-%m-%d %H:%M:%S UTC", rule[2] // 1000000)));
-		local ok, removed, found = pcall(native.expire_now, host_settings.database, name, host_settings.archive_store,
+		local ok, removed = pcall(db.expire, db, name, host_settings.archive_store,
 			function (n)
 				io.write(("\r  %d messages removed (%.0f/s)"):format(n, n / math.max(time_now() - started, 1e-3)));
 				io.flush();
@@ -188,9 +197,6 @@ local function cleanup_host(name)
 		if not ok then
 			print(("\n%s: cleanup failed: %s"):format(name, tostring(removed)));
 			return false;
-		elseif not found then
-			print(("%s: no archive at %s, nothing to remove"):format(name, host_settings.database));
-			return true;
 		end
 		print(("\n%s: removed %d %s messages in %.1f s"):format(name, removed, rule[1], time_now() - started));
 	end

@@ -9,6 +9,7 @@ local st = require "util.stanza";
 local jid = require "util.jid";
 local async = require "util.async";
 local server = require "net.server";
+local timer = require "util.timer";
 local um = require "core.usermanager";
 local rm_load_roster = require "core.rostermanager".load_roster;
 local new_cache = require "util.cache".new;
@@ -60,6 +61,14 @@ local function read_options(ctx)
 		opts[name] = ctx:get_option(name);
 	end
 	opts.mam_rs_database = ctx:get_option_path("mam_rs_database", "mam_rs.sqlite", "data");
+	-- Where the archive goes: mam_rs_sql, else Prosody's sql block when it names a server.
+	opts.sql = ctx:get_option("sql");
+	local own = ctx:get_option("mam_rs_sql");
+	if type(own) == "table" and own.driver == "SQLite3" and type(own.database) == "string" then
+		own = { driver = "SQLite3",
+			database = require "core.configmanager".resolve_relative_path(prosody.paths.data or ".", own.database) };
+	end
+	opts.mam_rs_sql = own;
 	-- Stock counts totals by default only while messages expire (mod_mam.lua:601-606).
 	local expires_after = opts.archive_expires_after;
 	local never_expires = expires_after == "never" or expires_after == false
@@ -138,7 +147,9 @@ local watcher = server.watchfd(archive:fd(), on_readable);
 -- While a session's handler waits, mod_c2s pauses its connection. Prosody 0.12's server_epoll
 -- does not look at LuaSocket's own read buffer when a paused connection resumes, so stanzas
 -- already read into it would sit there until the client sends more. Read them once the
--- connection reads again, as server_epoll's own pausefor() does.
+-- connection reads again, as server_epoll's own pausefor() does. A global timer, not a module
+-- timer: module timers stop at unload, and a check cut short by a reload would leave the flag
+-- set and the session's buffered stanzas unread for good.
 local function read_buffered(session)
 	if not session or session.mam_rs_read_check then return; end
 	local conn = session.conn;
@@ -148,7 +159,7 @@ local function read_buffered(session)
 	end
 	session.mam_rs_read_check = true;
 	local tries = 0;
-	module:add_timer(0, function ()
+	timer.add_task(0, function ()
 		tries = tries + 1;
 		if conn.conn ~= sock or not sock:dirty() or tries > 2000 then
 			session.mam_rs_read_check = nil;

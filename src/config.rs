@@ -14,6 +14,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::store::{Location, ServerOptions};
+
 /// An option value as Lua gave it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RawValue {
@@ -23,6 +25,8 @@ pub enum RawValue {
     String(String),
     /// A Lua array (or a Prosody set given as an array).
     List(Vec<RawValue>),
+    /// A Lua table with string keys (the `sql` block).
+    Map(BTreeMap<String, RawValue>),
     /// A table that is not an array, or a value of another Lua type (function, userdata...).
     Other(String),
 }
@@ -43,6 +47,18 @@ impl fmt::Display for RawValue {
                     write!(f, "{item}")?;
                 }
                 f.write_str(" }")
+            }
+            RawValue::Map(entries) => {
+                f.write_str("{ ")?;
+                for (key, value) in entries {
+                    // Config errors are logged: never a password.
+                    if key == "password" {
+                        write!(f, "{key} = \"********\"; ")?;
+                    } else {
+                        write!(f, "{key} = {value}; ")?;
+                    }
+                }
+                f.write_str("}")
             }
             RawValue::Other(kind) => f.write_str(kind),
         }
@@ -217,9 +233,11 @@ pub struct Config {
     /// `archive_cleanup_interval` in seconds, or Prosody 13's
     /// `mam_remove_expired_messages_period` (default 4 hours).
     pub cleanup_interval: f64,
-    /// `mam_rs_database`: the SQLite file (default `mam_rs.sqlite` in Prosody's data directory;
-    /// resolved by the shim, which knows the data directory).
-    pub database: PathBuf,
+    /// Where the archive is: a PostgreSQL or MySQL server when `mam_rs_sql`, or else Prosody's
+    /// own `sql` block, names one; otherwise the SQLite file `mam_rs_database` (default
+    /// `mam_rs.sqlite` in Prosody's data directory; paths are resolved by the shim, which knows
+    /// the data directory). See [`read_location`].
+    pub database: Location,
     /// `mam_rs_query_workers`: threads that run archive queries (default 2).
     pub query_workers: usize,
     /// `mam_rs_max_ids_per_query`: most values in a query's `ids` field (default 1000).
@@ -250,7 +268,7 @@ impl Default for Config {
             archive_expires_after: Expiry::After(WEEK),
             smart_retention: None,
             cleanup_interval: 4.0 * HOUR,
-            database: PathBuf::from("mam_rs.sqlite"),
+            database: Location::Sqlite(PathBuf::from("mam_rs.sqlite")),
             query_workers: 2,
             max_ids_per_query: 1000,
             max_prefs_jids: 1000,
@@ -310,6 +328,7 @@ impl fmt::Display for ConfigError {
             Severity::Error => {
                 let consequence = match self.option {
                     "archive_expires_after" => "message expiry is disabled until this is fixed",
+                    "sql" | "mam_rs_sql" => "the archive is not opened until this is fixed",
                     _ => "using the default",
                 };
                 write!(
@@ -474,7 +493,7 @@ fn read_options(
     }
     check("mam_rs_database", "a file path", &mut |v| match v {
         RawValue::String(s) if !s.is_empty() => {
-            config.database = PathBuf::from(s);
+            config.database = Location::Sqlite(PathBuf::from(s));
             true
         }
         _ => false,
@@ -553,7 +572,131 @@ fn read_options(
             _ => false,
         },
     );
+    config.database = read_location(raw, config.database, &mut errors);
+    if config.archive_compression && !matches!(config.database, Location::Sqlite(_)) {
+        warnings.push(ConfigError {
+            severity: Severity::Warning,
+            expected: Cow::Borrowed(
+                "compression applies to the SQLite archive only; this archive is stored as text",
+            ),
+            ..ConfigError::invalid("archive_compression", &raw["archive_compression"], "")
+        });
+    }
     (config, errors)
+}
+
+/// How long to wait for a database server to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SQL_SHAPE: &str = "a table like Prosody's sql option: { driver = \"PostgreSQL\" (or \"MySQL\", \"SQLite3\"); database = \"prosody\"; host = \"localhost\"; port = 5432; username = \"prosody\"; password = \"...\" }";
+
+/// Where the archive goes: `mam_rs_sql` when set, else Prosody's own `sql` block when it names
+/// a server, else `sqlite` (the `mam_rs_database` file). Prosody's `sql` with SQLite3 keeps the
+/// module on its own file. A block that cannot be read is an error naming it, and leaves the
+/// archive closed ([`Location::Unusable`]): falling back to a local file would split one
+/// archive in two without anyone noticing.
+fn read_location(
+    raw: &BTreeMap<String, RawValue>,
+    sqlite: Location,
+    errors: &mut Vec<ConfigError>,
+) -> Location {
+    let (option, value) = match (raw.get("mam_rs_sql"), raw.get("sql")) {
+        (Some(value), _) => ("mam_rs_sql", value),
+        (None, Some(value)) => ("sql", value),
+        (None, None) => return sqlite,
+    };
+    match sql_location(value) {
+        Ok(SqlTarget::Server(location)) => location,
+        Ok(SqlTarget::Sqlite(Some(path))) if option == "mam_rs_sql" => Location::Sqlite(path),
+        Ok(SqlTarget::Sqlite(_)) => sqlite,
+        Err(expected) => {
+            let why = format!("option '{option}' is invalid: {expected}");
+            errors.push(ConfigError {
+                expected: Cow::Owned(expected),
+                ..ConfigError::invalid(option, value, "")
+            });
+            Location::Unusable(why)
+        }
+    }
+}
+
+enum SqlTarget {
+    Server(Location),
+    /// SQLite3, with the file named in the block, if any.
+    Sqlite(Option<PathBuf>),
+}
+
+/// Reads one `sql`-shaped block as Prosody's mod_storage_sql does: `driver` (the LuaDBI names),
+/// `database`, `host`, `port`, `username`, `password`. Other keys are Prosody's business.
+fn sql_location(value: &RawValue) -> Result<SqlTarget, String> {
+    let RawValue::Map(block) = value else {
+        return Err(SQL_SHAPE.to_string());
+    };
+    let text = |key: &str| -> Result<Option<String>, String> {
+        match block.get(key) {
+            None => Ok(None),
+            Some(RawValue::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            // Never echo a password.
+            Some(_) if key == "password" => Err("password must be a non-empty string".to_string()),
+            Some(other) => Err(format!("{key} must be a non-empty string, not {other}")),
+        }
+    };
+    let driver = text("driver")?.ok_or_else(|| format!("no driver given; expected {SQL_SHAPE}"))?;
+    let database = text("database")?;
+    let host = text("host")?;
+    let username = text("username")?;
+    let password = text("password")?;
+    let port = match block.get("port") {
+        None => None,
+        Some(v) => match as_whole(v) {
+            Some(n) if (1..=65535).contains(&n) => Some(n as u16),
+            _ => return Err(format!("port must be a number from 1 to 65535, not {v}")),
+        },
+    };
+    match driver.as_str() {
+        "SQLite3" => Ok(SqlTarget::Sqlite(database.map(PathBuf::from))),
+        "PostgreSQL" | "MySQL" => {
+            let database = database
+                .ok_or_else(|| format!("driver {driver:?} needs database = \"<name>\""))?;
+            let server = ServerOptions {
+                // The client libraries' defaults, as LuaDBI gets them: the local socket
+                // (libpq's directory, Debian's MySQL socket) and the OS user.
+                host: host.unwrap_or_else(|| match driver.as_str() {
+                    "PostgreSQL" => "/var/run/postgresql".to_string(),
+                    _ => "/run/mysqld/mysqld.sock".to_string(),
+                }),
+                port,
+                database,
+                user: username.unwrap_or_else(os_user),
+                password,
+                pool_size: 1,
+                connect_timeout: CONNECT_TIMEOUT,
+            };
+            Ok(SqlTarget::Server(if driver == "PostgreSQL" {
+                Location::Postgres(server)
+            } else {
+                Location::Mysql(server)
+            }))
+        }
+        other => Err(format!(
+            "driver must be \"PostgreSQL\", \"MySQL\" or \"SQLite3\" (as Prosody spells them), not {other:?}"
+        )),
+    }
+}
+
+/// The user this process runs as (libpq's and libmysqlclient's default user name).
+fn os_user() -> String {
+    // SAFETY: getpwuid returns a pointer into static storage or null; the name is copied out
+    // at once. Options are read on Prosody's one thread.
+    unsafe {
+        let pw = libc::getpwuid(libc::geteuid());
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            return "prosody".to_string();
+        }
+        std::ffi::CStr::from_ptr((*pw).pw_name)
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// A period option, with its warning or error added to `problems`; `None` when absent or unusable.
@@ -616,6 +759,217 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect()
+    }
+
+    fn block(pairs: &[(&str, RawValue)]) -> RawValue {
+        RawValue::Map(opts(pairs))
+    }
+
+    fn text(s: &str) -> RawValue {
+        RawValue::String(s.to_string())
+    }
+
+    #[test]
+    fn prosodys_postgresql_sql_block_puts_the_archive_on_that_server() {
+        let sql = block(&[
+            ("driver", text("PostgreSQL")),
+            ("database", text("prosody")),
+            ("host", text("db.example.net")),
+            ("port", RawValue::Integer(5433)),
+            ("username", text("xmpp")),
+            ("password", text("secret")),
+        ]);
+        let (config, errors) = from_options(&opts(&[("sql", sql)]));
+        assert!(errors.is_empty(), "{errors:?}");
+        let Location::Postgres(pg) = &config.database else {
+            panic!("{:?}", config.database)
+        };
+        assert_eq!(
+            (
+                pg.host.as_str(),
+                pg.port,
+                pg.database.as_str(),
+                pg.user.as_str()
+            ),
+            ("db.example.net", Some(5433), "prosody", "xmpp")
+        );
+        assert_eq!(pg.password.as_deref(), Some("secret"));
+        assert_eq!(
+            config.database.describe(),
+            "PostgreSQL xmpp@db.example.net:5433/prosody"
+        );
+    }
+
+    #[test]
+    fn postgresql_defaults_are_libpqs_the_local_socket_and_a_numeric_string_port() {
+        let sql = block(&[
+            ("driver", text("PostgreSQL")),
+            ("database", text("prosody")),
+            ("port", text("5432")),
+        ]);
+        let (config, errors) = from_options(&opts(&[("sql", sql)]));
+        assert!(errors.is_empty(), "{errors:?}");
+        let Location::Postgres(pg) = &config.database else {
+            panic!("{:?}", config.database)
+        };
+        assert_eq!(
+            (pg.host.as_str(), pg.port),
+            ("/var/run/postgresql", Some(5432))
+        );
+        assert!(!pg.user.is_empty());
+        assert_eq!(pg.connect_timeout, CONNECT_TIMEOUT);
+    }
+
+    #[test]
+    fn prosodys_mysql_sql_block_puts_the_archive_on_that_server() {
+        let sql = block(&[
+            ("driver", text("MySQL")),
+            ("database", text("prosody")),
+            ("host", text("127.0.0.1")),
+            ("port", RawValue::Integer(3307)),
+            ("username", text("xmpp")),
+            ("password", text("secret")),
+        ]);
+        let (config, errors) = from_options(&opts(&[("sql", sql)]));
+        assert!(errors.is_empty(), "{errors:?}");
+        let Location::Mysql(my) = &config.database else {
+            panic!("{:?}", config.database)
+        };
+        assert_eq!(
+            (
+                my.host.as_str(),
+                my.port,
+                my.database.as_str(),
+                my.user.as_str()
+            ),
+            ("127.0.0.1", Some(3307), "prosody", "xmpp")
+        );
+        assert_eq!(my.password.as_deref(), Some("secret"));
+        assert!(!config.database.describe().contains("secret"));
+
+        let local = block(&[("driver", text("MySQL")), ("database", text("prosody"))]);
+        let (config, _) = from_options(&opts(&[("sql", local)]));
+        let Location::Mysql(my) = &config.database else {
+            panic!("{:?}", config.database)
+        };
+        assert_eq!(my.host, "/run/mysqld/mysqld.sock");
+    }
+
+    #[test]
+    fn sqlite3_in_prosodys_block_keeps_the_module_on_its_own_file() {
+        let sql = block(&[
+            ("driver", text("SQLite3")),
+            ("database", text("prosody.sqlite")),
+        ]);
+        let (config, errors) = from_options(&opts(&[
+            ("sql", sql),
+            ("mam_rs_database", text("/var/lib/prosody/mam_rs.sqlite")),
+        ]));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            config.database,
+            Location::Sqlite(PathBuf::from("/var/lib/prosody/mam_rs.sqlite"))
+        );
+    }
+
+    #[test]
+    fn mam_rs_sql_overrides_prosodys_block_either_way() {
+        let server = block(&[
+            ("driver", text("PostgreSQL")),
+            ("database", text("prosody")),
+        ]);
+        let file = block(&[
+            ("driver", text("SQLite3")),
+            ("database", text("/srv/archive.sqlite")),
+        ]);
+        let (config, errors) =
+            from_options(&opts(&[("sql", server.clone()), ("mam_rs_sql", file)]));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            config.database,
+            Location::Sqlite(PathBuf::from("/srv/archive.sqlite"))
+        );
+
+        let other = block(&[
+            ("driver", text("PostgreSQL")),
+            ("database", text("archive")),
+        ]);
+        let (config, _) = from_options(&opts(&[("sql", server), ("mam_rs_sql", other)]));
+        let Location::Postgres(pg) = &config.database else {
+            panic!("{:?}", config.database)
+        };
+        assert_eq!(pg.database, "archive");
+    }
+
+    #[test]
+    fn a_bad_sql_block_is_named_and_leaves_the_archive_closed_never_showing_the_password() {
+        for (sql, says) in [
+            (text("postgres://x"), "a table like Prosody's sql option"),
+            (block(&[("database", text("p"))]), "no driver given"),
+            (
+                block(&[("driver", text("postgres")), ("database", text("p"))]),
+                "driver must be \"PostgreSQL\", \"MySQL\" or \"SQLite3\"",
+            ),
+            (block(&[("driver", text("PostgreSQL"))]), "needs database ="),
+            (
+                block(&[
+                    ("driver", text("PostgreSQL")),
+                    ("database", text("p")),
+                    ("port", RawValue::Integer(70000)),
+                ]),
+                "port must be a number from 1 to 65535, not 70000",
+            ),
+            (
+                block(&[
+                    ("driver", text("PostgreSQL")),
+                    ("database", text("p")),
+                    ("password", RawValue::Integer(1234)),
+                ]),
+                "password must be a non-empty string",
+            ),
+        ] {
+            let (config, errors) = from_options(&opts(&[(
+                "sql",
+                match sql {
+                    RawValue::Map(mut m) => {
+                        m.insert("username".into(), text("u"));
+                        if !m.contains_key("password") {
+                            m.insert("password".into(), text("hunter2"));
+                        }
+                        RawValue::Map(m)
+                    }
+                    other => other,
+                },
+            )]));
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            let line = errors[0].to_string();
+            assert!(line.contains("option 'sql'"), "{line}");
+            assert!(line.contains(says), "{line}");
+            assert!(
+                line.contains("the archive is not opened until this is fixed"),
+                "{line}"
+            );
+            assert!(
+                !line.contains("hunter2") && !line.contains("1234"),
+                "{line}"
+            );
+            assert!(matches!(config.database, Location::Unusable(_)), "{line}");
+        }
+    }
+
+    #[test]
+    fn compression_on_a_server_archive_is_a_warning() {
+        let sql = block(&[
+            ("driver", text("PostgreSQL")),
+            ("database", text("prosody")),
+        ]);
+        let (_, errors) = from_options(&opts(&[
+            ("sql", sql),
+            ("archive_compression", RawValue::Bool(true)),
+        ]));
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].severity, Severity::Warning);
+        assert!(errors[0].to_string().contains("SQLite archive only"));
     }
 
     #[test]

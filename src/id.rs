@@ -6,12 +6,23 @@
 //! backwards the generator keeps counting up, so ids never collide and never go backwards.
 //! With 11 sequence bits the time part fits a signed 64-bit integer until the year 2112.
 //!
+//! The lowest [`NODE_BITS`] of the sequence are the writer's node number: several Prosody
+//! processes sharing one database server each claim a different node (see
+//! `Store::claim_node`), so their ids cannot collide even in the same microsecond. The
+//! sequence's top bit is left to imported rows (`store::rows::import_id`).
+//!
 //! This module owns the id layout and its text form; it does not know where ids are stored.
 
 use std::fmt;
 
 /// Bits of the id that hold a per-microsecond sequence number.
 pub const SEQ_BITS: u32 = 11;
+
+/// Bits of the sequence that hold the node number of the process that made the id.
+pub const NODE_BITS: u32 = 4;
+
+/// How many processes can write to one database at once.
+pub const NODES: u16 = 1 << NODE_BITS;
 
 /// The largest timestamp an id can hold (in the year 2112); later times are clamped to it.
 pub const MAX_MICROS: i64 = (1 << (63 - SEQ_BITS)) - 1;
@@ -80,25 +91,35 @@ impl fmt::Display for ArchiveId {
     }
 }
 
-/// Hands out strictly increasing ids.
+/// Hands out strictly increasing ids, each carrying its node number.
 #[derive(Debug, Default)]
 pub struct IdGenerator {
     last: u64,
+    node: u64,
 }
 
 impl IdGenerator {
-    /// A generator that will never hand out an id at or below `last` (for example the
-    /// newest id already in the database).
+    /// A generator for node 0 that will never hand out an id at or below `last` (for example
+    /// the newest id already in the database).
     pub fn starting_after(last: Option<ArchiveId>) -> IdGenerator {
+        IdGenerator::for_node(0, last)
+    }
+
+    /// A generator for `node` (below [`NODES`]; taken modulo it) that will never hand out an
+    /// id at or below `last`.
+    pub fn for_node(node: u16, last: Option<ArchiveId>) -> IdGenerator {
         IdGenerator {
             last: last.map_or(0, |id| id.0),
+            node: u64::from(node % NODES),
         }
     }
 
     /// The next id for a message archived at `now_micros`.
     pub fn next(&mut self, now_micros: i64) -> ArchiveId {
-        let candidate = ArchiveId::first_at(now_micros).0;
-        self.last = candidate.max(self.last + 1);
+        let candidate = ArchiveId::first_at(now_micros).0 | self.node;
+        // The next slot of this node after `last`, whichever node `last` came from.
+        let after_last = (((self.last >> NODE_BITS) + 1) << NODE_BITS) | self.node;
+        self.last = candidate.max(after_last);
         ArchiveId(self.last)
     }
 
@@ -142,6 +163,25 @@ mod tests {
         assert!(a < b && b < c);
         assert_eq!(a.micros(), 5_000_000);
         assert_eq!(c.micros(), 5_000_000);
+    }
+
+    #[test]
+    fn nodes_never_share_an_id_even_in_the_same_microsecond() {
+        let stored = Some(ArchiveId::first_at(5_000_000));
+        let mut a = IdGenerator::for_node(1, stored);
+        let mut b = IdGenerator::for_node(2, stored);
+        let mut seen = std::collections::HashSet::new();
+        for now in [5_000_000, 5_000_000, 5_000_001, 4_000_000, 5_000_001] {
+            for id in [a.next(now), b.next(now)] {
+                assert!(seen.insert(id), "{id:?} handed out twice");
+            }
+        }
+        let (x, y) = (a.next(6_000_000), b.next(6_000_000));
+        assert_eq!((x.as_i64() & 15, y.as_i64() & 15), (1, 2));
+        assert_eq!((x.micros(), y.micros()), (6_000_000, 6_000_000));
+        // Each node's ids still increase, and resume after ids of any other node.
+        let mut c = IdGenerator::for_node(3, Some(y));
+        assert!(c.next(1) > y);
     }
 
     #[test]

@@ -13,20 +13,28 @@ use mam_rs_native::protocol::StanzaError;
 use mam_rs_native::store::sqlite::{SqliteOptions, SqliteStore};
 use mam_rs_native::store::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
-    ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError,
+    ImportRow, Item, Location, Mark, NewItem, Page, Query, Stats, Store, StoreError,
 };
 use minidom::Element;
 
 fn config(dir: &tempfile::TempDir) -> Config {
     Config {
-        database: dir.path().join("mam_rs.sqlite"),
+        database: Location::Sqlite(dir.path().join("mam_rs.sqlite")),
         ..Config::default()
+    }
+}
+
+/// The SQLite file of `cfg`.
+fn path(cfg: &Config) -> &std::path::Path {
+    match &cfg.database {
+        Location::Sqlite(path) => path,
+        other => panic!("not an SQLite config: {other:?}"),
     }
 }
 
 /// An engine over a fresh SQLite store at `cfg.database`.
 fn start(cfg: &Config) -> Engine {
-    let store = SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap();
+    let store = SqliteStore::open(path(cfg), &SqliteOptions::default()).unwrap();
     Engine::start(Arc::new(store), cfg).unwrap()
 }
 
@@ -200,7 +208,7 @@ fn shutdown_commits_everything_queued() {
         }
         // Dropped at once, with most rows still queued.
     }
-    let store = SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap();
+    let store = SqliteStore::open(path(&cfg), &SqliteOptions::default()).unwrap();
     let page = store
         .find(
             &archive_ref("localhost", "alice"),
@@ -368,9 +376,22 @@ fn query_errors_come_back_as_stanza_errors() {
 }
 
 /// A store whose first `failures` appends fail, as a database that went away and came back.
+/// With `lost_answers`, that many appends commit and then report a failure, as a commit whose
+/// answer a server restart lost.
 struct Flaky {
     inner: SqliteStore,
     failures: AtomicUsize,
+    lost_answers: AtomicUsize,
+}
+
+impl Flaky {
+    fn failing(cfg: &Config, failures: usize) -> Flaky {
+        Flaky {
+            inner: SqliteStore::open(path(cfg), &SqliteOptions::default()).unwrap(),
+            failures: AtomicUsize::new(failures),
+            lost_answers: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Store for Flaky {
@@ -379,7 +400,15 @@ impl Store for Flaky {
             self.failures.fetch_sub(1, Ordering::SeqCst);
             return Err(StoreError::Database("disk I/O error".into()));
         }
-        self.inner.append(batch)
+        self.inner.append(batch)?;
+        if self.lost_answers.load(Ordering::SeqCst) > 0 {
+            self.lost_answers.fetch_sub(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("connection closed".into()));
+        }
+        Ok(())
+    }
+    fn holds(&self, id: ArchiveId) -> Result<bool, StoreError> {
+        self.inner.holds(id)
     }
     fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError> {
         self.inner.find(archive, query)
@@ -434,10 +463,7 @@ impl Store for Flaky {
 fn a_failing_database_releases_deliveries_and_retries_until_written() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&dir);
-    let store = Arc::new(Flaky {
-        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
-        failures: AtomicUsize::new(3),
-    });
+    let store = Arc::new(Flaky::failing(&cfg, 3));
     let engine = Engine::start(store.clone(), &cfg).unwrap();
     let mailbox = engine.mailbox().unwrap();
     let archived = engine
@@ -472,7 +498,9 @@ fn a_failing_database_releases_deliveries_and_retries_until_written() {
         "{logs:?}"
     );
 
-    // The query waits for the retried commit, and finds the message.
+    // Once a retry commits, a query finds the message (while the writer fails, queries get an
+    // error at once: see the next test).
+    assert!(engine.wait_committed(archived.release_at, Duration::from_secs(20)));
     let response = ask(&engine, &mailbox, "alice", ALL).unwrap();
     assert_eq!(bodies(&response), ["kept"]);
     let found: Vec<Item> = store
@@ -489,10 +517,7 @@ fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recove
         max_queued_rows: 10,
         ..config(&dir)
     };
-    let store = Arc::new(Flaky {
-        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
-        failures: AtomicUsize::new(usize::MAX),
-    });
+    let store = Arc::new(Flaky::failing(&cfg, usize::MAX));
     let engine = Engine::start(store.clone(), &cfg).unwrap();
     let _mailbox = engine.mailbox().unwrap();
     let alice = || archive_ref("localhost", "alice");
@@ -548,11 +573,8 @@ fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recove
 fn while_the_database_fails_deliveries_go_at_once_and_the_log_has_one_line_each_way() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&dir);
-    let database = cfg.database.display().to_string();
-    let store = Arc::new(Flaky {
-        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
-        failures: AtomicUsize::new(usize::MAX),
-    });
+    let database = cfg.database.describe();
+    let store = Arc::new(Flaky::failing(&cfg, usize::MAX));
     let engine = Engine::start(store.clone(), &cfg).unwrap();
     let mailbox = engine.mailbox().unwrap();
     let mut logs: Vec<(Level, String)> = Vec::new();
@@ -658,10 +680,7 @@ fn the_writer_and_the_workers_measure_what_they_do() {
         test_query_delay: Duration::from_millis(50),
         ..config(&dir)
     };
-    let store = Arc::new(Flaky {
-        inner: SqliteStore::open(&cfg.database, &SqliteOptions::default()).unwrap(),
-        failures: AtomicUsize::new(2),
-    });
+    let store = Arc::new(Flaky::failing(&cfg, 2));
     let engine = Engine::start(store, &cfg).unwrap();
     let mailbox = engine.mailbox().unwrap();
     let host = Arc::new(HostMetrics::default());
@@ -799,4 +818,72 @@ fn deleting_an_archive_removes_its_rows_after_those_queued_before() {
     assert_eq!(alice.messages.len(), 0);
     let bob = ask(&engine, &mailbox, "bob", "<query xmlns='urn:xmpp:mam:2'/>").unwrap();
     assert_eq!(bob.messages.len(), 1);
+}
+
+#[test]
+fn while_the_database_fails_queries_get_a_try_again_later_error_at_once_not_a_stale_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let store = Arc::new(Flaky::failing(&cfg, usize::MAX));
+    let engine = Engine::start(store.clone(), &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let archived = engine
+        .archive(
+            archive_ref("localhost", "alice"),
+            "bob@localhost".into(),
+            message("held"),
+            None,
+            Vec::new(),
+        )
+        .unwrap();
+    // Delivery goes on: the writer is failing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mailbox.drain().released < archived.release_at {
+        assert!(
+            Instant::now() < deadline,
+            "delivery waits for a failing database"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let asked = Instant::now();
+    let err = ask(&engine, &mailbox, "alice", ALL).unwrap_err();
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        (err.kind.as_str(), err.condition),
+        ("wait", "internal-server-error")
+    );
+    assert!(err.text.unwrap().contains("try again later"));
+
+    // The database comes back: the held row is written, and the same query finds it.
+    store.failures.store(0, Ordering::SeqCst);
+    assert!(engine.wait_committed(archived.release_at, Duration::from_secs(20)));
+    let page = ask(&engine, &mailbox, "alice", ALL).unwrap();
+    assert_eq!(bodies(&page), ["held"]);
+}
+
+#[test]
+fn a_commit_whose_answer_was_lost_is_not_written_twice_nor_retried_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let store = Arc::new(Flaky::failing(&cfg, 0));
+    store.lost_answers.store(1, Ordering::SeqCst);
+    let engine = Engine::start(store.clone(), &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let archived = engine
+        .archive(
+            archive_ref("localhost", "alice"),
+            "bob@localhost".into(),
+            message("once"),
+            None,
+            Vec::new(),
+        )
+        .unwrap();
+    assert!(engine.wait_committed(archived.release_at, Duration::from_secs(20)));
+    let page = ask(&engine, &mailbox, "alice", ALL).unwrap();
+    assert_eq!(bodies(&page), ["once"]);
+    assert_eq!(store.lost_answers.load(Ordering::SeqCst), 0);
 }

@@ -6,8 +6,8 @@
 //! - [`Engine::mailbox`]: each module instance (one per VirtualHost) gets its own
 //!   [`Mailbox`]: an eventfd for the loop to watch and a queue of finished queries, log lines
 //!   and the writer's progress ([`wake`]).
-//! - [`Engine::shared`]: every host whose archive is in the same database file shares one
-//!   engine, hence one id generator and one writer: two writers on one SQLite file fail with
+//! - [`Engine::shared`]: every host whose archive is in the same database shares one engine,
+//!   hence one id generator and one writer: two writers on one SQLite file fail with
 //!   SQLITE_BUSY, and two generators could hand out the same id.
 //! - [`metrics`]: what the writer, the workers and each host's handle measure, for Prosody's
 //!   statistics; [`Engine::refresh_figures`] reads the archive figures on a query worker.
@@ -23,7 +23,6 @@ pub mod worker;
 pub mod writer;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Weak};
@@ -36,8 +35,7 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::id::{ArchiveId, IdGenerator};
 use crate::protocol::xep0313::Limits;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{ArchiveRef, ExpiryRule, Mark, Store, StoreError};
+use crate::store::{self, ArchiveRef, ExpiryRule, Mark, OpenOptions, Store, StoreError};
 use metrics::{HostMetrics, WriterMetrics};
 use wake::Progress;
 pub use wake::{Answer, Completion, Drained, Level, Mailbox};
@@ -97,8 +95,8 @@ pub struct Engine {
     next_ticket: AtomicU64,
 }
 
-/// The engines of this process, by database file.
-static ENGINES: Mutex<Option<HashMap<PathBuf, Weak<Engine>>>> = Mutex::new(None);
+/// The engines of this process, by database ([`store::Location::describe`]).
+static ENGINES: Mutex<Option<HashMap<String, Weak<Engine>>>> = Mutex::new(None);
 
 impl Engine {
     /// The engine for the database named in `config`: the running one if another host
@@ -108,28 +106,31 @@ impl Engine {
         let mut engines = ENGINES.lock();
         let engines = engines.get_or_insert_with(HashMap::new);
         engines.retain(|_, e| e.strong_count() > 0);
-        if let Some(engine) = engines.get(&config.database).and_then(Weak::upgrade) {
+        let key = config.database.describe();
+        if let Some(engine) = engines.get(&key).and_then(Weak::upgrade) {
             return Ok(engine);
         }
         let engine = Arc::new(Engine::open(config)?);
-        engines.insert(config.database.clone(), Arc::downgrade(&engine));
+        engines.insert(key, Arc::downgrade(&engine));
         Ok(engine)
     }
 
-    /// Opens the SQLite archive named in `config` and starts the threads.
+    /// Opens the archive named in `config` (an SQLite file or a database server) and starts
+    /// the threads.
     pub fn open(config: &Config) -> Result<Engine, EngineError> {
-        let options = SqliteOptions {
-            pool_size: (config.query_workers as u32).saturating_add(1),
+        let options = OpenOptions {
+            // One more than the workers: the figures job shares them.
+            read_connections: (config.query_workers as u32).saturating_add(1),
             compression: config.archive_compression,
-            ..SqliteOptions::default()
         };
-        let store = SqliteStore::open(&config.database, &options)?;
-        Engine::start(Arc::new(store), config)
+        let store = store::open(&config.database, options)?;
+        Engine::start(store, config)
     }
 
     /// Starts the threads over any store.
     pub fn start(store: Arc<dyn Store>, config: &Config) -> Result<Engine, EngineError> {
         let progress = Arc::new(Progress::default());
+        let node = store.claim_node()?;
         let last = store.last_id()?;
         let stopping = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -144,7 +145,7 @@ impl Engine {
             max_batch: MAX_BATCH,
             stopping: stopping.clone(),
             metrics: writer_metrics.clone(),
-            database: config.database.display().to_string(),
+            database: config.database.describe(),
         };
         threads.push(spawn("mam_rs-writer", move || writer.run(writer_rx))?);
 
@@ -168,7 +169,7 @@ impl Engine {
             progress,
             queued,
             max_queued: config.max_queued_rows,
-            ids: Mutex::new(IdGenerator::starting_after(last)),
+            ids: Mutex::new(IdGenerator::for_node(node, last)),
             last_handed_out: AtomicU64::new(stored),
             writer: Mutex::new(Some(writer_tx)),
             queries: Mutex::new(Some(query_tx)),

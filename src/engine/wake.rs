@@ -193,6 +193,16 @@ impl Mailbox {
     }
 }
 
+/// What [`Progress::wait_committed`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Yes,
+    /// The writer is failing: the rows wait for the database to come back.
+    NotWhileFailing,
+    /// The timeout passed with the writer still working (a slow database).
+    NotYet,
+}
+
 #[derive(Debug, Default)]
 struct Marks {
     released: u64,
@@ -266,6 +276,8 @@ impl Progress {
             marks.handed_out
         };
         if failing {
+            // Queries waiting for their rows stop waiting (see `wait_committed`).
+            self.committed_changed.notify_all();
             self.advance(handed_out, false);
         }
     }
@@ -279,18 +291,35 @@ impl Progress {
 
     /// Blocks until rows up to `id` are committed, or `timeout` passes. Returns whether they are.
     pub fn wait_committed(&self, id: u64, timeout: Duration) -> bool {
+        self.wait(id, timeout, false) == Committed::Yes
+    }
+
+    /// For a query that must see rows up to `id`: blocks until they are committed, the writer
+    /// is failing (then they will not be soon), or `timeout` passes.
+    pub fn wait_for_query(&self, id: u64, timeout: Duration) -> Committed {
+        self.wait(id, timeout, true)
+    }
+
+    fn wait(&self, id: u64, timeout: Duration, unless_failing: bool) -> Committed {
         let deadline = Instant::now() + timeout;
         let mut marks = self.marks.lock();
         while marks.committed < id {
+            if unless_failing && marks.failing {
+                return Committed::NotWhileFailing;
+            }
             if self
                 .committed_changed
                 .wait_until(&mut marks, deadline)
                 .timed_out()
             {
-                return marks.committed >= id;
+                return if marks.committed >= id {
+                    Committed::Yes
+                } else {
+                    Committed::NotYet
+                };
             }
         }
-        true
+        Committed::Yes
     }
 }
 

@@ -1,7 +1,8 @@
 //! Query workers: threads that answer archive queries off the loop.
 //!
 //! A worker takes a job, waits until every row archived before the query was made is committed
-//! (read-your-writes), parses the query, runs it against the store, builds the result stanzas
+//! (read-your-writes; while the writer is failing, the query gets a "try again later" error at
+//! once instead of a page missing those rows), parses the query, runs it against the store, builds the result stanzas
 //! and `<fin>`, and queues the completion for the loop. Workers only read the store.
 //! Between queries they also refresh a host's archive figures for the metrics gauges.
 
@@ -13,13 +14,13 @@ use minidom::Element;
 use parking_lot::Mutex;
 
 use super::metrics::HostMetrics;
-use super::wake::{Answer, Completion, Level, Mailbox, Progress};
+use super::wake::{Answer, Committed, Completion, Level, Mailbox, Progress};
 use crate::protocol::xep0313::{self, respond, Limits, MamQuery};
 use crate::protocol::{ns, StanzaError};
 use crate::store::{ArchiveRef, Query, Store, StoreError};
 
 /// How long a query waits for earlier messages to be committed before it runs anyway (only
-/// reached when the database is failing).
+/// reached when the database is slow; a failing one ends the wait at once).
 const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(10);
 
 /// What a client asked of its archive.
@@ -114,14 +115,19 @@ impl Worker {
     }
 
     fn answer(&self, job: Job) -> Result<Answer, StanzaError> {
-        if !self
+        match self
             .progress
-            .wait_committed(job.seen, READ_YOUR_WRITES_WAIT)
+            .wait_for_query(job.seen, READ_YOUR_WRITES_WAIT)
         {
-            job.reply.log(
+            Committed::Yes => {}
+            // A page without the messages the writer holds would tell the client it is in
+            // sync when it is not: a clear "try again later" instead (the writer's own log
+            // line names the fault, once).
+            Committed::NotWhileFailing => return Err(StanzaError::database_unavailable()),
+            Committed::NotYet => job.reply.log(
                 Level::Warn,
-                "Archive query runs before earlier messages were written (the database is failing)",
-            );
+                "Archive query runs before earlier messages were written (the database is slow)",
+            ),
         }
         if !self.test_delay.is_zero() {
             std::thread::sleep(self.test_delay);
@@ -135,6 +141,7 @@ impl Worker {
     fn find(&self, job: &Job, query: &Query) -> Result<crate::store::Page, StanzaError> {
         self.store.find(&job.archive, query).map_err(|e| match e {
             StoreError::ItemNotFound => StanzaError::item_not_found(),
+            StoreError::Unavailable(_) => StanzaError::database_unavailable(),
             other => {
                 job.reply.log(
                     Level::Error,

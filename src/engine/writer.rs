@@ -268,9 +268,22 @@ impl Writer {
         };
         let mut attempt: u32 = 0;
         let mut failing_since: Option<Instant> = None;
+        let last_row = batch.last().map(|item| item.id);
         loop {
             let started = Instant::now();
-            match self.store.append(batch) {
+            // A retry first asks whether the failed attempt committed after all (its answer
+            // lost with the connection): appending again would collide with those rows.
+            let written = if attempt > 0 {
+                last_row.map_or(Ok(false), |id| self.store.holds(id))
+            } else {
+                Ok(false)
+            };
+            let outcome = match written {
+                Ok(true) => Ok(()),
+                Ok(false) => self.store.append(batch),
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(()) => {
                     self.metrics.committed(batch.len(), started.elapsed());
                     // One line when a fault clears, as one when it started (not one per retry).

@@ -1,10 +1,9 @@
-//! The Lua surface of the `prosodyctl mod_mam_rs` commands: `native.admin(database, create)`
-//! opens the archive database in the prosodyctl process and returns a handle whose methods
+//! The Lua surface of the `prosodyctl mod_mam_rs` commands: `native.admin(options, create)`
+//! opens a host's archive database in the prosodyctl process and returns a handle whose methods
 //! convert Lua values for [`crate::admin`] and the [`Store`]. No rule lives here.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
 use std::sync::Arc;
 
 use mlua::prelude::*;
@@ -15,34 +14,48 @@ use crate::admin::import::{read_export, stock_row, Skipped, StockRow};
 use crate::admin::Format;
 use crate::engine::writer::EXPIRY_BATCH;
 use crate::protocol::xep0082;
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{ArchiveRef, ImportBatch, ImportRow, Store};
+use crate::store::{
+    self, ArchiveRef, ExpiryCursor, ImportBatch, ImportRow, Location, OpenOptions, Store,
+};
 
 /// Rows per import transaction when reading an export file.
 const FILE_BATCH: usize = 1000;
 
 pub struct Admin {
-    store: SqliteStore,
+    store: Arc<dyn Store>,
+    /// Where the archive is, for messages.
+    location: String,
 }
 
-/// Opens the database at `database`. A missing file is created only with `create`; otherwise
-/// the answer is `nil, "no archive database at <path>"`. With `compression`, rows written
-/// (imported) are compressed, and `optimize` compresses the others.
+/// Opens the archive a host's options name (the table `read_options` gives), as the running
+/// module would. A missing SQLite file is created only with `create`; otherwise the answer is
+/// `nil, "no archive database at <path>"`. With `archive_compression`, rows written (imported)
+/// are compressed, and `optimize` compresses the others.
 pub fn admin(
     _: &Lua,
-    (database, create, compression): (String, bool, Option<bool>),
+    (options, create): (Table, bool),
 ) -> LuaResult<(Option<Admin>, Option<String>)> {
-    let path = Path::new(&database);
-    if !create && !path.exists() {
-        return Ok((None, Some(format!("no archive database at {database}"))));
+    let (config, _) = super::read_config(&options)?;
+    if let Location::Sqlite(path) = &config.database {
+        if !create && !path.exists() {
+            return Ok((
+                None,
+                Some(format!("no archive database at {}", path.display())),
+            ));
+        }
     }
-    let options = SqliteOptions {
-        pool_size: 1,
-        compression: compression.unwrap_or(false),
-        ..SqliteOptions::default()
+    let open = OpenOptions {
+        read_connections: 1,
+        compression: config.archive_compression,
     };
-    match SqliteStore::open(path, &options) {
-        Ok(store) => Ok((Some(Admin { store }), None)),
+    match store::open(&config.database, open) {
+        Ok(store) => Ok((
+            Some(Admin {
+                store,
+                location: config.database.describe(),
+            }),
+            None,
+        )),
         Err(e) => Ok((None, Some(e.to_string()))),
     }
 }
@@ -221,7 +234,7 @@ impl UserData for Admin {
                     }
                 };
                 match export(
-                    &this.store,
+                    this.store.as_ref(),
                     &archive(host, store, user),
                     format,
                     &mut out,
@@ -229,6 +242,40 @@ impl UserData for Admin {
                 ) {
                     Ok(n) => Ok((Some(n), None)),
                     Err(e) => Ok((None, Some(e.to_string()))),
+                }
+            },
+        );
+
+        // `prosodyctl mod_mam_rs cleanup`: removes `host`'s messages under `store` at or before
+        // `end` (Unix microseconds), now, in the same short batches as the running module (so
+        // it can run beside a live server). Calls `on_batch(removed so far)` after each batch.
+        methods.add_method(
+            "expire",
+            |_,
+             this,
+             (host, store, on_batch, end, strategy, seen_since): (
+                String,
+                String,
+                Option<Function>,
+                i64,
+                Option<String>,
+                Option<i64>,
+            )| {
+                let rule = super::expiry_rule(end, strategy, seen_since)?;
+                let mut cursor = ExpiryCursor::default();
+                let mut removed = 0;
+                loop {
+                    let step = this
+                        .store
+                        .expire(&host, &store, &rule, EXPIRY_BATCH, &mut cursor)
+                        .map_err(LuaError::external)?;
+                    removed += step.deleted;
+                    if let Some(f) = &on_batch {
+                        f.call::<()>(removed)?;
+                    }
+                    if step.done {
+                        return Ok(removed);
+                    }
                 }
             },
         );
@@ -260,8 +307,6 @@ impl UserData for Admin {
             }
         });
 
-        methods.add_method("path", |_, this, ()| {
-            Ok(this.store.path().to_string_lossy().into_owned())
-        });
+        methods.add_method("path", |_, this, ()| Ok(this.location.clone()));
     }
 }

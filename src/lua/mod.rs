@@ -35,14 +35,12 @@ use mlua::{Table, UserData, UserDataMethods, Value};
 
 use crate::config::{self, Config, RawValue};
 use crate::engine::metrics::{self, HostMetrics, NotArchived, Reporter, Value as Sample};
-use crate::engine::writer::EXPIRY_BATCH;
 use crate::engine::{Completion, Engine, EngineError, Mailbox, QueryRequest, Request};
 use crate::policy;
 use crate::protocol::ns;
 use crate::protocol::xep0313::{self, Limits};
 use crate::protocol::xep0441::{DefaultRule, Prefs};
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{ArchiveRef, ExpiryCursor, ExpiryRule, Mark, Store, Strategy};
+use crate::store::{ArchiveRef, ExpiryRule, Mark, Strategy};
 
 #[mlua::lua_module(name = "mam_rs_native")]
 fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
@@ -59,7 +57,6 @@ fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
         "prefs_from_element",
         lua.create_function(prefs_from_element)?,
     )?;
-    exports.set("expire_now", lua.create_function(expire_now)?)?;
     exports.set("admin", lua.create_function(admin::admin)?)?;
     Ok(exports)
 }
@@ -79,7 +76,23 @@ fn raw_value(v: &Value) -> LuaResult<Option<RawValue>> {
                 Ok(())
             })?;
             if entries != len {
-                RawValue::Other("a table that is not a list".into())
+                // A block of named settings (the `sql` option), or something else.
+                let mut map = BTreeMap::new();
+                let mut named = true;
+                t.for_each::<Value, Value>(|k, v| {
+                    match (k, raw_value(&v)?) {
+                        (Value::String(k), Some(v)) => {
+                            map.insert(k.to_string_lossy(), v);
+                        }
+                        _ => named = false,
+                    }
+                    Ok(())
+                })?;
+                if named {
+                    RawValue::Map(map)
+                } else {
+                    RawValue::Other("a table that is neither a list nor named settings".into())
+                }
             } else {
                 let mut items = Vec::with_capacity(len);
                 for i in 1..=len {
@@ -92,7 +105,7 @@ fn raw_value(v: &Value) -> LuaResult<Option<RawValue>> {
     }))
 }
 
-fn read_config(options: &Table) -> LuaResult<(Config, Vec<config::ConfigError>)> {
+pub(crate) fn read_config(options: &Table) -> LuaResult<(Config, Vec<config::ConfigError>)> {
     let mut raw = BTreeMap::new();
     for pair in options.pairs::<String, Value>() {
         let (k, v) = pair?;
@@ -139,7 +152,7 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Table)> {
         "storage_archive_item_limit",
         config.storage_archive_item_limit,
     )?;
-    settings.set("database", config.database.to_string_lossy().as_ref())?;
+    settings.set("database", config.database.describe())?;
     settings.set(
         "dont_archive_namespaces",
         config
@@ -201,7 +214,13 @@ fn open(
     let (config, _) = read_config(&options)?;
     let engine = match Engine::shared(&config) {
         Ok(engine) => engine,
-        Err(e) => return Ok((None, Some(format!("{}: {e}", config.database.display())))),
+        Err(e) => {
+            let why = match &config.database {
+                crate::store::Location::Unusable(_) => e.to_string(),
+                other => format!("{}: {e}", other.describe()),
+            };
+            return Ok((None, Some(why)));
+        }
     };
     let mailbox = engine.mailbox().map_err(LuaError::external)?;
     let metrics = Arc::new(HostMetrics::default());
@@ -365,7 +384,7 @@ fn strategy_name(strategy: Strategy) -> &'static str {
 
 /// The expiry rule from Lua arguments: `end`, and for smart retention the strategy name and the
 /// time since which clients count as known.
-fn expiry_rule(
+pub(crate) fn expiry_rule(
     end: i64,
     strategy: Option<String>,
     seen_since: Option<i64>,
@@ -386,48 +405,6 @@ fn expiry_rule(
             seen_since: seen_since.unwrap_or(0),
         },
     })
-}
-
-/// For `prosodyctl mod_mam_rs cleanup`: removes `host`'s messages under `store` at or before
-/// `end` (Unix microseconds) from the database file, now, in the same short batches as the
-/// running module (SQLite lets this run beside a live server). Calls `on_batch(removed so far)`
-/// after each batch. A missing database file is not created: nothing to remove.
-fn expire_now(
-    _: &Lua,
-    (database, host, store, on_batch, end, strategy, seen_since): (
-        String,
-        String,
-        String,
-        Option<mlua::Function>,
-        i64,
-        Option<String>,
-        Option<i64>,
-    ),
-) -> LuaResult<(u64, bool)> {
-    let rule = expiry_rule(end, strategy, seen_since)?;
-    let path = std::path::Path::new(&database);
-    if !path.exists() {
-        return Ok((0, false));
-    }
-    let options = SqliteOptions {
-        pool_size: 1,
-        ..SqliteOptions::default()
-    };
-    let db = SqliteStore::open(path, &options).map_err(LuaError::external)?;
-    let mut cursor = ExpiryCursor::default();
-    let mut removed = 0;
-    loop {
-        let step = db
-            .expire(&host, &store, &rule, EXPIRY_BATCH, &mut cursor)
-            .map_err(LuaError::external)?;
-        removed += step.deleted;
-        if let Some(f) = &on_batch {
-            f.call::<()>(removed)?;
-        }
-        if step.done {
-            return Ok((removed, true));
-        }
-    }
 }
 
 /// The stored form of a `<prefs>` element (see [`prefs_from_table`]).

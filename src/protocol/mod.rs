@@ -81,6 +81,15 @@ impl StanzaError {
         }
     }
 
+    /// The archive's database cannot be reached (or cannot write) now: retry later.
+    pub fn database_unavailable() -> StanzaError {
+        StanzaError {
+            kind: ErrorType::Wait,
+            condition: "internal-server-error",
+            text: Some("The message archive's database is unavailable; try again later".into()),
+        }
+    }
+
     pub fn internal_server_error() -> StanzaError {
         StanzaError {
             kind: ErrorType::Cancel,

@@ -8,12 +8,124 @@
 //! This layer knows SQL and rows. It does not know XMPP: stanzas are opaque serialised XML,
 //! and query semantics ([`Query`]) are already resolved by the protocol layer.
 
+pub mod mysql;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
 
 use crate::id::ArchiveId;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+/// How to reach a database server: Prosody's `sql` block, as `config` reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServerOptions {
+    /// A host name or address, or a Unix socket (PostgreSQL: its directory; MySQL: its path).
+    pub host: String,
+    /// The TCP port; the engine's default when `None`.
+    pub port: Option<u16>,
+    pub database: String,
+    pub user: String,
+    pub password: Option<String>,
+    /// Read connections, i.e. how many queries run at once.
+    pub pool_size: u32,
+    /// How long to wait for a connection.
+    pub connect_timeout: std::time::Duration,
+}
+
+impl ServerOptions {
+    /// `engine user@host:port/database`, for messages (never the password).
+    pub fn describe(&self, engine: &str) -> String {
+        let (user, host, database) = (&self.user, &self.host, &self.database);
+        match self.port {
+            Some(port) => format!("{engine} {user}@{host}:{port}/{database}"),
+            None => format!("{engine} {user}@{host}/{database}"),
+        }
+    }
+}
+
+/// Where an archive lives, as the configuration names it (`mam_rs_database`, `sql`,
+/// `mam_rs_sql`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// The embedded SQLite file (the default).
+    Sqlite(PathBuf),
+    /// A PostgreSQL server, in the module's own tables.
+    Postgres(postgres::PgOptions),
+    /// A MySQL or MariaDB server, in the module's own tables.
+    Mysql(mysql::MysqlOptions),
+    /// The configuration names no usable database; the text says which option and why. The
+    /// archive stays closed rather than writing somewhere the admin did not ask for.
+    Unusable(String),
+}
+
+impl Location {
+    /// For people (logs, commands): the file, or `engine user@host:port/database`. Never a
+    /// password. Two hosts with the same description share one database.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(path) => path.display().to_string(),
+            Location::Postgres(options) => options.describe(postgres::ENGINE),
+            Location::Mysql(options) => mysql::describe(options),
+            Location::Unusable(why) => format!("no database ({why})"),
+        }
+    }
+}
+
+/// The background threads of one r2d2 connection pool. r2d2's default keeps its threads
+/// running its reaper job after the pool is dropped; these end with the pool, so a module
+/// reload (which opens a new store) leaves no threads behind.
+pub(crate) fn pool_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
+    pool_threads_named("mam_rs-pool-{}")
+}
+
+fn pool_threads_named(pattern: &str) -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
+    Arc::new(
+        scheduled_thread_pool::ScheduledThreadPool::builder()
+            .num_threads(1)
+            .thread_name_pattern(pattern)
+            .on_drop_behavior(scheduled_thread_pool::OnPoolDropBehavior::DiscardPendingScheduled)
+            .build(),
+    )
+}
+
+/// How a store is opened, beyond where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Read connections, i.e. how many queries run at once.
+    pub read_connections: u32,
+    /// `archive_compression` (SQLite only).
+    pub compression: bool,
+}
+
+/// Opens (creating and migrating when needed) the store at `location`.
+pub fn open(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match location {
+        Location::Sqlite(path) => {
+            let sqlite = sqlite::SqliteOptions {
+                pool_size: options.read_connections,
+                compression: options.compression,
+                ..sqlite::SqliteOptions::default()
+            };
+            Arc::new(sqlite::SqliteStore::open(path, &sqlite)?)
+        }
+        Location::Postgres(pg) => {
+            let pg = postgres::PgOptions {
+                pool_size: options.read_connections,
+                ..pg.clone()
+            };
+            Arc::new(postgres::PgStore::open(&pg)?)
+        }
+        Location::Mysql(my) => {
+            let my = mysql::MysqlOptions {
+                pool_size: options.read_connections,
+                ..my.clone()
+            };
+            Arc::new(mysql::MysqlStore::open(&my)?)
+        }
+        Location::Unusable(why) => return Err(StoreError::Open(why.clone())),
+    })
+}
 
 /// Which archive a row belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -211,6 +323,9 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("database error: {0}")]
     Database(String),
+    /// The database server cannot be reached now (no connection); it may come back.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// The database file or pool could not be opened.
     #[error("cannot open the archive database: {0}")]
     Open(String),
@@ -277,4 +392,52 @@ pub trait Store: Send + Sync + 'static {
     /// Figures of `host`'s archives under `store` for the metrics gauges. Called every few
     /// seconds at most, on a query worker: must not scan the messages.
     fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError>;
+
+    /// Whether a row with this id is stored. The writer asks before retrying a batch whose
+    /// commit failed: with a database server, the commit may have gone through and only its
+    /// answer been lost (a server restart at that moment), and a batch commits whole or not at
+    /// all, so its last row tells.
+    fn holds(&self, id: ArchiveId) -> Result<bool, StoreError>;
+
+    /// Claims a writer node number (below [`crate::id::NODES`]) that no other process writing
+    /// to this database holds, for as long as this store is open: ids carry it, so several
+    /// Prosody processes on one database server never make the same id. An embedded database
+    /// has one writing process: node 0.
+    fn claim_node(&self) -> Result<u16, StoreError> {
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads of this process whose name starts with `prefix`.
+    fn threads_named(prefix: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with(prefix))
+            .count()
+    }
+
+    #[test]
+    fn a_dropped_connection_pool_leaves_no_thread_behind() {
+        let pool = r2d2::Pool::builder()
+            .thread_pool(pool_threads_named("leak-probe-{}"))
+            .idle_timeout(Some(std::time::Duration::from_secs(600)))
+            .build(r2d2_sqlite::SqliteConnectionManager::memory())
+            .unwrap();
+        drop(pool.get().unwrap());
+        assert_eq!(threads_named("leak-probe-"), 1);
+        drop(pool);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while threads_named("leak-probe-") > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pool's thread outlived it"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }

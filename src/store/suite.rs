@@ -1096,3 +1096,13 @@ fn a_duplicate_id_fails_the_whole_batch() {
     assert_eq!(total(&store), Some(0));
 }
 
+
+#[test]
+fn holds_tells_whether_a_row_is_stored() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    assert!(!store.holds(id(1)).unwrap());
+    store.append(&[row(&romeo(), id(1), "juliet@capulet.lit")]).unwrap();
+    assert!(store.holds(id(1)).unwrap());
+    assert!(!store.holds(id(2)).unwrap());
+}

@@ -5,6 +5,12 @@ Environment:
   MAM_E2E_EXTRA_CONFIG  extra global config lines appended to every server config.
   MAM_E2E_WORKDIR       where server work dirs go (default /dev/shm/mam-e2e, else tests/e2e/.work).
   MAM_E2E_KEEP=1        keep server work dirs after the run.
+  MAM_E2E_BACKEND       where every test server keeps its data: "sqlite" (default: Prosody's
+                        sql block is SQLite3, so mod_mam_rs uses its own mam_rs.sqlite),
+                        "postgres" or "mariadb" (a fresh database per test server on a real
+                        server that the suite starts, or the one MAM_E2E_POSTGRES /
+                        MAM_E2E_MYSQL names; Prosody's own stores and the archive both go there).
+                        Tests that need the SQLite file carry the sqlite_only marker.
 
 Fixtures:
   server         module-scoped Prosody; a test module may set PROSODY_CONFIG = [lines].
@@ -42,6 +48,9 @@ WORK_ROOT = Path(os.environ.get("MAM_E2E_WORKDIR")
                  or ("/dev/shm/mam-e2e" if os.path.isdir("/dev/shm") else Path(__file__).resolve().parent / ".work"))
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
 HOST = "localhost"
+E2E_BACKEND = os.environ.get("MAM_E2E_BACKEND", "sqlite")
+assert E2E_BACKEND in ("sqlite", "postgres", "mariadb"), "MAM_E2E_BACKEND=%s: sqlite, postgres or mariadb" % E2E_BACKEND
+SQLITE_SQL = 'sql = { driver = "SQLite3", database = "prosody.sqlite" }'
 
 NS_CLIENT = "jabber:client"
 NS_MAM = "urn:xmpp:mam:2"
@@ -80,15 +89,18 @@ def stanza_ids(msg):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "mam_rs_only: passes only against mod_mam_rs (skipped for stock mam)")
+    config.addinivalue_line("markers", "sqlite_only: needs the archive in an SQLite file (skipped with "
+                                       "MAM_E2E_BACKEND=postgres or mariadb)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if MAM_MODULE == "mam_rs":
-        return
-    skip = pytest.mark.skip(reason="mam_rs_only test, MAM_MODULE=%s" % MAM_MODULE)
-    for item in items:
-        if "mam_rs_only" in item.keywords:
-            item.add_marker(skip)
+    for marker, active, reason in (
+            ("mam_rs_only", MAM_MODULE != "mam_rs", "mam_rs_only test, MAM_MODULE=%s" % MAM_MODULE),
+            ("sqlite_only", E2E_BACKEND != "sqlite", "sqlite_only test, MAM_E2E_BACKEND=%s" % E2E_BACKEND)):
+        if active:
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
 
 
 _LIVE_SERVERS = []
@@ -113,6 +125,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_backend_server = None
+
+
+def backend_server():
+    """The session's database server for MAM_E2E_BACKEND (started on first use), or None."""
+    global _backend_server
+    if E2E_BACKEND != "sqlite" and _backend_server is None:
+        from dbservers import open_server  # stopped at exit by dbservers
+        _backend_server = open_server(E2E_BACKEND)
+    return _backend_server
+
+
+def backend_sql():
+    """(the `sql = { ... }` line for a new test server, its database name): SQLite3 in its
+    data dir, or a fresh database on the MAM_E2E_BACKEND server."""
+    db = backend_server()
+    if db is None:
+        return SQLITE_SQL, None
+    name = db.create_database()
+    return db.prosody_sql(name), name
+
+
 class ProsodyServer:
     """One Prosody process in its own work dir, c2s on a free loopback port."""
 
@@ -132,6 +166,7 @@ class ProsodyServer:
         self.log = self.workdir / "prosody.log"
         self.pidfile = self.workdir / "prosody.pid"
         self.port = None
+        self.sql_line, self.sql_database = backend_sql()
 
     def _write_config(self):
         lines = [
@@ -155,7 +190,7 @@ class ProsodyServer:
             "c2s_require_encryption = false",
             "allow_unencrypted_plain_auth = true",
             'storage = "sql"',
-            'sql = { driver = "SQLite3", database = "prosody.sqlite" }',
+            self.sql_line,
             "",
             "-- extra config",
             *self.extra_config,
@@ -800,16 +835,30 @@ def prosodyctl(srv, *args, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _sql_literal(v):
+    return "'%s'" % str(v).replace("'", "''")
+
+
+def backend_rows(srv, statement, sqlite_file="prosody.sqlite"):
+    """Rows of `statement` (one SELECT; quote identifiers with double quotes) in the database
+    where `srv` keeps its data: `sqlite_file` in its data dir (read-only), or its database on
+    the MAM_E2E_BACKEND server. Values come back as text, whatever the backend."""
+    db = backend_server()
+    if db is None:
+        import sqlite3
+        con = sqlite3.connect("file:%s?mode=ro" % (srv.data / sqlite_file), uri=True, timeout=10)
+        try:
+            return [tuple(None if v is None else str(v) for v in row) for row in con.execute(statement)]
+        finally:
+            con.close()
+    return db.sql(statement, database=srv.sql_database)
+
+
 def stored_prefs_sql(srv, user):
-    """A user's rows of the archive_prefs store in mod_storage_sql's prosody.sqlite, sorted."""
-    import sqlite3
-    db = sqlite3.connect(str(srv.data / "prosody.sqlite"))
-    try:
-        return sorted(db.execute(
-            "SELECT key, type, value FROM prosody WHERE host='localhost' AND store='archive_prefs' AND user=?",
-            (user,)).fetchall())
-    finally:
-        db.close()
+    """A user's rows of the archive_prefs store in mod_storage_sql's table, sorted."""
+    return sorted(backend_rows(
+        srv, 'SELECT "key", "type", "value" FROM "prosody" WHERE "host" = \'localhost\' '
+             'AND "store" = \'archive_prefs\' AND "user" = %s' % _sql_literal(user)))
 
 
 # --------------------------------------------------------------------------
@@ -846,7 +895,7 @@ class StorageServer(ProsodyServer):
         if self.storage != "sql":
             text = sub('storage = "sql"\n', 'storage = "%s"\n' % self.storage)
         if self.sql:
-            text = sub('sql = { driver = "SQLite3", database = "prosody.sqlite" }\n', self.sql.rstrip("\n") + "\n")
+            text = sub(self.sql_line + "\n", self.sql.rstrip("\n") + "\n")
         if self.extra_modules:
             text = sub('"%s" }' % self.module,
                        '"%s"%s }' % (self.module, "".join(', "%s"' % m for m in self.extra_modules)))
@@ -868,6 +917,7 @@ class StorageServer(ProsodyServer):
         args.setdefault("module", self.module)
         args.update(overrides)
         new = StorageServer(**args)
+        new.sql_line, new.sql_database = self.sql_line, self.sql_database  # the same database
         shutil.copytree(self.data, new.data)
         (new.workdir / "certs").mkdir(exist_ok=True)
         new.port = _free_port()

@@ -38,7 +38,7 @@ import pytest
 from conftest import (NS_CLIENT, REPO, ProsodyServer, exchange, restart_server, stanza_ids,
                       stop_server_keep_data, token)
 
-pytestmark = pytest.mark.mam_rs_only
+pytestmark = [pytest.mark.mam_rs_only, pytest.mark.sqlite_only]
 
 
 def test_corrupt_database_at_start_is_one_clear_error_and_messages_still_flow(connect):

@@ -9,13 +9,12 @@ an empty answer, never another archive's messages nor a <count> beyond the asker
 database keeps every row.
 """
 
-import sqlite3
 import time
 
 import pytest
 
 from conftest import (
-    MAM_MODULE, NS_MAM, Client, ProsodyServer, xml_escape,
+    E2E_BACKEND, MAM_MODULE, NS_MAM, Client, ProsodyServer, backend_rows, xml_escape,
 )
 
 SECOND = "second.localhost"
@@ -87,26 +86,21 @@ def world(server, clients):
 
 
 def db_rows(server):
-    """(archive rows in the database, table names): read directly from the SQLite file."""
-    if MAM_MODULE == "mam_rs":
-        path, sql = server.data / "mam_rs.sqlite", "SELECT count(*) FROM messages"
-    else:
-        path, sql = server.data / "prosody.sqlite", "SELECT count(*) FROM prosodyarchive WHERE store = 'archive'"
-    assert path.exists(), path
-    con = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=10)
-    try:
-        return con.execute(sql).fetchone()[0]
-    finally:
-        con.close()
+    """Archive rows in the database, read directly from it (the SQLite file, or the server)."""
+    if MAM_MODULE != "mam_rs":
+        return int(backend_rows(server, "SELECT count(*) FROM prosodyarchive WHERE store = 'archive'")[0][0])
+    table = "messages" if E2E_BACKEND == "sqlite" else "mam_rs_messages"
+    return int(backend_rows(server, "SELECT count(*) FROM %s" % table, sqlite_file="mam_rs.sqlite")[0][0])
 
 
 def tables(server):
-    path = server.data / ("mam_rs.sqlite" if MAM_MODULE == "mam_rs" else "prosody.sqlite")
-    con = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=10)
-    try:
-        return sorted(r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
-    finally:
-        con.close()
+    statement = {
+        "sqlite": "SELECT name FROM sqlite_master WHERE type = 'table'",
+        "postgres": "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+        "mariadb": "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
+    }[E2E_BACKEND]
+    sqlite_file = "mam_rs.sqlite" if MAM_MODULE == "mam_rs" else "prosody.sqlite"
+    return sorted(r[0] for r in backend_rows(server, statement, sqlite_file=sqlite_file))
 
 
 def foreign_bodies(world, key):

@@ -21,7 +21,7 @@ use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
     ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
 };
-use crate::id::ArchiveId;
+use crate::id::{ArchiveId, NODES};
 use parking_lot::Mutex;
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls};
@@ -29,19 +29,11 @@ use r2d2_postgres::PostgresConnectionManager;
 use std::fmt;
 use std::time::Duration;
 
-/// How to reach the server: Prosody's `sql` block, as libpq-style settings.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PgOptions {
-    pub host: String,
-    pub port: Option<u16>,
-    pub database: String,
-    pub user: String,
-    pub password: Option<String>,
-    /// Read connections, i.e. how many queries run at once.
-    pub pool_size: u32,
-    /// How long to wait for a connection.
-    pub connect_timeout: Duration,
-}
+/// How to reach the server (libpq's settings).
+pub type PgOptions = super::ServerOptions;
+
+/// The engine's name in messages.
+pub const ENGINE: &str = "PostgreSQL";
 
 impl PgOptions {
     fn config(&self) -> postgres::Config {
@@ -59,23 +51,14 @@ impl PgOptions {
         }
         c
     }
-
-    /// `user@host:port/database`, for messages (never the password).
-    pub fn describe(&self) -> String {
-        match self.port {
-            Some(port) => format!(
-                "PostgreSQL {}@{}:{port}/{}",
-                self.user, self.host, self.database
-            ),
-            None => format!("PostgreSQL {}@{}/{}", self.user, self.host, self.database),
-        }
-    }
 }
 
 /// An archive store in a PostgreSQL database.
 pub struct PgStore {
     options: PgOptions,
     writer: Mutex<Option<Client>>,
+    /// The writer node this process holds (a session advisory lock on the writer connection).
+    node: Mutex<Option<u16>>,
     readers: r2d2::Pool<PostgresConnectionManager<NoTls>>,
     ids: Mutex<IdCache>,
 }
@@ -83,7 +66,7 @@ pub struct PgStore {
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgStore")
-            .field("server", &self.options.describe())
+            .field("server", &self.options.describe(ENGINE))
             .finish_non_exhaustive()
     }
 }
@@ -106,15 +89,31 @@ const SELECT_LEGACY: &str = "SELECT id FROM mam_rs_legacy_ids WHERE aid = $1 AND
 const DELETE_OLDEST: &str = "DELETE FROM mam_rs_messages WHERE id IN \
      (SELECT id FROM mam_rs_messages WHERE aid = $1 ORDER BY id LIMIT $2)";
 
+/// The advisory lock class of writer nodes (`pg_try_advisory_lock(NODE_LOCK, node)`).
+const NODE_LOCK: i32 = 0x6d61_6d6e; // "mamn"
+
+/// Takes writer node `node` for this session, if no other session holds it.
+fn try_node_lock(client: &mut Client, node: u16) -> Result<bool, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&NODE_LOCK, &i32::from(node)],
+        )
+        .map_err(db)?;
+    Ok(row.get(0))
+}
+
 impl PgStore {
     /// Connects, migrates the schema to [`SCHEMA_VERSION`] and opens the read pool.
     pub fn open(options: &PgOptions) -> Result<PgStore, StoreError> {
-        let describe = options.describe();
-        let open_err = |e: postgres::Error| StoreError::Open(format!("{describe}: {e}"));
+        let describe = options.describe(ENGINE);
+        let open_err =
+            |e: postgres::Error| StoreError::Open(format!("{describe}: {}", with_cause(&e)));
         let mut writer = options.config().connect(NoTls).map_err(open_err)?;
         schema::migrate(&mut writer)?;
         let manager = PostgresConnectionManager::new(options.config(), NoTls);
         let readers = r2d2::Pool::builder()
+            .thread_pool(super::pool_threads())
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
             .connection_timeout(options.connect_timeout.max(Duration::from_secs(1)))
@@ -123,12 +122,14 @@ impl PgStore {
         Ok(PgStore {
             options: options.clone(),
             writer: Mutex::new(Some(writer)),
+            node: Mutex::new(None),
             readers,
             ids: Mutex::new(IdCache::new(ID_CACHE_CAPACITY)),
         })
     }
 
-    /// Runs `f` on the writer connection, connecting again first if the last one broke.
+    /// Runs `f` on the writer connection, connecting again first if the last one broke (and
+    /// taking this process's node lock again on the new connection).
     fn write<T>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
@@ -136,10 +137,23 @@ impl PgStore {
         let mut slot = self.writer.lock();
         if slot.as_ref().is_none_or(Client::is_closed) {
             *slot = None;
-            let client =
-                self.options.config().connect(NoTls).map_err(|e| {
-                    StoreError::Database(format!("{}: {e}", self.options.describe()))
-                })?;
+            let mut client = self.options.config().connect(NoTls).map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "{}: {}",
+                    self.options.describe(ENGINE),
+                    with_cause(&e)
+                ))
+            })?;
+            if let Some(node) = *self.node.lock() {
+                if !try_node_lock(&mut client, node)? {
+                    return Err(StoreError::Database(format!(
+                        "{}: writer node {node} of this database was claimed by another process \
+                         while this one was disconnected; its ids could collide with ours, so \
+                         nothing is written until this Prosody restarts and claims a free node",
+                        self.options.describe(ENGINE)
+                    )));
+                }
+            }
             *slot = Some(client);
         }
         let client = slot.as_mut().expect("connected above");
@@ -154,7 +168,10 @@ impl PgStore {
         &self,
     ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, StoreError> {
         self.readers.get().map_err(|e| {
-            StoreError::Database(format!("{}: no connection: {e}", self.options.describe()))
+            StoreError::Unavailable(format!(
+                "{}: no connection: {e}",
+                self.options.describe(ENGINE)
+            ))
         })
     }
 
@@ -273,6 +290,24 @@ impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
 }
 
 impl Store for PgStore {
+    fn claim_node(&self) -> Result<u16, StoreError> {
+        if let Some(node) = *self.node.lock() {
+            return Ok(node);
+        }
+        self.write(|client| {
+            for node in 0..NODES {
+                if try_node_lock(client, node)? {
+                    *self.node.lock() = Some(node);
+                    return Ok(node);
+                }
+            }
+            Err(StoreError::Open(format!(
+                "{}: all {NODES} writer nodes are held by other Prosody processes",
+                self.options.describe(ENGINE)
+            )))
+        })
+    }
+
     fn append(&self, batch: &[NewItem]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
@@ -323,6 +358,17 @@ impl Store for PgStore {
             archive,
             query,
         )
+    }
+
+    fn holds(&self, id: ArchiveId) -> Result<bool, StoreError> {
+        let mut conn = self.reader()?;
+        Ok(conn
+            .query_opt(
+                "SELECT 1 FROM mam_rs_messages WHERE id = $1",
+                &[&id.as_i64()],
+            )
+            .map_err(db)?
+            .is_some())
     }
 
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
@@ -802,6 +848,39 @@ fn select_page(
 /// Entries each id cache (archives, JIDs) holds, as the SQLite store's default.
 const ID_CACHE_CAPACITY: usize = 100_000;
 
+/// The driver's error and what caused it ("error connecting to server: Connection refused").
+fn with_cause(e: &postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
+    }
+}
+
+/// The driver's error, with the server's own message (the driver's `Display` says only "db
+/// error"). A closed connection or a server shutting down is [`StoreError::Unavailable`].
 fn db(e: postgres::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    use postgres::error::SqlState;
+    let Some(server) = e.as_db_error() else {
+        let text = with_cause(&e);
+        return if e.is_closed() {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Database(text)
+        };
+    };
+    let text = format!(
+        "{} {}: {}",
+        server.severity(),
+        server.code().code(),
+        server.message()
+    );
+    let code = server.code();
+    if *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+    {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Database(text)
+    }
 }

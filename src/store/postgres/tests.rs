@@ -74,3 +74,52 @@ fn a_second_process_sees_committed_rows_and_migrates_once() {
     two.append(&[row(&romeo(), id(11), "x@y")]).unwrap();
     assert_eq!(total(&one), Some(11));
 }
+
+#[test]
+fn processes_on_one_database_claim_different_writer_nodes_and_free_them_on_close() {
+    let dir = TempDir::new().unwrap();
+    let one = open(&dir);
+    let two = open(&dir);
+    let (a, b) = (one.claim_node().unwrap(), two.claim_node().unwrap());
+    assert_ne!(a, b);
+    assert_eq!(one.claim_node().unwrap(), a, "a store keeps its node");
+    drop(one);
+    // The lock goes with the session; the server notices the closed connection at once.
+    let three = open(&dir);
+    assert_eq!(three.claim_node().unwrap(), a);
+}
+
+#[test]
+fn a_writer_that_lost_its_node_while_disconnected_refuses_to_write() {
+    let dir = TempDir::new().unwrap();
+    let one = open(&dir);
+    let node = one.claim_node().unwrap();
+    // The server drops the writer's session (as a restart would) and, before this store
+    // reconnects, another process takes the node.
+    let mut admin = server()
+        .dbname(&one.options.database)
+        .connect(NoTls)
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND classid = $1::int::oid AND objid = $2::int::oid",
+            &[&NODE_LOCK, &i32::from(node)],
+        )
+        .unwrap();
+    let two = open(&dir);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(two.claim_node().unwrap(), node);
+    // The first write finds the connection gone; the writer's retry reconnects, and refuses.
+    assert!(one.append(&[row(&romeo(), id(1), "x@y")]).is_err());
+    let err = one.append(&[row(&romeo(), id(1), "x@y")]).unwrap_err();
+    assert!(
+        err.to_string().contains("claimed by another process"),
+        "{err}"
+    );
+    // Once the other process closes, this one takes its node back and writes.
+    drop(two);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    one.append(&[row(&romeo(), id(1), "x@y")]).unwrap();
+    assert_eq!(total(&one), Some(1));
+}

@@ -150,6 +150,7 @@ impl SqliteStore {
             conn.pragma_update(None, "query_only", true)
         });
         let readers = r2d2::Pool::builder()
+            .thread_pool(super::pool_threads())
             .max_size(options.pool_size)
             .min_idle(Some(1))
             .connection_timeout(options.pool_timeout)
@@ -359,6 +360,13 @@ impl Store for SqliteStore {
             archive,
             query,
         )
+    }
+
+    fn holds(&self, id: ArchiveId) -> Result<bool, StoreError> {
+        let conn = self.reader()?;
+        conn.prepare_cached("SELECT 1 FROM messages WHERE id = ?1")
+            .and_then(|mut stmt| stmt.exists([id.as_i64()]))
+            .map_err(db)
     }
 
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {

@@ -1,0 +1,1091 @@
+//! The MySQL/MariaDB [`Store`]: the archive in a database server, in the module's own tables.
+//!
+//! The same model and the same query semantics as the SQLite and PostgreSQL stores (the query
+//! algorithm and the id, quota, import and expiry rules are `store::rows`; this file only runs
+//! the SQL): interned archives and JIDs, ids as `BIGINT` primary keys, totals from a count kept
+//! per archive, InnoDB tables. Where MySQL differs:
+//!
+//! - A commit batch goes in as one multi-row `INSERT … VALUES (…), (…)`, split only where it
+//!   would not fit the server's `max_allowed_packet` (one round trip per commit, not per row).
+//! - The per-archive counts are kept here, not by triggers: MySQL triggers run once per row
+//!   (a 1000-row batch would update its archive row 1000 times), so each statement that inserts
+//!   or deletes adds or subtracts its row count, in the same transaction. Every write locks the
+//!   archive rows before touching their messages, in `aid` order within a batch, so that
+//!   writers of several Prosody processes do not deadlock on them.
+//! - MySQL commits around DDL, so migrations are not one transaction (see `schema`).
+//!
+//! Connections: one writer connection, connected again when the server went away (the first
+//! statement of a write finds out, before anything was done), and the driver's pool for
+//! queries, each connection pinged before use, so a restarted server is picked up again. The
+//! writer connection also holds this process's writer node ([`Store::claim_node`]) as a named
+//! lock (`GET_LOCK`), which the server releases with the session.
+//! Not yet here (see README): compression.
+
+mod schema;
+#[cfg(all(test, feature = "mysql-tests"))]
+mod tests;
+
+pub use schema::SCHEMA_VERSION;
+
+use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
+use super::{
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
+    ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
+};
+use crate::id::{ArchiveId, NODES};
+use mysql::prelude::{FromRow, Queryable};
+use mysql::{Conn, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, PooledConn, Row, Value};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+/// How to reach the server; a `host` starting with `/` is the server's Unix socket.
+pub type MysqlOptions = super::ServerOptions;
+
+/// The engine's name in messages.
+pub const ENGINE: &str = "MySQL";
+
+/// `MySQL user@host:port/database` for messages (never the password); no port with a socket,
+/// where it is not used.
+pub fn describe(options: &MysqlOptions) -> String {
+    if options.host.starts_with('/') {
+        MysqlOptions {
+            port: None,
+            ..options.clone()
+        }
+        .describe(ENGINE)
+    } else {
+        options.describe(ENGINE)
+    }
+}
+
+impl MysqlOptions {
+    fn opts(&self) -> OptsBuilder {
+        let builder = OptsBuilder::new()
+            .user(Some(&self.user))
+            .pass(self.password.clone())
+            .db_name(Some(&self.database))
+            // The driver would otherwise switch a loopback TCP connection to the server's
+            // socket: connect where the configuration says.
+            .prefer_socket(false)
+            .tcp_connect_timeout((!self.connect_timeout.is_zero()).then_some(self.connect_timeout))
+            .init(schema::SESSION_SETTINGS.to_vec())
+            .connect_attrs(Some(HashMap::from([("program_name", "mod_mam_rs")])));
+        if self.host.starts_with('/') {
+            builder.socket(Some(&self.host))
+        } else {
+            builder
+                .ip_or_hostname(Some(&self.host))
+                .tcp_port(self.port.unwrap_or(DEFAULT_PORT))
+        }
+    }
+}
+
+const DEFAULT_PORT: u16 = 3306;
+
+/// An archive store in a MySQL or MariaDB database.
+pub struct MysqlStore {
+    options: MysqlOptions,
+    writer: Mutex<Option<Writer>>,
+    /// The writer node this process holds (a named lock of the writer connection's session).
+    node: Mutex<Option<u16>>,
+    readers: Pool,
+    ids: Mutex<IdCache>,
+}
+
+impl fmt::Debug for MysqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MysqlStore")
+            .field("server", &describe(&self.options))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The writer connection and what it learnt from the server when it connected.
+struct Writer {
+    conn: Conn,
+    /// Bytes one `INSERT` may take (`max_allowed_packet`, within the driver's packet size).
+    insert_budget: usize,
+}
+
+const SELECT_ARCHIVE: &str =
+    "SELECT aid FROM mam_rs_archives WHERE host = ? AND username = ? AND store = ?";
+/// Inserts an archive, or finds the one another process inserted since this transaction's
+/// snapshot: either way `LAST_INSERT_ID()` is its `aid`.
+const UPSERT_ARCHIVE: &str = "INSERT INTO mam_rs_archives (host, username, store) \
+     VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE aid = LAST_INSERT_ID(aid)";
+const SELECT_JID: &str = "SELECT jid_id FROM mam_rs_jids WHERE jid = ?";
+const UPSERT_JID: &str = "INSERT INTO mam_rs_jids (jid) VALUES (?) \
+     ON DUPLICATE KEY UPDATE jid_id = LAST_INSERT_ID(jid_id)";
+/// Locks an archive row until commit, before its messages are touched; reads its count.
+const LOCK_ARCHIVE: &str = "SELECT item_count FROM mam_rs_archives WHERE aid = ? FOR UPDATE";
+const ADD_TO_COUNT: &str = "UPDATE mam_rs_archives SET item_count = item_count + ? WHERE aid = ?";
+const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM mam_rs_archives WHERE aid = ?";
+const INSERT_MESSAGE: &str =
+    "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES (?, ?, ?, ?)";
+const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM mam_rs_messages WHERE id = ? AND aid = ?";
+const SELECT_LEGACY: &str = "SELECT id FROM mam_rs_legacy_ids WHERE aid = ? AND legacy_key = ?";
+const DELETE_OLDEST: &str = "DELETE FROM mam_rs_messages WHERE aid = ? ORDER BY id LIMIT ?";
+/// Takes writer node `?` for this session, if no other session holds it: 1 when taken. Named
+/// locks are server-wide, so the database's name is part of the lock's (hashed: a name has at
+/// most 64 characters).
+const NODE_LOCK: &str = "SELECT GET_LOCK(CONCAT('mam_rs:', MD5(DATABASE()), ':node:', ?), 0)";
+
+/// Rows in one `INSERT` at most (four placeholders each, of the 65535 a statement may have).
+const MAX_ROWS_PER_INSERT: usize = 1024;
+/// Bytes a row takes in an `INSERT` packet beside its stanza (three integers, types, lengths).
+const ROW_OVERHEAD: usize = 64;
+/// The driver sends each value of a statement larger than one packet (16 MiB) as a packet of
+/// its own: keep each `INSERT` within one.
+const MAX_PAYLOAD: usize = (1 << 24) - 1;
+/// Room kept in a packet for the statement's own header.
+const PACKET_HEADROOM: usize = 4096;
+
+impl MysqlStore {
+    /// Connects, migrates the schema to [`SCHEMA_VERSION`] and opens the read pool.
+    pub fn open(options: &MysqlOptions) -> Result<MysqlStore, StoreError> {
+        let describe = describe(options);
+        let open_err = |e: StoreError| match e {
+            StoreError::Database(e) | StoreError::Unavailable(e) => StoreError::Open(e),
+            e => e,
+        };
+        let mut writer = connect(options).map_err(open_err)?;
+        schema::migrate(&mut writer.conn)?;
+        let constraints = PoolConstraints::new(1, options.pool_size.max(1) as usize)
+            .ok_or_else(|| StoreError::Open(format!("{describe}: bad pool size")))?;
+        let readers = Pool::new(
+            options.opts().pool_opts(
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    // Sessions hold nothing but the settings above: no reset (a round trip
+                    // per query) when a connection goes back.
+                    .with_reset_connection(false)
+                    .with_check_health(true),
+            ),
+        )
+        .map_err(|e| StoreError::Open(format!("{describe}: read pool: {e}")))?;
+        Ok(MysqlStore {
+            options: options.clone(),
+            writer: Mutex::new(Some(writer)),
+            node: Mutex::new(None),
+            readers,
+            ids: Mutex::new(IdCache::new(ID_CACHE_CAPACITY)),
+        })
+    }
+
+    /// Runs `f` in a transaction on the writer connection and commits, connecting again first
+    /// if the connection went away.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Writer) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut slot = self.writer.lock();
+        let mut writer = self.begin(slot.take())?;
+        let result = f(&mut writer).and_then(|done| {
+            writer.conn.query_drop("COMMIT").map_err(db)?;
+            Ok(done)
+        });
+        // A connection that cannot even roll back is gone: the next write connects again.
+        if result.is_ok() || writer.conn.query_drop("ROLLBACK").is_ok() {
+            *slot = Some(writer);
+        }
+        result
+    }
+
+    /// `writer` (or a new connection) with a transaction begun. The first statement is where a
+    /// connection that went away shows it (the server restarted, or closed it after
+    /// `wait_timeout`); nothing was done yet then, so a new connection takes over.
+    fn begin(&self, writer: Option<Writer>) -> Result<Writer, StoreError> {
+        if let Some(mut writer) = writer {
+            match writer.conn.query_drop("START TRANSACTION") {
+                Ok(()) => return Ok(writer),
+                // It still answers: the server refused.
+                Err(e) if writer.conn.ping().is_ok() => return Err(db(e)),
+                Err(_) => {}
+            }
+        }
+        let mut writer = connect(&self.options)?;
+        if let Some(node) = *self.node.lock() {
+            if !try_node_lock(&mut writer.conn, node)? {
+                return Err(StoreError::Database(format!(
+                    "{}: writer node {node} of this database was claimed by another process \
+                     while this one was disconnected; its ids could collide with ours, so \
+                     nothing is written until this Prosody restarts and claims a free node",
+                    describe(&self.options)
+                )));
+            }
+        }
+        writer.conn.query_drop("START TRANSACTION").map_err(db)?;
+        Ok(writer)
+    }
+
+    fn reader(&self) -> Result<PooledConn, StoreError> {
+        self.readers
+            .try_get_conn(self.options.connect_timeout.max(Duration::from_secs(1)))
+            .map_err(|e| {
+                StoreError::Unavailable(format!("{}: no connection: {e}", describe(&self.options)))
+            })
+    }
+
+    fn archive_for_write(
+        &self,
+        conn: &mut Conn,
+        archive: &ArchiveRef,
+        fresh: &mut Fresh,
+    ) -> Result<i64, StoreError> {
+        if let Some(&aid) = fresh.archives.get(archive) {
+            return Ok(aid);
+        }
+        if let Some(&aid) = self.ids.lock().archives.get(archive) {
+            return Ok(aid);
+        }
+        let name = (&*archive.host, archive.user.as_str(), &*archive.store);
+        let aid = match first(conn, SELECT_ARCHIVE, name)? {
+            Some(aid) => aid,
+            None => insert_id(conn, UPSERT_ARCHIVE, name)?,
+        };
+        fresh.archives.insert(archive.clone(), aid);
+        Ok(aid)
+    }
+
+    fn jid_for_write(
+        &self,
+        conn: &mut Conn,
+        jid: &str,
+        fresh: &mut Fresh,
+    ) -> Result<i64, StoreError> {
+        if let Some(&id) = fresh.jids.get(jid) {
+            return Ok(id);
+        }
+        if let Some(&id) = self.ids.lock().jids.get(jid) {
+            return Ok(id);
+        }
+        let id = match first(conn, SELECT_JID, (jid,))? {
+            Some(id) => id,
+            None => insert_id(conn, UPSERT_JID, (jid,))?,
+        };
+        fresh.jids.insert(jid.to_owned(), id);
+        Ok(id)
+    }
+
+    fn archive_for_read(
+        &self,
+        conn: &mut impl Queryable,
+        archive: &ArchiveRef,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(&aid) = self.ids.lock().archives.get(archive) {
+            return Ok(Some(aid));
+        }
+        let aid: Option<i64> = first(
+            conn,
+            SELECT_ARCHIVE,
+            (&*archive.host, archive.user.as_str(), &*archive.store),
+        )?;
+        if let Some(aid) = aid {
+            self.ids.lock().remember_archive(archive.clone(), aid);
+        }
+        Ok(aid)
+    }
+
+    fn jid_for_read(
+        &self,
+        conn: &mut impl Queryable,
+        jid: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        if let Some(&id) = self.ids.lock().jids.get(jid) {
+            return Ok(Some(id));
+        }
+        let id: Option<i64> = first(conn, SELECT_JID, (jid,))?;
+        if let Some(id) = id {
+            self.ids.lock().remember_jid(jid.to_owned(), id);
+        }
+        Ok(id)
+    }
+}
+
+/// Takes writer node `node` for the session of `conn`, if no other session holds it.
+fn try_node_lock(conn: &mut Conn, node: u16) -> Result<bool, StoreError> {
+    Ok(first::<Option<i64>>(conn, NODE_LOCK, (node,))?.flatten() == Some(1))
+}
+
+/// A new writer connection.
+fn connect(options: &MysqlOptions) -> Result<Writer, StoreError> {
+    let gone = |e: mysql::Error| StoreError::Unavailable(format!("{}: {e}", describe(options)));
+    let mut conn = Conn::new(options.opts()).map_err(gone)?;
+    let max_packet: i64 = first(&mut conn, "SELECT @@max_allowed_packet", ())?
+        .ok_or_else(|| StoreError::Database("no max_allowed_packet".into()))?;
+    let max_packet = usize::try_from(max_packet).unwrap_or(MAX_PAYLOAD);
+    Ok(Writer {
+        conn,
+        insert_budget: max_packet
+            .min(MAX_PAYLOAD)
+            .saturating_sub(PACKET_HEADROOM)
+            .max(1),
+    })
+}
+
+/// One read transaction of a [`MysqlStore`], for [`rows::find`].
+struct Snap<'a, C> {
+    store: &'a MysqlStore,
+    conn: &'a mut C,
+}
+
+impl<C: Queryable> rows::Snapshot for Snap<'_, C> {
+    fn archive(&mut self, archive: &ArchiveRef) -> Result<Option<i64>, StoreError> {
+        self.store.archive_for_read(self.conn, archive)
+    }
+
+    fn jid(&mut self, jid: &str) -> Result<Option<i64>, StoreError> {
+        self.store.jid_for_read(self.conn, jid)
+    }
+
+    fn lookup_id(&mut self, aid: i64, text: &str) -> Result<Option<i64>, StoreError> {
+        lookup_id(self.conn, aid, text)
+    }
+
+    fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
+        count(self.conn, filter, range)
+    }
+
+    fn page(
+        &mut self,
+        filter: &Filter<'_>,
+        range: IdRange,
+        limit: Option<u32>,
+        reverse: bool,
+    ) -> Result<Vec<Item>, StoreError> {
+        select_page(self.conn, filter, range, limit, reverse)
+    }
+}
+
+/// A row waiting for the batch's `INSERT`.
+struct Pending<'a> {
+    id: i64,
+    aid: i64,
+    with_id: i64,
+    stanza: &'a str,
+}
+
+impl Store for MysqlStore {
+    fn claim_node(&self) -> Result<u16, StoreError> {
+        if let Some(node) = *self.node.lock() {
+            return Ok(node);
+        }
+        self.write(|w| {
+            for node in 0..NODES {
+                if try_node_lock(&mut w.conn, node)? {
+                    *self.node.lock() = Some(node);
+                    return Ok(node);
+                }
+            }
+            Err(StoreError::Open(format!(
+                "{}: all {NODES} writer nodes are held by other Prosody processes",
+                describe(&self.options)
+            )))
+        })
+    }
+
+    fn append(&self, batch: &[NewItem]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let fresh = self.write(|w| {
+            let mut fresh = Fresh::default();
+            let mut pending: Vec<Pending<'_>> = Vec::with_capacity(batch.len());
+            // Rows of each archive with a quota, this batch's so far included: the quota rule
+            // needs the database only when an archive is first seen and when it is full.
+            let mut counts: HashMap<i64, i64> = HashMap::new();
+            for item in batch {
+                let aid = self.archive_for_write(&mut w.conn, &item.archive, &mut fresh)?;
+                let with_id = self.jid_for_write(&mut w.conn, &item.with, &mut fresh)?;
+                if let Some(quota) = item.quota {
+                    let mut count = match counts.get(&aid) {
+                        Some(&count) => count,
+                        None => {
+                            let waiting = pending.iter().filter(|row| row.aid == aid).count();
+                            lock_archive(&mut w.conn, aid)? + waiting as i64
+                        }
+                    };
+                    if let Some(excess) = rows::over_quota(count, quota) {
+                        // The oldest rows may be among this batch's.
+                        flush(w, &mut pending)?;
+                        let deleted = execute(&mut w.conn, DELETE_OLDEST, (aid, excess))?;
+                        add_to_count(&mut w.conn, aid, -(deleted as i64))?;
+                        count -= deleted as i64;
+                    }
+                    counts.insert(aid, count);
+                }
+                if let Some(count) = counts.get_mut(&aid) {
+                    *count += 1;
+                }
+                pending.push(Pending {
+                    id: item.id.as_i64(),
+                    aid,
+                    with_id,
+                    stanza: &item.stanza,
+                });
+            }
+            flush(w, &mut pending)?;
+            Ok(fresh)
+        })?;
+        self.ids.lock().remember(fresh);
+        Ok(())
+    }
+
+    fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError> {
+        let mut conn = self.reader()?;
+        // REPEATABLE READ (a session setting): every read below sees the snapshot of the first.
+        let mut tx = conn
+            .start_transaction(mysql::TxOpts::default())
+            .map_err(db)?;
+        rows::find(
+            &mut Snap {
+                store: self,
+                conn: &mut tx,
+            },
+            archive,
+            query,
+        )
+    }
+
+    fn holds(&self, id: ArchiveId) -> Result<bool, StoreError> {
+        let mut conn = self.reader()?;
+        let found: Option<i64> = first(
+            &mut conn,
+            "SELECT 1 FROM mam_rs_messages WHERE id = ?",
+            (id.as_i64(),),
+        )?;
+        Ok(found.is_some())
+    }
+
+    fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
+        let mut conn = self.reader()?;
+        let max: Option<i64> =
+            first(&mut conn, "SELECT MAX(id) FROM mam_rs_messages", ())?.flatten();
+        max.map(stored_id).transpose()
+    }
+
+    fn expire(
+        &self,
+        host: &str,
+        store: &str,
+        rule: &ExpiryRule,
+        limit: u32,
+        cursor: &mut ExpiryCursor,
+    ) -> Result<ExpiryBatch, StoreError> {
+        let mut at = *cursor;
+        let batch = self.write(|w| {
+            let conn = &mut w.conn;
+            let mut deleted: u64 = 0;
+            let mut done = false;
+            'archives: while deleted < u64::from(limit) {
+                let aids: Vec<i64> = all(
+                    conn,
+                    "SELECT aid FROM mam_rs_archives WHERE host = ? AND store = ? AND aid > ? \
+                     ORDER BY aid LIMIT 64",
+                    (host, store, at.after_archive),
+                )?;
+                if aids.is_empty() {
+                    done = true;
+                    break;
+                }
+                for aid in aids {
+                    let room = u64::from(limit) - deleted;
+                    let Some(last) = expiry_bound(conn, aid, rule)? else {
+                        at.after_archive = aid;
+                        continue;
+                    };
+                    let n = if lock_archive(conn, aid)? > 0 {
+                        let n = execute(
+                            conn,
+                            "DELETE FROM mam_rs_messages WHERE aid = ? AND id <= ? \
+                             ORDER BY id LIMIT ?",
+                            (aid, last, room),
+                        )?;
+                        add_to_count(conn, aid, -(n as i64))?;
+                        n
+                    } else {
+                        0
+                    };
+                    deleted += n;
+                    if n == room {
+                        break 'archives;
+                    }
+                    at.after_archive = aid;
+                }
+            }
+            Ok(ExpiryBatch { deleted, done })
+        })?;
+        *cursor = at;
+        Ok(batch)
+    }
+
+    fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let fresh = self.write(|w| {
+            let mut fresh = Fresh::default();
+            for mark in marks {
+                let aid = self.archive_for_write(&mut w.conn, &mark.archive, &mut fresh)?;
+                execute(
+                    &mut w.conn,
+                    "INSERT INTO mam_rs_client_marks (aid, client, last_id, seen) \
+                     VALUES (?, ?, ?, ?) ON DUPLICATE KEY UPDATE \
+                     last_id = GREATEST(last_id, VALUES(last_id)), \
+                     seen = GREATEST(seen, VALUES(seen))",
+                    (aid, mark.client.as_str(), mark.last_id.as_i64(), mark.seen),
+                )?;
+            }
+            Ok(fresh)
+        })?;
+        self.ids.lock().remember(fresh);
+        Ok(())
+    }
+
+    fn import_checkpoint(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+    ) -> Result<Option<ImportCheckpoint>, StoreError> {
+        let mut conn = self.reader()?;
+        let Some(aid) = self.archive_for_read(&mut conn, archive)? else {
+            return Ok(None);
+        };
+        Ok(first::<(i64, i64)>(
+            &mut conn,
+            "SELECT position, last_id FROM mam_rs_imports WHERE aid = ? AND source = ?",
+            (aid, source),
+        )?
+        .map(|(position, last_id)| ImportCheckpoint { position, last_id }))
+    }
+
+    fn import(
+        &self,
+        archive: &ArchiveRef,
+        source: &str,
+        rows: &[ImportRow],
+        position: i64,
+    ) -> Result<ImportBatch, StoreError> {
+        let (done, fresh) = self.write(|w| {
+            let conn = &mut w.conn;
+            // One import at a time (as SQLite's write lock gives): the schema row, locked until
+            // this transaction ends, as PostgreSQL's transaction-level advisory lock.
+            execute(conn, "SELECT version FROM mam_rs_schema FOR UPDATE", ())?;
+            let mut fresh = Fresh::default();
+            let aid = self.archive_for_write(conn, archive, &mut fresh)?;
+            lock_archive(conn, aid)?;
+            let mut last_id: i64 = first(
+                conn,
+                "SELECT last_id FROM mam_rs_imports WHERE aid = ? AND source = ?",
+                (aid, source),
+            )?
+            .unwrap_or(0);
+            let now = crate::id::now_micros();
+            let mut done = ImportBatch::default();
+            for row in rows {
+                if lookup_id(conn, aid, &row.key)?.is_some() {
+                    done.already += 1;
+                    continue;
+                }
+                let (id, keep_key) =
+                    rows::import_id(&row.key, row.micros, last_id, now, |id| taken(conn, id))?;
+                let with_id = self.jid_for_write(conn, &row.with, &mut fresh)?;
+                execute(
+                    conn,
+                    INSERT_MESSAGE,
+                    (id, aid, with_id, row.stanza.as_str()),
+                )?;
+                if keep_key {
+                    execute(
+                        conn,
+                        "INSERT INTO mam_rs_legacy_ids (id, aid, legacy_key) VALUES (?, ?, ?)",
+                        (id, aid, row.key.as_str()),
+                    )?;
+                }
+                last_id = id;
+                done.imported += 1;
+            }
+            add_to_count(conn, aid, done.imported as i64)?;
+            execute(
+                conn,
+                "INSERT INTO mam_rs_imports (aid, source, position, last_id) VALUES (?, ?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE position = VALUES(position), last_id = VALUES(last_id)",
+                (aid, source, position, last_id),
+            )?;
+            Ok((done, fresh))
+        })?;
+        self.ids.lock().remember(fresh);
+        Ok(done)
+    }
+
+    fn stats(&self, host: &str, store: &str, user: Option<&str>) -> Result<Stats, StoreError> {
+        let mut conn = self.reader()?;
+        let aids: Vec<(i64, i64)> = match user {
+            Some(user) => all(
+                &mut conn,
+                "SELECT aid, item_count FROM mam_rs_archives \
+                 WHERE host = ? AND username = ? AND store = ?",
+                (host, user, store),
+            )?,
+            None => all(
+                &mut conn,
+                "SELECT aid, item_count FROM mam_rs_archives WHERE host = ? AND store = ?",
+                (host, store),
+            )?,
+        };
+        let mut stats = Stats::default();
+        for &(aid, count) in &aids {
+            if count == 0 {
+                continue;
+            }
+            stats.users += 1;
+            stats.messages += non_negative(count)?;
+            let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) = first(
+                &mut conn,
+                "SELECT MIN(id), MAX(id), CAST(SUM(LENGTH(stanza)) AS SIGNED) \
+                 FROM mam_rs_messages WHERE aid = ?",
+                (aid,),
+            )?
+            .unwrap_or_default();
+            stats.bytes += non_negative(bytes.unwrap_or(0))?;
+            if let Some(oldest) = oldest.map(stored_id).transpose()? {
+                stats.oldest = Some(stats.oldest.map_or(oldest, |o| o.min(oldest)));
+            }
+            if let Some(newest) = newest.map(stored_id).transpose()? {
+                stats.newest = Some(stats.newest.map_or(newest, |n| n.max(newest)));
+            }
+        }
+        if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
+            if *count > 0 {
+                stats.contacts = all::<(String, i64)>(
+                    &mut conn,
+                    "SELECT j.jid, c.n FROM (SELECT with_id, COUNT(*) AS n FROM mam_rs_messages \
+                     WHERE aid = ? GROUP BY with_id) c JOIN mam_rs_jids j ON j.jid_id = c.with_id \
+                     ORDER BY c.n DESC, j.jid LIMIT 20",
+                    (aid,),
+                )?
+                .into_iter()
+                .map(|(jid, n)| Ok((jid, non_negative(n)?)))
+                .collect::<Result<_, StoreError>>()?;
+            }
+        }
+        Ok(stats)
+    }
+
+    fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError> {
+        self.write(|w| {
+            let conn = &mut w.conn;
+            let Some(aid) = first::<i64>(
+                conn,
+                SELECT_ARCHIVE,
+                (&*archive.host, archive.user.as_str(), &*archive.store),
+            )?
+            else {
+                return Ok(0);
+            };
+            let deleted = if lock_archive(conn, aid)? > 0 {
+                let n = execute(
+                    conn,
+                    "DELETE FROM mam_rs_messages WHERE aid = ? ORDER BY id LIMIT ?",
+                    (aid, limit),
+                )?;
+                add_to_count(conn, aid, -(n as i64))?;
+                n
+            } else {
+                0
+            };
+            if deleted == 0 {
+                execute(
+                    conn,
+                    "DELETE FROM mam_rs_client_marks WHERE aid = ?",
+                    (aid,),
+                )?;
+                execute(conn, "DELETE FROM mam_rs_imports WHERE aid = ?", (aid,))?;
+            }
+            Ok(deleted)
+        })
+    }
+
+    /// On a read connection: `OPTIMIZE TABLE` rebuilds InnoDB tables online, and the writer
+    /// keeps committing meanwhile.
+    fn optimize(&self, vacuum: bool) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.reader()?;
+        let mut report = Vec::new();
+        let mut missing = Vec::new();
+        for &(table, index) in schema::INDEXES {
+            let found: Option<i64> = first(
+                &mut conn,
+                "SELECT 1 FROM information_schema.statistics \
+                 WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ? LIMIT 1",
+                (table, index),
+            )?;
+            if found.is_none() {
+                missing.push(index);
+            }
+        }
+        if !missing.is_empty() {
+            return Err(StoreError::Database(format!(
+                "missing indexes: {}; the schema was changed by hand",
+                missing.join(", ")
+            )));
+        }
+        report.push("indexes: all present".to_string());
+        let tables = "mam_rs_messages, mam_rs_archives, mam_rs_jids, mam_rs_legacy_ids";
+        if vacuum {
+            table_command(&mut conn, &format!("OPTIMIZE TABLE {tables}"))?;
+            report.push(
+                "VACUUM (OPTIMIZE TABLE: on InnoDB a rebuild and ANALYZE): tables rebuilt \
+                 without free space, statistics refreshed"
+                    .into(),
+            );
+        } else {
+            table_command(&mut conn, &format!("ANALYZE TABLE {tables}"))?;
+            report.push("ANALYZE TABLE: statistics refreshed".into());
+        }
+        Ok(report)
+    }
+
+    fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError> {
+        let mut conn = self.reader()?;
+        let (archives, messages, bytes): (i64, i64, i64) = first(
+            &mut conn,
+            "SELECT CAST(COALESCE(SUM(item_count > 0), 0) AS SIGNED), \
+             CAST(COALESCE(SUM(item_count), 0) AS SIGNED), \
+             (SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
+              FROM information_schema.tables \
+              WHERE table_schema = DATABASE() AND table_name LIKE 'mam\\_rs\\_%') \
+             FROM mam_rs_archives WHERE host = ? AND store = ?",
+            (host, store),
+        )?
+        .unwrap_or_default();
+        Ok(Figures {
+            archives: non_negative(archives)?,
+            messages: non_negative(messages)?,
+            bytes: non_negative(bytes)?,
+        })
+    }
+}
+
+/// Writes the rows gathered so far, in as few `INSERT`s as the packet size allows, and adds
+/// them to their archives' counts.
+fn flush(w: &mut Writer, pending: &mut Vec<Pending<'_>>) -> Result<(), StoreError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    // The counts first: archive rows are locked before message rows, in `aid` order.
+    let mut added: BTreeMap<i64, i64> = BTreeMap::new();
+    for row in pending.iter() {
+        *added.entry(row.aid).or_default() += 1;
+    }
+    for (aid, n) in added {
+        add_to_count(&mut w.conn, aid, n)?;
+    }
+    let mut rest = &pending[..];
+    for len in chunk_lengths(pending.iter().map(|row| row.stanza.len()), w.insert_budget) {
+        let (chunk, tail) = rest.split_at(len);
+        rest = tail;
+        let mut params = Vec::with_capacity(chunk.len() * 4);
+        for row in chunk {
+            params.extend([
+                Value::from(row.id),
+                Value::from(row.aid),
+                Value::from(row.with_id),
+                Value::from(row.stanza),
+            ]);
+        }
+        w.conn
+            .exec_drop(insert_messages(chunk.len()), params)
+            .map_err(db)?;
+    }
+    pending.clear();
+    Ok(())
+}
+
+/// `INSERT INTO mam_rs_messages … VALUES (?, ?, ?, ?), …` for `rows` rows.
+fn insert_messages(rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?, ?)");
+    }
+    sql
+}
+
+/// How many rows go in each `INSERT`, for rows with stanzas of these lengths: at most
+/// [`MAX_ROWS_PER_INSERT`] rows and `budget` bytes each. A row larger than the budget goes
+/// alone (and the server refuses it if it is larger than `max_allowed_packet`).
+fn chunk_lengths(stanza_lengths: impl Iterator<Item = usize>, budget: usize) -> Vec<usize> {
+    let mut chunks = Vec::new();
+    let (mut rows, mut bytes) = (0, 0);
+    for len in stanza_lengths {
+        let size = len.saturating_add(ROW_OVERHEAD);
+        if rows > 0 && (rows == MAX_ROWS_PER_INSERT || bytes + size > budget) {
+            chunks.push(rows);
+            (rows, bytes) = (0, 0);
+        }
+        rows += 1;
+        bytes += size;
+    }
+    if rows > 0 {
+        chunks.push(rows);
+    }
+    chunks
+}
+
+/// Locks archive `aid`'s row until commit (see the module header); returns its count.
+fn lock_archive(conn: &mut Conn, aid: i64) -> Result<i64, StoreError> {
+    first(conn, LOCK_ARCHIVE, (aid,))?
+        .ok_or_else(|| StoreError::Database(format!("archive {aid} vanished")))
+}
+
+fn add_to_count(conn: &mut Conn, aid: i64, n: i64) -> Result<(), StoreError> {
+    if n != 0 {
+        execute(conn, ADD_TO_COUNT, (n, aid))?;
+    }
+    Ok(())
+}
+
+/// Runs `ANALYZE TABLE` or `OPTIMIZE TABLE`, which report failures as rows, not as errors.
+fn table_command(conn: &mut PooledConn, sql: &str) -> Result<(), StoreError> {
+    let rows: Vec<Row> = conn.query(sql).map_err(db)?;
+    for row in rows {
+        // Table, Op, Msg_type, Msg_text.
+        let (table, _op, kind, text): (String, String, String, String) = convert(row)?;
+        if kind.eq_ignore_ascii_case("error") {
+            return Err(StoreError::Database(format!("{sql}: {table}: {text}")));
+        }
+    }
+    Ok(())
+}
+
+/// The newest id `rule` lets go in archive `aid`, or `None` when nothing may go.
+fn expiry_bound(conn: &mut Conn, aid: i64, rule: &ExpiryRule) -> Result<Option<i64>, StoreError> {
+    rows::expiry_bound(rule, |strategy, seen_since| {
+        let sql = match strategy {
+            Strategy::One => {
+                "SELECT MAX(last_id) FROM mam_rs_client_marks WHERE aid = ? AND seen >= ?"
+            }
+            Strategy::All => {
+                "SELECT MIN(last_id) FROM mam_rs_client_marks WHERE aid = ? AND seen >= ?"
+            }
+        };
+        Ok(first::<Option<i64>>(conn, sql, (aid, seen_since))?.flatten())
+    })
+}
+
+fn taken(conn: &mut Conn, id: i64) -> Result<bool, StoreError> {
+    Ok(first::<i64>(conn, "SELECT 1 FROM mam_rs_messages WHERE id = ?", (id,))?.is_some())
+}
+
+/// The row of archive `aid` that clients know as `text`: a native id, or an imported key.
+fn lookup_id(conn: &mut impl Queryable, aid: i64, text: &str) -> Result<Option<i64>, StoreError> {
+    if let Some(id) = ArchiveId::parse(text).map(ArchiveId::as_i64) {
+        if first::<i64>(conn, SELECT_ITEM_IN_ARCHIVE, (id, aid))?.is_some() {
+            return Ok(Some(id));
+        }
+    }
+    first(conn, SELECT_LEGACY, (aid, text))
+}
+
+/// ` WHERE …` for `filter` and `range` over table alias `m`, and its parameters.
+fn where_clause(filter: &Filter<'_>, range: IdRange) -> (String, Vec<Value>) {
+    let mut params = vec![Value::from(filter.aid)];
+    let mut sql = String::from(" WHERE m.aid = ?");
+    if let Some(with_id) = filter.with_id {
+        params.push(Value::from(with_id));
+        sql.push_str(" AND m.with_id = ?");
+    }
+    params.push(Value::from(range.lo));
+    params.push(Value::from(range.hi));
+    sql.push_str(" AND m.id BETWEEN ? AND ?");
+    if let Some(ids) = filter.ids {
+        // Never empty; at most `mam_rs_max_ids_per_query` long.
+        sql.push_str(" AND m.id IN (");
+        for (i, &id) in ids.iter().enumerate() {
+            sql.push_str(if i == 0 { "?" } else { ", ?" });
+            params.push(Value::from(id));
+        }
+        sql.push(')');
+    }
+    (sql, params)
+}
+
+/// Rows matching `filter` and `range` (not empty).
+fn count(
+    conn: &mut impl Queryable,
+    filter: &Filter<'_>,
+    range: IdRange,
+) -> Result<u64, StoreError> {
+    let n: Option<i64> =
+        if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
+            first(conn, SELECT_ITEM_COUNT, (filter.aid,))?
+        } else {
+            let (clause, params) = where_clause(filter, range);
+            first(
+                conn,
+                &format!("SELECT COUNT(*) FROM mam_rs_messages m{clause}"),
+                params,
+            )?
+        };
+    non_negative(n.unwrap_or(0))
+}
+
+fn select_page(
+    conn: &mut impl Queryable,
+    filter: &Filter<'_>,
+    range: IdRange,
+    limit: Option<u32>,
+    reverse: bool,
+) -> Result<Vec<Item>, StoreError> {
+    let (clause, mut params) = where_clause(filter, range);
+    let mut sql = format!(
+        "SELECT m.id, j.jid, m.stanza, l.legacy_key FROM mam_rs_messages m \
+         JOIN mam_rs_jids j ON j.jid_id = m.with_id \
+         LEFT JOIN mam_rs_legacy_ids l ON l.id = m.id{clause} \
+         ORDER BY m.id {}",
+        if reverse { "DESC" } else { "ASC" },
+    );
+    if let Some(limit) = limit {
+        sql.push_str(" LIMIT ?");
+        params.push(Value::from(limit));
+    }
+    all::<(i64, String, String, Option<String>)>(conn, &sql, params)?
+        .into_iter()
+        .map(|(id, with, stanza, key)| {
+            Ok(Item {
+                id: stored_id(id)?,
+                key,
+                with,
+                stanza,
+            })
+        })
+        .collect()
+}
+
+/// The first row of a statement, as `T`.
+fn first<T: FromRow>(
+    conn: &mut impl Queryable,
+    sql: &str,
+    params: impl Into<Params>,
+) -> Result<Option<T>, StoreError> {
+    conn.exec_first::<Row, _, _>(sql, params)
+        .map_err(db)?
+        .map(convert)
+        .transpose()
+}
+
+/// Every row of a statement, as `T`s.
+fn all<T: FromRow>(
+    conn: &mut impl Queryable,
+    sql: &str,
+    params: impl Into<Params>,
+) -> Result<Vec<T>, StoreError> {
+    conn.exec::<Row, _, _>(sql, params)
+        .map_err(db)?
+        .into_iter()
+        .map(convert)
+        .collect()
+}
+
+/// Runs a statement; returns how many rows it changed.
+fn execute(
+    conn: &mut impl Queryable,
+    sql: &str,
+    params: impl Into<Params>,
+) -> Result<u64, StoreError> {
+    Ok(conn.exec_iter(sql, params).map_err(db)?.affected_rows())
+}
+
+/// Runs an `INSERT`; returns the `AUTO_INCREMENT` value it gave, or the one it named with
+/// `LAST_INSERT_ID(…)`.
+fn insert_id(
+    conn: &mut impl Queryable,
+    sql: &str,
+    params: impl Into<Params>,
+) -> Result<i64, StoreError> {
+    let id = conn.exec_iter(sql, params).map_err(db)?.last_insert_id();
+    match id.map(i64::try_from) {
+        Some(Ok(id)) if id > 0 => Ok(id),
+        _ => Err(StoreError::Database(format!(
+            "no id from {}",
+            sql.split(" (").next().unwrap_or(sql)
+        ))),
+    }
+}
+
+/// A row as `T`. A value of another type is an error, not a panic (as `Row::get` would give);
+/// the message does not quote the row, which may hold a stanza.
+fn convert<T: FromRow>(row: Row) -> Result<T, StoreError> {
+    let columns = row.len();
+    mysql::from_row_opt(row).map_err(|_| {
+        StoreError::Database(format!(
+            "a row of {columns} columns does not hold the expected types"
+        ))
+    })
+}
+
+fn non_negative(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::Database(format!("negative count {n}")))
+}
+
+/// Entries each id cache (archives, JIDs) holds, as the SQLite store's default.
+const ID_CACHE_CAPACITY: usize = 100_000;
+
+fn db(e: mysql::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn batches_split_by_rows_and_bytes() {
+        assert_eq!(chunk_lengths([].into_iter(), 1000), Vec::<usize>::new());
+        assert_eq!(chunk_lengths([10, 10, 10].into_iter(), 1000), vec![3]);
+        // Each row takes its stanza and ROW_OVERHEAD.
+        let row = 100 - ROW_OVERHEAD;
+        assert_eq!(chunk_lengths([row; 5].into_iter(), 250), vec![2, 2, 1]);
+        // A row larger than the budget goes alone.
+        assert_eq!(
+            chunk_lengths([10, 5000, 10].into_iter(), 1000),
+            vec![1, 1, 1]
+        );
+        let many = chunk_lengths(std::iter::repeat_n(1, 2500), usize::MAX);
+        assert_eq!(many, vec![MAX_ROWS_PER_INSERT, MAX_ROWS_PER_INSERT, 452]);
+    }
+
+    #[test]
+    fn describe_never_shows_the_password() {
+        let mut options = MysqlOptions {
+            host: "db.example".into(),
+            port: Some(3307),
+            database: "prosody".into(),
+            user: "prosody".into(),
+            password: Some("secret".into()),
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+        };
+        assert_eq!(describe(&options), "MySQL prosody@db.example:3307/prosody");
+        options.port = None;
+        assert_eq!(describe(&options), "MySQL prosody@db.example/prosody");
+        options.host = "/run/mysqld/mysqld.sock".into();
+        options.port = Some(3306);
+        assert_eq!(
+            describe(&options),
+            "MySQL prosody@/run/mysqld/mysqld.sock/prosody"
+        );
+    }
+
+    #[test]
+    fn insert_statements_have_four_placeholders_a_row() {
+        assert_eq!(
+            insert_messages(2),
+            "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES (?, ?, ?, ?), (?, ?, ?, ?)"
+        );
+    }
+}

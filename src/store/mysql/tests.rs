@@ -1,0 +1,462 @@
+//! The shared store suite (`store/suite.rs`) on a real MySQL or MariaDB server, and what is
+//! particular to it: exact names, big batches, connections that go away.
+//!
+//! Built with the `mysql-tests` feature and run by `make test-rust` through
+//! `tools/with-mariadb.sh`, which starts a throwaway server and sets `MAM_RS_TEST_MYSQL`, a
+//! URL: `mysql://user:password@127.0.0.1:port/?socket=/path/to/socket` (the account may create
+//! databases; `socket` is optional and, when given, also tests connecting through it). Each
+//! test gets its own database, named after its temporary directory, so opening the same
+//! directory again opens the same store, and tests run in parallel.
+
+use super::*;
+use crate::store::{
+    ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Mark, NewItem, Query, Store, StoreError,
+    Strategy,
+};
+use std::sync::Arc;
+use tempfile::TempDir;
+
+type Backend = MysqlStore;
+
+fn server() -> mysql::Opts {
+    let url = std::env::var("MAM_RS_TEST_MYSQL").expect(
+        "MAM_RS_TEST_MYSQL must name a MySQL/MariaDB server (tools/with-mariadb.sh sets it)",
+    );
+    mysql::Opts::from_url(&url).expect("MAM_RS_TEST_MYSQL")
+}
+
+/// An administrative connection, to no database in particular.
+fn admin() -> Conn {
+    let server = server();
+    Conn::new(
+        OptsBuilder::new()
+            .ip_or_hostname(Some(server.get_ip_or_hostname()))
+            .tcp_port(server.get_tcp_port())
+            .user(server.get_user())
+            .pass(server.get_pass())
+            .prefer_socket(false),
+    )
+    .expect("connect to the test server")
+}
+
+/// The database of `dir`, created when new.
+fn database(dir: &TempDir) -> String {
+    let name = format!(
+        "mam_rs_t_{:016x}",
+        dir.path()
+            .to_string_lossy()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            })
+    );
+    admin()
+        .query_drop(format!(
+            "CREATE DATABASE IF NOT EXISTS {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .unwrap();
+    name
+}
+
+fn options(dir: &TempDir) -> MysqlOptions {
+    let server = server();
+    MysqlOptions {
+        host: server.get_ip_or_hostname().into_owned(),
+        port: Some(server.get_tcp_port()),
+        database: database(dir),
+        user: server.get_user().unwrap_or("root").to_owned(),
+        password: server.get_pass().map(str::to_owned),
+        pool_size: 4,
+        connect_timeout: std::time::Duration::from_secs(5),
+    }
+}
+
+fn open(dir: &TempDir) -> MysqlStore {
+    MysqlStore::open(&options(dir)).expect("open")
+}
+
+include!("../suite.rs");
+
+#[test]
+fn a_second_process_sees_committed_rows_and_migrates_once() {
+    let dir = TempDir::new().unwrap();
+    let one = romeo_with_ten_rows(&dir);
+    let two = open(&dir);
+    assert_eq!(total(&two), Some(10));
+    two.append(&[row(&romeo(), id(11), "x@y")]).unwrap();
+    assert_eq!(total(&one), Some(11));
+}
+
+#[test]
+fn many_processes_opening_at_once_migrate_once() {
+    let dir = TempDir::new().unwrap();
+    let options = options(&dir);
+    let opened: Vec<_> = (0..6)
+        .map(|_| {
+            let options = options.clone();
+            std::thread::spawn(move || MysqlStore::open(&options).map(|_| ()))
+        })
+        .collect();
+    for one in opened {
+        one.join().unwrap().expect("open");
+    }
+    let mut conn = Conn::new(options.opts()).unwrap();
+    let versions: Vec<i32> = conn.query("SELECT version FROM mam_rs_schema").unwrap();
+    assert_eq!(versions, vec![SCHEMA_VERSION]);
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let options = options(&dir);
+    drop(MysqlStore::open(&options).unwrap());
+    let mut conn = Conn::new(options.opts()).unwrap();
+    conn.query_drop("UPDATE mam_rs_schema SET version = version + 1")
+        .unwrap();
+    let err = MysqlStore::open(&options).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Open(m) if m.contains("newer")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn names_are_exact_and_any_unicode_comes_back() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    // Trailing spaces and case differ in byte comparison only (utf8mb4_bin VARCHARs would pad).
+    let plain = archive("example.com", "romeo", "archive");
+    let spaced = archive("example.com", "romeo ", "archive");
+    let upper = archive("example.com", "Romeo", "archive");
+    let stanza = "<message xmlns='jabber:client'><body>🦀 𝄞 \u{10FFFF} ’quote’ \\' ; -- \
+                  é\u{301} 中文</body></message>";
+    store
+        .append(&[
+            NewItem {
+                stanza: stanza.to_owned(),
+                ..row(&plain, id(1), "juliet@capulet.lit")
+            },
+            row(&spaced, id(2), "juliet@capulet.lit "),
+            row(&upper, id(3), "Juliet@capulet.lit"),
+        ])
+        .unwrap();
+    let all = Query {
+        total: true,
+        ..Query::default()
+    };
+    let page = store.find(&plain, &all).unwrap();
+    assert_eq!(numbers(&page), vec![1]);
+    assert_eq!(page.items[0].stanza, stanza);
+    assert_eq!(numbers(&store.find(&spaced, &all).unwrap()), vec![2]);
+    assert_eq!(numbers(&store.find(&upper, &all).unwrap()), vec![3]);
+    let with = |jid: &str| Query {
+        with: Some(jid.to_owned()),
+        total: true,
+        ..Query::default()
+    };
+    assert_eq!(
+        store
+            .find(&spaced, &with("juliet@capulet.lit"))
+            .unwrap()
+            .total,
+        Some(0)
+    );
+    assert_eq!(
+        store
+            .find(&spaced, &with("juliet@capulet.lit "))
+            .unwrap()
+            .total,
+        Some(1)
+    );
+
+    // Stock ids are exact too.
+    let mut one = stock(1);
+    one.key = "key".into();
+    let mut two = stock(2);
+    two.key = "key ".into();
+    let done = store.import(&plain, "sql", &[one, two], 2).unwrap();
+    assert_eq!((done.imported, done.already), (2, 0));
+    let after = store
+        .find(
+            &plain,
+            &Query {
+                after: Some("key".into()),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(keys(&after), ["key "]);
+}
+
+#[test]
+fn a_batch_larger_than_a_packet_is_split() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let max_packet: usize = Conn::new(options(&dir).opts())
+        .unwrap()
+        .query_first("SELECT @@max_allowed_packet")
+        .unwrap()
+        .unwrap();
+    // Rows of 1 MiB, 3 more than fit one packet: several INSERTs, one transaction.
+    let body = "x".repeat(1 << 20);
+    let rows = max_packet.min(MAX_PAYLOAD) / (1 << 20) + 3;
+    let batch: Vec<NewItem> = (1..=rows as i64)
+        .map(|n| NewItem {
+            stanza: format!("<message xmlns='jabber:client'><body>{body}</body></message>"),
+            ..row(&romeo(), id(n), "juliet@capulet.lit")
+        })
+        .collect();
+    store.append(&batch).unwrap();
+    let page = find(
+        &store,
+        Query {
+            total: true,
+            ..Query::default()
+        },
+    );
+    assert_eq!(page.total, Some(rows as u64));
+    assert!(page.items.iter().all(|i| i.stanza == batch[0].stanza));
+}
+
+/// Ends every connection to `dir`'s database, as a server restart would.
+fn kill_connections(database: &str) -> usize {
+    let mut admin = admin();
+    let ids: Vec<u64> = admin
+        .exec(
+            "SELECT id FROM information_schema.processlist WHERE db = ?",
+            (database,),
+        )
+        .unwrap();
+    for id in &ids {
+        // One may have ended meanwhile.
+        let _ = admin.query_drop(format!("KILL CONNECTION {id}"));
+    }
+    ids.len()
+}
+
+#[test]
+fn connections_that_went_away_are_replaced() {
+    let dir = TempDir::new().unwrap();
+    let options = options(&dir);
+    let store = MysqlStore::open(&options).unwrap();
+    store.append(&[row(&romeo(), id(1), "a@b")]).unwrap();
+    assert_eq!(total(&store), Some(1));
+
+    assert!(
+        kill_connections(&options.database) >= 2,
+        "writer and a reader"
+    );
+    // Not one failed write or query.
+    store.append(&[row(&romeo(), id(2), "a@b")]).unwrap();
+    assert_eq!(total(&store), Some(2));
+    store
+        .record_marks(&[mark(&romeo(), "phone", 2, 2)])
+        .unwrap();
+
+    kill_connections(&options.database);
+    assert_eq!(total(&store), Some(2));
+    assert_eq!(store.last_id().unwrap(), Some(id(2)));
+    store.append(&[row(&romeo(), id(3), "a@b")]).unwrap();
+    assert_eq!(total(&store), Some(3));
+}
+
+#[test]
+fn a_unix_socket_is_a_host_starting_with_a_slash() {
+    let Some(socket) = server().get_socket().map(str::to_owned) else {
+        eprintln!("MAM_RS_TEST_MYSQL names no socket: skipped");
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let tcp = romeo_with_ten_rows(&dir);
+    let options = MysqlOptions {
+        host: socket,
+        port: None,
+        ..options(&dir)
+    };
+    let local = MysqlStore::open(&options).unwrap();
+    assert_eq!(total(&local), Some(10));
+    local.append(&[row(&romeo(), id(11), "a@b")]).unwrap();
+    assert_eq!(total(&tcp), Some(11));
+}
+
+#[test]
+fn a_server_that_is_not_there_is_an_open_error() {
+    let dir = TempDir::new().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let options = MysqlOptions {
+        host: "127.0.0.1".into(),
+        port: Some(port),
+        password: Some("never shown".into()),
+        ..options(&dir)
+    };
+    let err = MysqlStore::open(&options).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Open(_)), "{text}");
+    assert!(text.contains(&options.describe(ENGINE)), "{text}");
+    assert!(!text.contains("never shown"), "{text}");
+}
+
+#[test]
+fn an_archive_or_jid_another_process_created_is_found_by_the_upsert() {
+    // The writer looks a name up first; a row committed after its snapshot is found by the
+    // INSERT instead, whose LAST_INSERT_ID(…) names the existing row.
+    let dir = TempDir::new().unwrap();
+    let options = options(&dir);
+    let store = MysqlStore::open(&options).unwrap();
+    store.append(&[row(&romeo(), id(1), "a@b")]).unwrap();
+    let mut conn = Conn::new(options.opts()).unwrap();
+    let name = ("example.com", "romeo", "archive");
+    let aid: i64 = first(&mut conn, SELECT_ARCHIVE, name).unwrap().unwrap();
+    assert_eq!(insert_id(&mut conn, UPSERT_ARCHIVE, name).unwrap(), aid);
+    let jid: i64 = first(&mut conn, SELECT_JID, ("a@b",)).unwrap().unwrap();
+    assert_eq!(insert_id(&mut conn, UPSERT_JID, ("a@b",)).unwrap(), jid);
+    let new = insert_id(&mut conn, UPSERT_JID, ("c@d",)).unwrap();
+    assert!(new > jid, "{new} {jid}");
+}
+
+#[test]
+fn figures_and_optimize_read_the_server() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    store
+        .append(&[row(
+            &archive("other.example", "x", "archive"),
+            id(20),
+            "a@b",
+        )])
+        .unwrap();
+    let figures = store.figures("example.com", "archive").unwrap();
+    assert_eq!((figures.archives, figures.messages), (1, 10));
+    assert!(figures.bytes > 0, "{figures:?}");
+    assert_eq!(store.figures("example.com", "muc_log").unwrap().messages, 0);
+    let report = store.optimize(false).unwrap();
+    assert_eq!(report[0], "indexes: all present");
+    assert!(
+        report.iter().any(|l| l.starts_with("ANALYZE")),
+        "{report:?}"
+    );
+
+    // An index dropped by hand is reported.
+    let mut conn = Conn::new(options(&dir).opts()).unwrap();
+    conn.query_drop("ALTER TABLE mam_rs_messages DROP INDEX mam_rs_messages_by_with")
+        .unwrap();
+    let err = store.optimize(false).unwrap_err();
+    assert!(err.to_string().contains("mam_rs_messages_by_with"), "{err}");
+}
+
+#[test]
+fn processes_on_one_database_claim_different_writer_nodes_and_free_them_on_close() {
+    let dir = TempDir::new().unwrap();
+    let one = open(&dir);
+    let two = open(&dir);
+    let (a, b) = (one.claim_node().unwrap(), two.claim_node().unwrap());
+    assert_ne!(a, b);
+    assert_eq!(one.claim_node().unwrap(), a, "a store keeps its node");
+    // Another database on the same server has nodes of its own.
+    let elsewhere = TempDir::new().unwrap();
+    assert_eq!(open(&elsewhere).claim_node().unwrap(), 0);
+    drop(one);
+    // The lock goes with the session, which ends when the connection closes.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let three = open(&dir);
+    assert_eq!(three.claim_node().unwrap(), a);
+}
+
+#[test]
+fn a_writer_that_lost_its_node_while_disconnected_refuses_to_write() {
+    let dir = TempDir::new().unwrap();
+    let options = options(&dir);
+    let one = MysqlStore::open(&options).unwrap();
+    let node = one.claim_node().unwrap();
+    // The server drops the writer's session (as a restart would) and, before this store
+    // reconnects, another process takes the node.
+    let mut admin = Conn::new(options.opts()).unwrap();
+    let holder: Option<u64> = admin
+        .exec_first(
+            "SELECT IS_USED_LOCK(CONCAT('mam_rs:', MD5(DATABASE()), ':node:', ?))",
+            (node,),
+        )
+        .unwrap()
+        .flatten();
+    admin
+        .query_drop(format!("KILL CONNECTION {}", holder.expect("held")))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let two = MysqlStore::open(&options).unwrap();
+    assert_eq!(two.claim_node().unwrap(), node);
+    // The write finds the connection gone, reconnects, and refuses.
+    let err = one.append(&[row(&romeo(), id(1), "x@y")]).unwrap_err();
+    assert!(
+        err.to_string().contains("claimed by another process"),
+        "{err}"
+    );
+    // Once the other process closes, this one takes its node back and writes.
+    drop(two);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    one.append(&[row(&romeo(), id(1), "x@y")]).unwrap();
+    assert_eq!(total(&one), Some(1));
+}
+
+#[test]
+fn quotas_within_and_across_batches_match_the_sqlite_store() {
+    // This store counts a batch's rows itself instead of reading the count before each row:
+    // the result must be the reference's, row for row.
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let reference = crate::store::sqlite::SqliteStore::open(
+        &dir.path().join("reference.sqlite"),
+        &crate::store::sqlite::SqliteOptions::default(),
+    )
+    .unwrap();
+    let juliet = archive("example.com", "juliet", "archive");
+    let mut n = 0;
+    // Rows per batch, romeo's and juliet's quotas, and how many of romeo's first rows come
+    // without one (as when the limit is set while rows are queued).
+    for (size, romeo_quota, juliet_quota, unlimited) in [
+        (8, Some(10), None, 0),
+        (5, Some(10), Some(3), 0),
+        (30, Some(10), Some(3), 0),
+        (1, Some(10), Some(3), 0),
+        (12, None, Some(4), 0),
+        (7, Some(5), Some(4), 0),
+        (20, Some(8), None, 6),
+    ] {
+        let batch: Vec<NewItem> = (0..size)
+            .map(|i| {
+                n += 1;
+                let (archive, quota) = if i % 3 == 2 {
+                    (&juliet, juliet_quota)
+                } else if i < unlimited {
+                    (&romeo(), None)
+                } else {
+                    (&romeo(), romeo_quota)
+                };
+                NewItem {
+                    quota,
+                    ..row(archive, id(n), with_of(n))
+                }
+            })
+            .collect();
+        store.append(&batch).unwrap();
+        reference.append(&batch).unwrap();
+        for archive in [romeo(), juliet.clone()] {
+            let all = Query {
+                total: true,
+                ..Query::default()
+            };
+            let (ours, theirs) = (
+                store.find(&archive, &all).unwrap(),
+                reference.find(&archive, &all).unwrap(),
+            );
+            assert_eq!(
+                numbers(&ours),
+                numbers(&theirs),
+                "{} after {n}",
+                archive.user
+            );
+            assert_eq!(ours.total, theirs.total, "{} after {n}", archive.user);
+        }
+    }
+}

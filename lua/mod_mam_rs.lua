@@ -102,7 +102,7 @@ end
 
 local host_events = prosody.hosts[host].events;
 local archive = assert(native.open(host, options, st.stanza_mt));
-module:log("debug", "Archive in %s (mam_rs_native %s)", settings.database, native.version);
+module:log("info", "Archive in %s, writer node %d (mam_rs_native %s)", settings.database, archive:node(), native.version);
 
 -- Completions: the native side wakes us through an eventfd.
 local pending = {}; -- ticket -> callback(completion), for queries and expiry runs

@@ -93,6 +93,8 @@ pub struct Engine {
     writer_metrics: Arc<WriterMetrics>,
     stopping: Arc<AtomicBool>,
     next_ticket: AtomicU64,
+    /// The writer node this engine's ids carry (see [`Store::claim_node`]).
+    node: u16,
 }
 
 /// The engines of this process, by database ([`store::Location::describe`]).
@@ -177,6 +179,7 @@ impl Engine {
             writer_metrics,
             stopping,
             next_ticket: AtomicU64::new(1),
+            node,
         })
     }
 
@@ -331,6 +334,12 @@ impl Engine {
         if !sent {
             into.refresh_dropped();
         }
+    }
+
+    /// The writer node this engine's ids carry: 0 on an embedded database, one no other
+    /// process holds on a database server.
+    pub fn node(&self) -> u16 {
+        self.node
     }
 
     /// Rows waiting for the writer now.

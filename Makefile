@@ -4,7 +4,9 @@
 #   make install   into Prosody's plugin directory (PREFIX, DESTDIR, PLUGIN_DIR respected)
 #   make run       a local Prosody on 127.0.0.1 with mod_mam_rs and two accounts
 #   make test      every test: cargo test, busted specs, end-to-end against a real Prosody, fuzz smoke
-#   make bench     criterion benchmarks
+#   make bench     stock mod_mam vs mod_mam_rs vs an in-memory reference, end to end, as ratios
+#                  (quick: 50k-message archive; the record: make bench ROWS=1000000)
+#   make bench-micro  criterion benchmarks of the hot functions and the writer
 
 PREFIX ?= /usr/local
 PLUGIN_DIR ?= $(PREFIX)/lib/prosody/modules
@@ -26,7 +28,7 @@ TEST_APT_PACKAGES := lua-busted postgresql mariadb-server mariadb-client lua-dbi
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-e2e deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-micro deps deps-python lint clean dist
 
 all: build
 
@@ -104,11 +106,21 @@ test-e2e: deps-python build
 test-fuzz:
 	FUZZ_SECONDS=$${FUZZ_SECONDS:-10} tools/fuzz-smoke.sh
 
-bench:
-	$(CARGO) bench --no-default-features --locked
+## End to end, one run, every module side by side (README.md, "Benchmark"). Knobs, all
+## optional: ROWS (archive size, default 50000), CLIENTS, MSGS (throughput), SAMPLES (queries
+## per page shape), HEAVY (seconds), WALK_MAX, WORKDIR, PLUGIN_DIR_BENCH (another build of
+## the module), BENCH_ARGS (anything else; see tests/e2e/bench_vs_stock.py --help).
+BENCH_KNOBS := $(if $(ROWS),--rows $(ROWS)) $(if $(CLIENTS),--clients $(CLIENTS)) $(if $(MSGS),--msgs $(MSGS)) \
+	$(if $(SAMPLES),--samples $(SAMPLES)) $(if $(HEAVY),--heavy $(HEAVY)) $(if $(WALK_MAX),--walk-max $(WALK_MAX)) \
+	$(if $(WORKDIR),--workdir $(WORKDIR))
 
-bench-e2e: deps-python build
-	$(VENV)/bin/python tests/e2e/bench_vs_stock.py
+bench: deps-python build
+	$(VENV)/bin/python tests/e2e/bench_vs_stock.py --plugin-dir $(or $(PLUGIN_DIR_BENCH),$(PLUGIN)) $(BENCH_KNOBS) $(BENCH_ARGS)
+
+## Criterion: query parsing, result building, ids, classification, the stored copy, the writer
+## against SQLite's own batched insert rate, query pages on a 1M-row archive.
+bench-micro:
+	$(CARGO) bench --no-default-features --locked
 
 lint:
 	$(CARGO) fmt --all -- --check

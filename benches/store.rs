@@ -1,5 +1,7 @@
-//! Benchmarks of the SQLite store: appending batches (one transaction and one fsync each), and
-//! one query page against an archive of 1,000,000 rows.
+//! Benchmarks of the SQLite store: the writer, appending batches (one transaction and one fsync
+//! each) beside the ceiling, SQLite's own batched insert rate (a plain rusqlite INSERT of the
+//! same stanzas into a minimal table in one transaction, same pragmas); and one query page
+//! against an archive of 1,000,000 rows.
 //!
 //! Run with `cargo bench --no-default-features --bench store`. The 1.2M-row fixture is built
 //! once per run into a temporary file (about 10 s and 0.6 GB) and shared by the query benches.
@@ -61,9 +63,45 @@ fn open(dir: &TempDir) -> SqliteStore {
         .expect("open the bench database")
 }
 
-fn append(c: &mut Criterion) {
+/// The ceiling for the writer: the same rows as plain INSERTs into a minimal table (an integer
+/// key and the stanza) in one transaction, on a connection with the store's durability
+/// settings (WAL, `synchronous = FULL`).
+struct Ceiling {
+    conn: rusqlite::Connection,
+}
+
+impl Ceiling {
+    fn open(dir: &TempDir) -> Ceiling {
+        let conn = rusqlite::Connection::open(dir.path().join("ceiling.sqlite")).expect("open");
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+            .expect("WAL");
+        conn.pragma_update(None, "synchronous", "FULL")
+            .expect("FULL");
+        conn.execute_batch("CREATE TABLE m (id INTEGER PRIMARY KEY, stanza TEXT NOT NULL)")
+            .expect("create");
+        Ceiling { conn }
+    }
+
+    fn append(&mut self, batch: &[NewItem]) {
+        let tx = self.conn.transaction().expect("begin");
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT INTO m (id, stanza) VALUES (?1, ?2)")
+                .expect("prepare");
+            for item in batch {
+                insert
+                    .execute((item.id.as_i64(), &item.stanza))
+                    .expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+}
+
+fn writer(c: &mut Criterion) {
     let dir = TempDir::new().expect("temp dir");
     let store = open(&dir);
+    let mut ceiling = Ceiling::open(&dir);
     let users: Vec<ArchiveRef> = (0..20).map(|u| archive(&format!("user{u}"))).collect();
     let mut next = 0i64;
     let mut batch_of = |size: usize| -> Vec<NewItem> {
@@ -76,20 +114,32 @@ fn append(c: &mut Criterion) {
             .collect()
     };
 
-    let mut group = c.benchmark_group("append");
+    let mut group = c.benchmark_group("writer");
     group
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
-    for size in [100usize, 1000] {
+    // 1 and 10: the batches an end-to-end run of 10 chatting clients commits (each client's
+    // session waits for its message's commit); 100 and 1000: a backlog.
+    for size in [1usize, 10, 100, 1000] {
         group.throughput(Throughput::Elements(size as u64));
-        group.bench_function(format!("batch_{size}"), |b| {
+        group.bench_function(format!("mod_mam_rs append/{size}"), |b| {
             b.iter_batched(
                 || batch_of(size),
                 |batch| store.append(&batch).expect("append"),
                 BatchSize::PerIteration,
             )
         });
+        group.bench_function(
+            format!("rusqlite insert, minimal table (ceiling)/{size}"),
+            |b| {
+                b.iter_batched(
+                    || batch_of(size),
+                    |batch| ceiling.append(&batch),
+                    BatchSize::PerIteration,
+                )
+            },
+        );
     }
     group.finish();
 }
@@ -206,5 +256,5 @@ fn query(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append, query);
+criterion_group!(benches, writer, query);
 criterion_main!(benches);

@@ -55,8 +55,9 @@ HERE = Path(__file__).resolve().parent
 E2E = HERE.parent
 REPO = E2E.parents[1]
 
-LABELS = {"floor": "no archive module", "stock": "stock mod_mam", "rs": "mod_mam_rs", "mem": "memory reference"}
-ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam_memory_ref"]}
+LABELS = {"floor": "no archive module", "stock": "stock mod_mam", "rs": "mod_mam_rs", "mem": "memory reference",
+          "rs-pg": "mod_mam_rs on PostgreSQL"}
+ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam_memory_ref"], "rs-pg": ["mam_rs"]}
 SHAPES = ("newest", "oldest", "with", "window", "after-id")
 PAGE = 50
 
@@ -210,15 +211,34 @@ def median(xs):
     return pct(xs, 50)
 
 
+def postgres_archive(ctx):
+    """(a throwaway PostgreSQL started in the work dir, so on the same disk as the SQLite
+    archives, with fsync on; the `mam_rs_sql` line that puts mod_mam_rs's archive there)."""
+    os.environ["MAM_E2E_WORKDIR"] = str(ctx.root)  # dbservers' work root, read on import
+    os.chmod(ctx.root, 0o755)  # the server runs as the postgres user when we are root
+    from dbservers import open_server
+    db = open_server("postgres")
+    p = db.params(db.create_database())
+    line = "mam_rs_sql = { %s }" % ", ".join(
+        "%s = %s" % (k, p[k] if isinstance(p[k], int) else '"%s"' % p[k])
+        for k in ("driver", "database", "host", "port", "username", "password"))
+    return db, line
+
+
 def throughput(ctx, kinds):
     """Every module's server up at once (idle ones cost nothing); --rounds rounds, each running the
     workload once against each, in rotating order. Figures are the medians over the rounds."""
     servers = {}
     rounds = {k: [] for k in kinds}
+    pg = None
     try:
         for kind in kinds:
+            extra = common_config(ctx.walk_max)
+            if kind == "rs-pg":
+                pg = postgres_archive(ctx)
+                extra = extra + [pg[1]]
             servers[kind] = Server(ctx.root, "tp-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir,
-                                   common_config(ctx.walk_max), accounts_from=ctx.accounts).start()
+                                   extra, accounts_from=ctx.accounts).start()
         for r in range(ctx.rounds):
             for kind in rotated(kinds, r):
                 t = asyncio.run(_throughput(servers[kind], ctx.clients, ctx.msgs, ctx.burst, r))
@@ -230,6 +250,8 @@ def throughput(ctx, kinds):
     finally:
         for srv in servers.values():
             srv.remove(ctx.keep)
+        if pg:
+            pg[0].close()
     out = {}
     for kind, rs in rounds.items():
         threads = sorted({n for t in rs for n in t["threads_ms_per_1000"]})
@@ -602,6 +624,11 @@ def build_rows(r):
         row("archived messages/s (floor: delivered/s)", s, x, f, ratio(x, s), "≥ 20× stock", ">=", 20, nd=0, rnd=1)
         s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", "rs", "floor"))
         row("Prosody CPU per 1,000 messages, ms", s, x, f, ratio(x, f), "≤ 1.25× floor", "<=", 1.25, nd=0)
+        if "rs-pg" in tp:
+            s, x, f = g("throughput", "stock", "rate"), g("throughput", "rs-pg", "rate"), g("throughput", "floor", "rate")
+            row("archived messages/s, mod_mam_rs on PostgreSQL", s, x, f, ratio(x, s), nd=0, rnd=1)
+            s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", "rs-pg", "floor"))
+            row("Prosody CPU per 1,000 messages, mod_mam_rs on PostgreSQL, ms", s, x, f, ratio(x, f), nd=0)
     q = r.get("archive", {})
     if q:
         for shape in SHAPES:
@@ -662,14 +689,14 @@ def markdown(r):
         a = r.get("archive", {}).get(kind, {})
         if a.get("problems"):
             notes.append("- %s: %d wrong answers, first: %s" % (LABELS[kind], len(a["problems"]), a["problems"][0]))
-    for kind in ("floor", "stock", "rs"):
+    for kind in ("floor", "stock", "rs", "rs-pg"):
         t = r.get("throughput", {}).get(kind)
         if t and not t["ok"]:
             notes.append("- throughput %s: delivery or archive counts wrong (%s)" % (LABELS[kind], t))
     if notes:
         out += ["", "**Problems seen:**", ""] + notes
     cpu, split = [], []
-    for kind in ("floor", "stock", "rs"):
+    for kind in ("floor", "stock", "rs", "rs-pg"):
         t = r.get("throughput", {}).get(kind)
         if t:
             cpu.append("throughput %s: Prosody %.0f%%, load generator %.0f%%" % (
@@ -807,6 +834,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", default="floor,stock,rs,mem",
                     help="comma-separated subset of floor, stock, rs, mem (for development; ratios need all)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="throughput also with mod_mam_rs's archive on a throwaway PostgreSQL (Debian's package)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-archive", action="store_true")
     ap.add_argument("--skip-expiry", action="store_true")
@@ -858,7 +887,7 @@ def main(argv=None):
         ctx.accounts = acc.data
 
         if not args.skip_throughput:
-            kinds = [k for k in ("floor", "stock", "rs") if k in only]
+            kinds = [k for k in ("floor", "stock", "rs") if k in only] + (["rs-pg"] if args.postgres else [])
             log("throughput: %d clients × %d messages, %d rounds on each of %s ..." % (
                 args.clients, args.msgs, args.rounds, ", ".join(kinds)))
             r["throughput"] = throughput(ctx, kinds)

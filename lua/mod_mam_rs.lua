@@ -121,6 +121,22 @@ local function release_waiting()
 	end
 end
 
+-- Answers still going out, a chunk per loop turn (see send_answer); finished at once on unload.
+local sending = {};
+
+local function send_more()
+	for send_some, started in pairs(sending) do
+		if started == "now" then -- Its first chunk went out this turn.
+			sending[send_some] = true;
+		elseif not send_some() then
+			sending[send_some] = nil;
+		end
+	end
+	if next(sending) then
+		archive:poke(); -- Another turn: our eventfd is readable again at once.
+	end
+end
+
 local function on_readable()
 	local now_released, completions = archive:drain();
 	if now_released > released then
@@ -140,6 +156,7 @@ local function on_readable()
 			end
 		end
 	end
+	send_more();
 end
 
 local watcher = server.watchfd(archive:fd(), on_readable);
@@ -358,6 +375,20 @@ local function not_archived(stanza, why, kind, log)
 	end
 end
 
+-- The copy that goes on: a new top element holding the same child elements, plus our
+-- stanza-id. Nothing changes a message's child elements in place, so they need no copy; a deep
+-- copy (st.clone) was a third of the module's own Lua work per message.
+local function tagged_copy(stanza, by, id)
+	local copy = st.clone(stanza, true);
+	local tags = copy.tags;
+	for i = 1, #stanza do
+		local child = stanza[i];
+		copy[i] = child;
+		if type(child) == "table" then tags[#tags + 1] = child; end
+	end
+	return copy:tag("stanza-id", { xmlns = xmlns_st_id, by = by, id = id }):up();
+end
+
 local function message_handler(event, c2s)
 	if closed then return; end
 	local origin, stanza = event.origin, event.stanza;
@@ -399,8 +430,7 @@ local function message_handler(event, c2s)
 		queue_full = false;
 		module:log("info", "The archive caught up: archiving again");
 	end
-	local delivered = st.clone(stanza);
-	delivered:tag("stanza-id", { xmlns = xmlns_st_id, by = store_user .. "@" .. host, id = id }):up();
+	local delivered = tagged_copy(stanza, store_user .. "@" .. host, id);
 	if delivered.set_meta then -- Prosody 13+; modules such as mod_mam_smart_retention read it.
 		delivered:set_meta("archive-id", id);
 	end
@@ -452,9 +482,10 @@ end);
 
 -- Sends an answer from the native side: the result messages, then the iq reply. A large page
 -- goes out a few messages per loop turn, so other sessions' stanzas (a ping) are never held
--- behind a whole page of serialising and writing. `done` runs after the reply.
+-- behind a whole page of serialising and writing. The next turn comes through our own eventfd
+-- (archive:poke), not a timer: a zero timer waits for server_epoll's minimum of a millisecond
+-- when no socket is ready. `done` runs after the reply.
 local SEND_CHUNK = 10;
-local sending = {}; -- answers still going out, finished at once on unload
 local function send_answer(origin, stanza, c, done)
 	if not c.messages then
 		origin.send(st.error_reply(stanza, c.error_type, c.condition, c.text));
@@ -474,12 +505,8 @@ local function send_answer(origin, stanza, c, done)
 		if done then done(); end
 	end
 	if send_some() then
-		sending[send_some] = true;
-		module:add_timer(0, function ()
-			local again = send_some();
-			if not again then sending[send_some] = nil; end
-			return again;
-		end);
+		sending[send_some] = "now";
+		archive:poke();
 	end
 end
 

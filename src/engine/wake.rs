@@ -119,6 +119,12 @@ impl Mailbox {
         self.fd.as_raw_fd()
     }
 
+    /// Makes the eventfd readable, so the loop calls [`Mailbox::drain`] on its next turn even
+    /// when nothing else is ready (the shim sends a long answer a chunk per turn this way).
+    pub fn poke(&self) {
+        self.wake();
+    }
+
     fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64. A full counter (EAGAIN) already means

@@ -449,6 +449,10 @@ fn prefs_from_element(
 impl UserData for Archive {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("fd", |_, this, ()| Ok(this.mailbox.fd()));
+        methods.add_method("poke", |_, this, ()| {
+            this.mailbox.poke();
+            Ok(())
+        });
         methods.add_method("node", |_, this, ()| Ok(this.engine()?.node()));
 
         methods.add_method(

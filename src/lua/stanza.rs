@@ -13,7 +13,8 @@
 
 use minidom::rxml::{Namespace, NcName};
 use minidom::{Element, Node};
-use mlua::{Lua, Result as LuaResult, Table, Value};
+use mlua::{ffi, Lua, Result as LuaResult, Table, Value};
+use std::ffi::c_int;
 
 use crate::policy::{Summary, TopChild};
 use crate::protocol::ns;
@@ -149,41 +150,93 @@ fn has_child(t: &Table, name: &str, parent_ns: &str) -> LuaResult<bool> {
 
 /// Builds a `util.stanza` from an element. `xmlns` is set only where the namespace differs
 /// from the parent's; pass `jabber:client` as `parent_ns` for a top-level stanza.
+///
+/// The whole tree is built with Lua's C API inside one protected call: through mlua's safe API
+/// every table and string made is a protected call of its own, which was the largest single
+/// cost of answering a page on Prosody's loop. The tables are exactly those `util.stanza`
+/// makes: `name`, `attr`, `tags`, the child nodes in order, and `stanza_mt`.
 pub fn build(lua: &Lua, stanza_mt: &Table, el: &Element, parent_ns: &str) -> LuaResult<Table> {
+    // SAFETY: `exec_raw` runs the closure as one protected call with `stanza_mt` pushed as its
+    // only argument; `build_raw` leaves exactly one new table above it, and the argument is
+    // removed, so the one value left is the result. A Lua error raised inside (out of memory)
+    // unwinds through `build_raw`'s frames, which hold only borrowed data and, for namespaced
+    // attribute names, a `String` that is then leaked, never used again.
+    unsafe {
+        lua.exec_raw::<Table>(stanza_mt, |state| {
+            let mt = ffi::lua_gettop(state);
+            build_raw(state, mt, el, parent_ns);
+            ffi::lua_remove(state, mt);
+        })
+    }
+}
+
+unsafe fn push_str(state: *mut ffi::lua_State, s: &str) {
+    ffi::lua_pushlstring(state, s.as_ptr().cast(), s.len());
+}
+
+/// `t[key] = value` for the table at absolute index `t`.
+unsafe fn set_field(state: *mut ffi::lua_State, t: c_int, key: &str, value: &str) {
+    push_str(state, key);
+    push_str(state, value);
+    ffi::lua_rawset(state, t);
+}
+
+/// Pushes the stanza table of `el`; `mt` is the absolute index of `stanza_mt`.
+unsafe fn build_raw(state: *mut ffi::lua_State, mt: c_int, el: &Element, parent_ns: &str) {
+    // Each level keeps three tables on the stack while building the next.
+    ffi::luaL_checkstack(state, 6, c"stanza nested too deep".as_ptr());
     let ns = el.ns();
     let attrs = el.attrs();
-    let attr = lua.create_table_with_capacity(0, attrs.len() + 1)?;
+    let nodes = el.nodes().count();
+    let tags = el.children().count();
+    ffi::lua_createtable(state, nodes as c_int, 3);
+    let t = ffi::lua_gettop(state);
+    ffi::lua_createtable(state, 0, attrs.len() as c_int + 1);
+    let attr = t + 1;
     if ns != parent_ns {
-        attr.raw_set("xmlns", ns.as_str())?;
+        set_field(state, attr, "xmlns", ns.as_str());
     }
     for ((attr_ns, name), value) in attrs.iter() {
         if attr_ns.is_none() {
-            attr.raw_set(name.as_str(), value.as_str())?;
+            set_field(state, attr, name.as_str(), value.as_str());
         } else if *attr_ns == Namespace::XML {
-            attr.raw_set(format!("xml:{}", name.as_str()), value.as_str())?;
-        } else {
-            attr.raw_set(
-                format!("{}\u{1}{}", attr_ns.as_str(), name.as_str()),
+            set_field(
+                state,
+                attr,
+                &format!("xml:{}", name.as_str()),
                 value.as_str(),
-            )?;
+            );
+        } else {
+            let key = format!("{}\u{1}{}", attr_ns.as_str(), name.as_str());
+            set_field(state, attr, &key, value.as_str());
         }
     }
-    let nodes: Vec<&Node> = el.nodes().collect();
-    let t = lua.create_table_with_capacity(nodes.len(), 3)?;
-    let tags = lua.create_table()?;
-    for (i, node) in nodes.into_iter().enumerate() {
+    ffi::lua_createtable(state, tags as c_int, 0);
+    let tag_list = t + 2;
+    let mut tag_count = 0;
+    for (i, node) in el.nodes().enumerate() {
         match node {
             Node::Element(child) => {
-                let c = build(lua, stanza_mt, child, &ns)?;
-                t.raw_set(i + 1, &c)?;
-                tags.raw_push(c)?;
+                build_raw(state, mt, child, &ns);
+                ffi::lua_pushvalue(state, -1);
+                ffi::lua_rawseti(state, t, i as ffi::lua_Integer + 1);
+                tag_count += 1;
+                ffi::lua_rawseti(state, tag_list, tag_count);
             }
-            Node::Text(s) => t.raw_set(i + 1, s.as_str())?,
+            Node::Text(text) => {
+                push_str(state, text);
+                ffi::lua_rawseti(state, t, i as ffi::lua_Integer + 1);
+            }
         }
     }
-    t.raw_set("name", el.name())?;
-    t.raw_set("attr", attr)?;
-    t.raw_set("tags", tags)?;
-    t.set_metatable(Some(stanza_mt.clone()))?;
-    Ok(t)
+    set_field(state, t, "name", el.name());
+    push_str(state, "attr");
+    ffi::lua_pushvalue(state, attr);
+    ffi::lua_rawset(state, t);
+    push_str(state, "tags");
+    ffi::lua_pushvalue(state, tag_list);
+    ffi::lua_rawset(state, t);
+    ffi::lua_pushvalue(state, mt);
+    ffi::lua_setmetatable(state, t);
+    ffi::lua_settop(state, t);
 }

@@ -1106,3 +1106,35 @@ fn holds_tells_whether_a_row_is_stored() {
     assert!(store.holds(id(1)).unwrap());
     assert!(!store.holds(id(2)).unwrap());
 }
+
+#[test]
+fn window_totals_are_exact_whatever_part_of_the_archive_they_cover() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    // Another archive's rows must not count.
+    store.append(&[row(&archive("example.com", "juliet", "archive"), ArchiveId::first_at(T0 + 5 * SECOND + 1), "x@y")])
+        .unwrap();
+    for (start, end, want) in [
+        (None, None, 10),
+        (Some(T0 - 1000 * SECOND), Some(T0 + 1000 * SECOND), 10), // wider than the archive
+        (Some(T0 + SECOND), Some(T0 + 10 * SECOND), 10),          // exactly the archive
+        (Some(T0 + 2 * SECOND), Some(T0 + 9 * SECOND), 8),        // most of it
+        (Some(T0 + 2 * SECOND), None, 9),
+        (None, Some(T0 + 9 * SECOND), 9),
+        (Some(T0 + 4 * SECOND), Some(T0 + 5 * SECOND), 2),        // a small part
+        (Some(T0 + 11 * SECOND), None, 0),                        // after it
+        (None, Some(T0), 0),                                      // before it
+    ] {
+        let page = find(
+            &store,
+            Query {
+                start,
+                end,
+                limit: Some(0),
+                total: true,
+                ..Query::default()
+            },
+        );
+        assert_eq!(page.total, Some(want), "start {start:?} end {end:?}");
+    }
+}

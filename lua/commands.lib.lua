@@ -143,8 +143,9 @@ local function hosts_of(arg)
 	return hosts_arg(positional[1]);
 end
 
-local function open_db(host, create)
-	local s = settings_of(host);
+-- The host's archive database, as the module opens it; `s` are its settings when already read.
+local function open_db(host, create, s)
+	s = s or settings_of(host);
 	local db, err = native.admin(read_options(module:context(host)), create);
 	return db, err, s;
 end
@@ -177,7 +178,7 @@ local function cleanup_host(name)
 		print(name .. ": expiry is disabled (archive_expires_after), nothing to remove");
 		return true;
 	end
-	local db, err = open_db(name, false);
+	local db, err = open_db(name, false, host_settings);
 	if not db then
 		if err:match("^no archive database") then
 			print(("%s: %s, nothing to remove"):format(name, err));

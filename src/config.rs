@@ -686,14 +686,23 @@ fn sql_location(value: &RawValue) -> Result<SqlTarget, String> {
 
 /// The user this process runs as (libpq's and libmysqlclient's default user name).
 fn os_user() -> String {
-    // SAFETY: getpwuid returns a pointer into static storage or null; the name is copied out
-    // at once. Options are read on Prosody's one thread.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: getpwuid_r writes into `pw` and `buf`, both valid for the sizes given, and sets
+    // `found` to `&mut pw` or null; the name is copied out before they go.
     unsafe {
-        let pw = libc::getpwuid(libc::geteuid());
-        if pw.is_null() || (*pw).pw_name.is_null() {
+        let rc = libc::getpwuid_r(
+            libc::geteuid(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        );
+        if rc != 0 || found.is_null() || pw.pw_name.is_null() {
             return "prosody".to_string();
         }
-        std::ffi::CStr::from_ptr((*pw).pw_name)
+        std::ffi::CStr::from_ptr(pw.pw_name)
             .to_string_lossy()
             .into_owned()
     }

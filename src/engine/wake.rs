@@ -199,7 +199,7 @@ impl Mailbox {
     }
 }
 
-/// What [`Progress::wait_committed`] found.
+/// What [`Progress::wait_for_query`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Committed {
     Yes,

@@ -2,8 +2,9 @@
 //!
 //! A worker takes a job, waits until every row archived before the query was made is committed
 //! (read-your-writes; while the writer is failing, the query gets a "try again later" error at
-//! once instead of a page missing those rows), parses the query, runs it against the store, builds the result stanzas
-//! and `<fin>`, and queues the completion for the loop. Workers only read the store.
+//! once instead of a page missing those rows), parses the query, runs it against the store,
+//! builds the result stanzas and `<fin>`, and queues the completion for the loop. Workers only
+//! read the store.
 //! Between queries they also refresh a host's archive figures for the metrics gauges.
 
 use std::sync::mpsc::Receiver;

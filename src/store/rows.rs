@@ -5,6 +5,7 @@
 
 use super::{ArchiveRef, ExpiryRule, Item, Page, Query, StoreError, Strategy};
 use crate::id::{ArchiveId, SEQ_BITS};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 
 /// The largest time (microseconds) whose ids fit a signed 64-bit integer.
@@ -65,6 +66,46 @@ impl IdRange {
 pub(crate) struct Fresh {
     pub archives: HashMap<ArchiveRef, i64>,
     pub jids: HashMap<String, i64>,
+}
+
+impl Fresh {
+    /// The `aid` of `archive` for a write: known to this transaction, else committed (in
+    /// `cache`), else `lookup` (the store's SQL, which finds or creates it), remembered for the
+    /// rest of this transaction.
+    pub fn archive<E>(
+        &mut self,
+        cache: &Mutex<IdCache>,
+        archive: &ArchiveRef,
+        lookup: impl FnOnce() -> Result<i64, E>,
+    ) -> Result<i64, E> {
+        if let Some(&aid) = self.archives.get(archive) {
+            return Ok(aid);
+        }
+        if let Some(aid) = cache.lock().archives.get(archive).copied() {
+            return Ok(aid);
+        }
+        let aid = lookup()?;
+        self.archives.insert(archive.clone(), aid);
+        Ok(aid)
+    }
+
+    /// The `jid_id` of `jid` for a write, as [`Fresh::archive`].
+    pub fn jid<E>(
+        &mut self,
+        cache: &Mutex<IdCache>,
+        jid: &str,
+        lookup: impl FnOnce() -> Result<i64, E>,
+    ) -> Result<i64, E> {
+        if let Some(&id) = self.jids.get(jid) {
+            return Ok(id);
+        }
+        if let Some(id) = cache.lock().jids.get(jid).copied() {
+            return Ok(id);
+        }
+        let id = lookup()?;
+        self.jids.insert(jid.to_owned(), id);
+        Ok(id)
+    }
 }
 
 /// Committed `aid` and `jid_id` values. Bounded: a full map is emptied and refills.

@@ -234,19 +234,13 @@ impl MysqlStore {
         archive: &ArchiveRef,
         fresh: &mut Fresh,
     ) -> Result<i64, StoreError> {
-        if let Some(&aid) = fresh.archives.get(archive) {
-            return Ok(aid);
-        }
-        if let Some(&aid) = self.ids.lock().archives.get(archive) {
-            return Ok(aid);
-        }
-        let name = (&*archive.host, archive.user.as_str(), &*archive.store);
-        let aid = match first(conn, SELECT_ARCHIVE, name)? {
-            Some(aid) => aid,
-            None => insert_id(conn, UPSERT_ARCHIVE, name)?,
-        };
-        fresh.archives.insert(archive.clone(), aid);
-        Ok(aid)
+        fresh.archive(&self.ids, archive, || {
+            let name = (&*archive.host, archive.user.as_str(), &*archive.store);
+            match first(conn, SELECT_ARCHIVE, name)? {
+                Some(aid) => Ok(aid),
+                None => insert_id(conn, UPSERT_ARCHIVE, name),
+            }
+        })
     }
 
     fn jid_for_write(
@@ -255,18 +249,10 @@ impl MysqlStore {
         jid: &str,
         fresh: &mut Fresh,
     ) -> Result<i64, StoreError> {
-        if let Some(&id) = fresh.jids.get(jid) {
-            return Ok(id);
-        }
-        if let Some(&id) = self.ids.lock().jids.get(jid) {
-            return Ok(id);
-        }
-        let id = match first(conn, SELECT_JID, (jid,))? {
-            Some(id) => id,
-            None => insert_id(conn, UPSERT_JID, (jid,))?,
-        };
-        fresh.jids.insert(jid.to_owned(), id);
-        Ok(id)
+        fresh.jid(&self.ids, jid, || match first(conn, SELECT_JID, (jid,))? {
+            Some(id) => Ok(id),
+            None => insert_id(conn, UPSERT_JID, (jid,)),
+        })
     }
 
     fn archive_for_read(

@@ -181,21 +181,15 @@ impl PgStore {
         archive: &ArchiveRef,
         fresh: &mut Fresh,
     ) -> Result<i64, StoreError> {
-        if let Some(&aid) = fresh.archives.get(archive) {
-            return Ok(aid);
-        }
-        if let Some(&aid) = self.ids.lock().archives.get(archive) {
-            return Ok(aid);
-        }
-        let row = tx
-            .query_one(
-                UPSERT_ARCHIVE,
-                &[&&*archive.host, &archive.user, &&*archive.store],
-            )
-            .map_err(db)?;
-        let aid: i64 = row.get(0);
-        fresh.archives.insert(archive.clone(), aid);
-        Ok(aid)
+        fresh.archive(&self.ids, archive, || {
+            let row = tx
+                .query_one(
+                    UPSERT_ARCHIVE,
+                    &[&&*archive.host, &archive.user, &&*archive.store],
+                )
+                .map_err(db)?;
+            Ok(row.get(0))
+        })
     }
 
     fn jid_for_write(
@@ -204,15 +198,9 @@ impl PgStore {
         jid: &str,
         fresh: &mut Fresh,
     ) -> Result<i64, StoreError> {
-        if let Some(&id) = fresh.jids.get(jid) {
-            return Ok(id);
-        }
-        if let Some(&id) = self.ids.lock().jids.get(jid) {
-            return Ok(id);
-        }
-        let id: i64 = tx.query_one(UPSERT_JID, &[&jid]).map_err(db)?.get(0);
-        fresh.jids.insert(jid.to_owned(), id);
-        Ok(id)
+        fresh.jid(&self.ids, jid, || {
+            Ok(tx.query_one(UPSERT_JID, &[&jid]).map_err(db)?.get(0))
+        })
     }
 
     fn archive_for_read(

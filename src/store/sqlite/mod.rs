@@ -184,26 +184,20 @@ impl SqliteStore {
         archive: &ArchiveRef,
         fresh: &mut Fresh,
     ) -> rusqlite::Result<i64> {
-        if let Some(&aid) = fresh.archives.get(archive) {
-            return Ok(aid);
-        }
-        if let Some(aid) = self.ids.lock().archives.get(archive).copied() {
-            return Ok(aid);
-        }
-        let key = (&*archive.host, &archive.user, &*archive.store);
-        let aid = match conn
-            .prepare_cached(SELECT_ARCHIVE)?
-            .query_row(key, |row| row.get(0))
-            .optional()?
-        {
-            Some(aid) => aid,
-            None => {
-                conn.prepare_cached(INSERT_ARCHIVE)?.execute(key)?;
-                conn.last_insert_rowid()
+        fresh.archive(&self.ids, archive, || {
+            let key = (&*archive.host, &archive.user, &*archive.store);
+            match conn
+                .prepare_cached(SELECT_ARCHIVE)?
+                .query_row(key, |row| row.get(0))
+                .optional()?
+            {
+                Some(aid) => Ok(aid),
+                None => {
+                    conn.prepare_cached(INSERT_ARCHIVE)?.execute(key)?;
+                    Ok(conn.last_insert_rowid())
+                }
             }
-        };
-        fresh.archives.insert(archive.clone(), aid);
-        Ok(aid)
+        })
     }
 
     /// The `jid_id` of a JID, creating it inside the writer's transaction if needed.
@@ -213,25 +207,19 @@ impl SqliteStore {
         jid: &str,
         fresh: &mut Fresh,
     ) -> rusqlite::Result<i64> {
-        if let Some(&id) = fresh.jids.get(jid) {
-            return Ok(id);
-        }
-        if let Some(id) = self.ids.lock().jids.get(jid).copied() {
-            return Ok(id);
-        }
-        let id = match conn
-            .prepare_cached(SELECT_JID)?
-            .query_row([jid], |row| row.get(0))
-            .optional()?
-        {
-            Some(id) => id,
-            None => {
-                conn.prepare_cached(INSERT_JID)?.execute([jid])?;
-                conn.last_insert_rowid()
+        fresh.jid(&self.ids, jid, || {
+            match conn
+                .prepare_cached(SELECT_JID)?
+                .query_row([jid], |row| row.get(0))
+                .optional()?
+            {
+                Some(id) => Ok(id),
+                None => {
+                    conn.prepare_cached(INSERT_JID)?.execute([jid])?;
+                    Ok(conn.last_insert_rowid())
+                }
             }
-        };
-        fresh.jids.insert(jid.to_owned(), id);
-        Ok(id)
+        })
     }
 
     /// The `aid` of an existing archive, as seen by a reader.

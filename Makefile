@@ -28,7 +28,7 @@ TEST_APT_PACKAGES := lua-busted postgresql mariadb-server mariadb-client lua-dbi
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-micro deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-micro bench-lua deps deps-python lint clean dist
 
 all: build
 
@@ -117,10 +117,15 @@ BENCH_KNOBS := $(if $(ROWS),--rows $(ROWS)) $(if $(CLIENTS),--clients $(CLIENTS)
 bench: deps-python build
 	$(VENV)/bin/python tests/e2e/bench_vs_stock.py --plugin-dir $(or $(PLUGIN_DIR_BENCH),$(PLUGIN)) $(BENCH_KNOBS) $(BENCH_ARGS)
 
-## Criterion: query parsing, result building, ids, classification, the stored copy, the writer
-## against SQLite's own batched insert rate, query pages on a 1M-row archive.
-bench-micro:
+## Criterion: query parsing, result building, ids, classification, the writer against
+## SQLite's own batched insert rate, query pages on a 1M-row archive; then the native calls of
+## the archive path timed from Lua (bench-lua).
+bench-micro: bench-lua
 	$(CARGO) bench --no-default-features --locked
+
+## The native calls the archive path makes on Prosody's loop, per call: time and Lua garbage.
+bench-lua: build
+	$(LUA) benches/lua_surface.lua $(PLUGIN)/mam_rs_native.so
 
 lint:
 	$(CARGO) fmt --all -- --check

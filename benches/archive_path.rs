@@ -1,9 +1,8 @@
 //! The hot functions outside the store:
 //!
 //! - the per-message work of the archive path: classification (`archive-should-store`), id
-//!   generation and the id's text form, and preparing the stored copy (namespace stripping, and
-//!   serialisation on the writer thread; the shim removes spoofed stanza-ids from the live
-//!   stanza before this);
+//!   generation and the id's text form (the stored copy is written straight from the Lua
+//!   table, `src/lua/stanza.rs`, so it needs Lua and is measured end to end by `make bench`);
 //! - the per-query work: parsing a `<query/>` and planning it, and building the result
 //!   messages and `<fin/>` of a page from the store's rows (parsing each stored stanza), which
 //!   runs on a query worker. Turning those into `util.stanza` tables needs Lua and is measured
@@ -13,13 +12,11 @@
 //!
 //! Run: `cargo bench --no-default-features --bench archive_path` (or `make bench-micro`).
 
-use std::collections::BTreeSet;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use mam_rs_native::config::CHATSTATES;
 use mam_rs_native::id::{ArchiveId, IdGenerator};
-use mam_rs_native::policy::{should_store, strip_for_storage, Summary};
+use mam_rs_native::policy::{should_store, Summary};
 use mam_rs_native::protocol::xep0313::{respond, Limits, MamQuery};
 use mam_rs_native::store::{Item, Page};
 use minidom::Element;
@@ -144,23 +141,9 @@ fn result_building(c: &mut Criterion) {
     }
 }
 
-fn stored_copy(c: &mut Criterion) {
-    let chat: Element = CHAT.parse().unwrap();
-    let strip = BTreeSet::from([CHATSTATES.to_string()]);
-    c.bench_function("stored copy/strip + serialise", |b| {
-        b.iter(|| {
-            let mut stored = chat.clone();
-            strip_for_storage(&mut stored, &strip);
-            let mut xml = Vec::with_capacity(512);
-            stored.write_to(&mut xml).unwrap();
-            black_box(xml)
-        })
-    });
-}
-
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(3));
-    targets = classification, ids, stored_copy, query_parsing, result_building
+    targets = classification, ids, query_parsing, result_building
 }
 criterion_main!(benches);

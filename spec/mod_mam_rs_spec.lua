@@ -437,6 +437,77 @@ describe("mod_mam_rs shim", function ()
 			assert.is_not_nil(event.stanza:get_child("active", XMLNS_CHATSTATES), "the live copy keeps it");
 		end);
 
+		-- The stored copy is written as XML straight from the table (src/lua/stanza.rs, to_xml)
+		-- and archive-message-added's stanza is that text parsed again: a round trip.
+		local function stored_copy(m, message)
+			local added;
+			m.module:hook("archive-message-added", function (e) added = e; end);
+			m.handler("pre-message/bare", 0)({ origin = fake.session("alice"), stanza = message });
+			return added and added.stanza;
+		end
+
+		it("stores the message exactly: namespaces, prefixed and xml: attributes, escapes, line ends", function ()
+			local m = load();
+			local message = st.message({ from = "alice@localhost/res", to = "bob@localhost", type = "chat",
+				id = "q'\"<&>", ["xml:lang"] = "en" })
+				:text_tag("body", "a\r\nb\tc <&> ' \" ]]> \u{e9}\u{1F600}")
+				:tag("x", { xmlns = "urn:example:x", ["urn:example:attr\1key"] = "v\n1\t2\r", plain = "p" })
+					:tag("y"):text("deep"):up()
+					:tag("z", { xmlns = "urn:example:z", ["xml:lang"] = "de" }):up()
+					:text(" ")
+				:up();
+			local copy = stored_copy(m, message);
+			assert.is_table(copy, "not archived");
+			-- The XML content only (util.stanza's builder keeps its position in last_add).
+			local function content(el)
+				if type(el) ~= "table" then return el; end
+				local c = { name = el.name, attr = el.attr };
+				for i, child in ipairs(el) do c[i] = content(child); end
+				return c;
+			end
+			assert.same(content(message), content(copy));
+		end);
+
+		it("a message XML cannot carry is delivered but not stored, naming the reason", function ()
+			for _, case in ipairs({
+				-- util.stanza refuses control characters; a module's raw table does not.
+				{ (function () local c = chat("alice@localhost/res", "bob@localhost", "x"); c.tags[1][1] = "bell \7"; return c; end)(), "U+0007" },
+				{ (function () local c = chat("alice@localhost/res", "bob@localhost", "x"):tag("y"):up(); c.tags[2].name = "bad name"; return c; end)(), "\"bad name\"" },
+				{ (function () local c = chat("alice@localhost/res", "bob@localhost", "x"); c.tags[1].attr["a:b"] = "1"; return c; end)(), "\"a:b\"" },
+			}) do
+				local m = load();
+				local session = fake.session("alice");
+				local event = { origin = session, stanza = case[1] };
+				m.handler("pre-message/bare", 0)(event);
+				assert.same({}, stanza_ids(event.stanza));
+				local logged = {};
+				for _, l in ipairs(session.logs) do
+					if l.level == "error" and l.message:find("Not archiving stanza", 1, true)
+						and l.message:find(case[2], 1, true) then
+						table.insert(logged, l.message);
+					end
+				end
+				assert.equal(1, #logged, case[2]);
+			end
+		end);
+
+		it("dont_archive_namespaces strips those children from the stored copy, and a message left empty is not stored", function ()
+			local m = load({ options = { dont_archive_namespaces = { "urn:example:x", "urn:xmpp:hints" } } });
+			local message = chat("alice@localhost/res", "bob@localhost", "hi")
+				:tag("x", { xmlns = "urn:example:x" }):up()
+				:tag("y", { xmlns = "urn:example:y" }):tag("x", { xmlns = "urn:example:x" }):up():up();
+			local copy = stored_copy(m, message);
+			assert.is_table(copy, "not archived");
+			assert.equal(2, #copy.tags);
+			assert.same({ "body", "y" }, { copy.tags[1].name, copy.tags[2].name });
+			assert.is_not_nil(copy.tags[2]:get_child("x", "urn:example:x"), "only top-level children are stripped");
+			-- A store hint makes stock archive it; stripped of the hint and x, nothing is left.
+			local emptied = chat("alice@localhost/res", "bob@localhost")
+				:tag("store", { xmlns = "urn:xmpp:hints" }):up()
+				:tag("x", { xmlns = "urn:example:x" }):up();
+			assert.is_nil(stored_copy(m, emptied));
+		end);
+
 		it("inside an async runner, the handler waits until the row is committed", function ()
 			local async = require "util.async";
 			local m = load();

@@ -1,5 +1,6 @@
-//! What is archived: stock mod_mam's `should_store` rules (reference §2.9) and the stripping
-//! of `dont_archive_namespaces` from the stored copy.
+//! What is archived: stock mod_mam's `should_store` rules (reference §2.9). The stripping of
+//! `dont_archive_namespaces` happens while the stored copy is written from the Lua table
+//! (`lua::stanza::to_xml`), so that the message is walked once.
 //!
 //! Classification looks only at the top level of a message (its `type`, `to`, and the name and
 //! namespace of each direct child), so the Lua surface can summarise a `util.stanza` without
@@ -7,7 +8,6 @@
 //! converted. Pure functions; no I/O, no configuration reads, no Lua.
 
 use minidom::Element;
-use std::collections::BTreeSet;
 
 const HINTS: &str = "urn:xmpp:hints";
 const EME: &str = "urn:xmpp:eme:0";
@@ -110,29 +110,6 @@ pub fn should_store(m: &Summary) -> (bool, Reason) {
         return (true, "jingle call");
     }
     (false, "default")
-}
-
-/// Removes the direct children whose namespace is in `namespaces` from the copy to be stored
-/// (M:414-430). Returns false when no child element is left: such a message is not archived
-/// ("empty when stripped").
-pub fn strip_for_storage(stored: &mut Element, namespaces: &BTreeSet<String>) -> bool {
-    if !namespaces.is_empty() {
-        let has_stripped = stored
-            .children()
-            .any(|c| namespaces.contains(c.ns().as_str()));
-        if has_stripped {
-            let nodes = stored.take_nodes();
-            for node in nodes {
-                let strip = node
-                    .as_element()
-                    .is_some_and(|e| namespaces.contains(e.ns().as_str()));
-                if !strip {
-                    stored.append_node(node);
-                }
-            }
-        }
-    }
-    stored.children().next().is_some()
 }
 
 #[cfg(test)]
@@ -250,31 +227,5 @@ mod tests {
             let xml = format!("<message {C} type='chat'>{child}</message>");
             assert_eq!(decide(&xml), (false, "default"), "{child}");
         }
-    }
-
-    #[test]
-    fn stripping_removes_only_listed_namespaces() {
-        let mut el: Element = format!(
-            "<message {C}><body>x</body><active xmlns='{}'/><store xmlns='{HINTS}'/></message>",
-            crate::config::CHATSTATES
-        )
-        .parse()
-        .unwrap();
-        let set = BTreeSet::from([crate::config::CHATSTATES.to_string()]);
-        assert!(strip_for_storage(&mut el, &set));
-        let names: Vec<&str> = el.children().map(|c| c.name()).collect();
-        assert_eq!(names, ["body", "store"]);
-    }
-
-    #[test]
-    fn a_message_empty_after_stripping_is_not_stored() {
-        let mut el: Element = format!(
-            "<message {C}><store xmlns='{HINTS}'/><active xmlns='{}'/></message>",
-            crate::config::CHATSTATES
-        )
-        .parse()
-        .unwrap();
-        let set = BTreeSet::from([HINTS.to_string(), crate::config::CHATSTATES.to_string()]);
-        assert!(!strip_for_storage(&mut el, &set));
     }
 }

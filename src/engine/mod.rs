@@ -29,7 +29,6 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use minidom::Element;
 use parking_lot::Mutex;
 
 use crate::config::Config;
@@ -188,13 +187,14 @@ impl Engine {
         Ok(self.progress.subscribe()?)
     }
 
-    /// Queues a message for the archive and returns its id. `stanza` is the copy to store;
+    /// Queues a message for the archive and returns its id. `stanza` is the copy to store, as
+    /// XML text with its namespace declared on the top element;
     /// `quota` is the archive's `storage_archive_item_limit`, if any.
     pub fn archive(
         &self,
         archive: ArchiveRef,
         with: String,
-        stanza: Element,
+        stanza: String,
         quota: Option<u32>,
         seen_by: Vec<String>,
     ) -> Result<Archived, EngineError> {

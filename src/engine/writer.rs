@@ -21,8 +21,6 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use minidom::Element;
-
 use std::collections::VecDeque;
 
 use super::metrics::WriterMetrics;
@@ -36,7 +34,8 @@ pub struct Row {
     pub archive: ArchiveRef,
     pub id: ArchiveId,
     pub with: String,
-    pub stanza: Element,
+    /// The stored copy, as XML text.
+    pub stanza: String,
     pub quota: Option<u32>,
     /// Clients of the archive's owner that receive this message live (smart retention);
     /// empty when smart retention is off.
@@ -230,36 +229,13 @@ impl Writer {
     }
 
     fn push(&self, batch: &mut Vec<NewItem>, row: Row) {
-        let mut xml = Vec::with_capacity(512);
-        match row
-            .stanza
-            .write_to(&mut xml)
-            .map(|()| String::from_utf8(xml))
-        {
-            Ok(Ok(stanza)) => batch.push(NewItem {
-                archive: row.archive,
-                id: row.id,
-                with: row.with,
-                stanza,
-                quota: row.quota,
-            }),
-            failed => {
-                let why = match failed {
-                    Err(e) => e.to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(_)) => unreachable!(),
-                };
-                self.progress.log(
-                    Level::Error,
-                    format!(
-                        "Could not archive message {} for {}@{}: cannot serialise it: {why}",
-                        row.id, row.archive.user, row.archive.host
-                    ),
-                );
-                self.progress.advance(row.id.as_i64() as u64, true);
-                self.queued.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
+        batch.push(NewItem {
+            archive: row.archive,
+            id: row.id,
+            with: row.with,
+            stanza: row.stanza,
+            quota: row.quota,
+        });
     }
 
     fn commit(&self, batch: &[NewItem]) {

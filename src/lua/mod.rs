@@ -289,18 +289,21 @@ impl Archive {
         };
         // The shim has already removed stanza-ids claiming to be ours (it strips them from the
         // live stanza, mod_mam.lua:298-312), so this copy needs no second pass.
-        let mut stored = match stanza::to_element(stanza, ns::CLIENT) {
-            Ok(el) => el,
-            Err(e @ stanza::CopyError::TooDeep) => {
+        let stored = match stanza::to_xml(lua, stanza, &self.strip) {
+            Ok(Some(xml)) => xml,
+            Ok(None) => return Ok(self.refuse(NotArchived::Empty, "empty when stripped")),
+            Err(e @ stanza::XmlError::TooDeep) => {
                 return Ok(self.refuse(NotArchived::TooDeep, e.to_string()))
             }
             Err(e) => return Ok(self.refuse(NotArchived::Failed, e.to_string())),
         };
-        if !policy::strip_for_storage(&mut stored, &self.strip) {
-            return Ok(self.refuse(NotArchived::Empty, "empty when stripped"));
-        }
         let copy = match want_stored {
-            true => Some(stanza::build(lua, &self.stanza_mt, &stored, ns::CLIENT)?),
+            true => {
+                let el =
+                    Element::from_reader_with_prefixes(stored.as_bytes(), ns::CLIENT.to_owned())
+                        .map_err(LuaError::external)?;
+                Some(stanza::build(lua, &self.stanza_mt, &el, ns::CLIENT)?)
+            }
             false => None,
         };
         match engine.archive(self.archive_ref(user), with, stored, self.quota, seen_by) {

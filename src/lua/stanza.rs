@@ -1,4 +1,4 @@
-//! `util.stanza` tables to and from `minidom` elements.
+//! `util.stanza` tables to and from `minidom` elements, and to the XML text the archive stores.
 //!
 //! A `util.stanza` is a table `{ name =, attr = {}, tags = {}, [1..n] = children }` with the
 //! metatable `stanza_mt`: text children are strings in the array part, element children are
@@ -11,10 +11,13 @@
 //! tables built here are real stanzas (`st.is_stanza` holds), so results go through Prosody's
 //! outgoing filters (stream management counts them).
 
+use minidom::rxml::strings::validate_ncname;
 use minidom::rxml::{Namespace, NcName};
 use minidom::{Element, Node};
 use mlua::{ffi, Lua, Result as LuaResult, Table, Value};
+use std::collections::BTreeSet;
 use std::ffi::c_int;
+use std::fmt::Write as _;
 
 use crate::policy::{Summary, TopChild};
 use crate::protocol::ns;
@@ -239,4 +242,246 @@ unsafe fn build_raw(state: *mut ffi::lua_State, mt: c_int, el: &Element, parent_
     ffi::lua_pushvalue(state, mt);
     ffi::lua_setmetatable(state, t);
     ffi::lua_settop(state, t);
+}
+
+/// Why a stanza could not be written as XML for the archive.
+#[derive(Debug, thiserror::Error)]
+pub enum XmlError {
+    #[error("the stanza is nested deeper than {MAX_DEPTH} elements")]
+    TooDeep,
+    #[error("it holds {0}, which XML cannot carry")]
+    Invalid(String),
+    #[error("{0}")]
+    Lua(#[from] mlua::Error),
+}
+
+/// Writes a message stanza table as the XML text the archive stores, leaving out its top-level
+/// children in a namespace of `strip` (`dont_archive_namespaces`, mod_mam.lua:320-332).
+/// `Ok(None)`: nothing is left once they are stripped.
+///
+/// The text is what [`to_element`] followed by `Element::write_to` would store, minus the
+/// element tree in between: the walk runs on Lua's C API inside one protected call and writes
+/// straight into one buffer. Through mlua's safe API and `minidom`, this copy was the larger
+/// part of the archive path's own cost on Prosody's loop. Names are checked as XML names and
+/// texts for characters XML 1.0 cannot carry, so that every stored row parses again.
+pub fn to_xml(lua: &Lua, t: &Table, strip: &BTreeSet<String>) -> Result<Option<String>, XmlError> {
+    let mut out = String::with_capacity(512);
+    let mut failure: Option<XmlError> = None;
+    let mut kept = false;
+    // SAFETY: `exec_raw` runs the closure as one protected call with `t` pushed as its only
+    // argument. `write_raw` only reads (raw gets, `lua_next` on tables it does not change,
+    // `lua_tolstring` on values already known to be strings), so nothing raises a Lua error but
+    // `luaL_checkstack` or pushing a key string when memory runs out; the frames unwound then
+    // hold borrowed data only. The stack is left as it was found, and the argument is removed.
+    let run = unsafe {
+        lua.exec_raw::<()>(t, |state| {
+            let top = ffi::lua_gettop(state);
+            let mut w = XmlWriter {
+                state,
+                out: &mut out,
+            };
+            failure = w
+                .element(top, ns::CLIENT, true, Some(strip), 0, &mut kept)
+                .err();
+            ffi::lua_settop(state, top - 1);
+        })
+    };
+    run?;
+    match failure {
+        Some(e) => Err(e),
+        None if !kept => Ok(None),
+        None => Ok(Some(out)),
+    }
+}
+
+struct XmlWriter<'a> {
+    state: *mut ffi::lua_State,
+    out: &'a mut String,
+}
+
+/// A Lua string as text: borrowed from Lua when it is UTF-8, as Prosody's parser guarantees.
+unsafe fn lua_str<'s>(state: *mut ffi::lua_State, idx: c_int) -> std::borrow::Cow<'s, str> {
+    let mut len = 0usize;
+    let ptr = ffi::lua_tolstring(state, idx, &mut len);
+    String::from_utf8_lossy(std::slice::from_raw_parts(ptr.cast::<u8>(), len))
+}
+
+/// `t[key]` pushed, for the table at absolute index `t`; returns its type.
+unsafe fn raw_field(state: *mut ffi::lua_State, t: c_int, key: &str) -> c_int {
+    push_str(state, key);
+    ffi::lua_rawget(state, t)
+}
+
+impl XmlWriter<'_> {
+    /// Writes the element at absolute stack index `t`. `strip`: at the top level only, the
+    /// namespaces whose child elements are left out; `kept` is set when a child element stays.
+    unsafe fn element(
+        &mut self,
+        t: c_int,
+        parent_ns: &str,
+        root: bool,
+        strip: Option<&BTreeSet<String>>,
+        depth: usize,
+        kept: &mut bool,
+    ) -> Result<(), XmlError> {
+        if depth >= MAX_DEPTH {
+            return Err(XmlError::TooDeep);
+        }
+        let state = self.state;
+        ffi::luaL_checkstack(state, 8, c"stanza nested too deep".as_ptr());
+        let base = ffi::lua_gettop(state);
+        if raw_field(state, t, "name") != ffi::LUA_TSTRING {
+            return Err(XmlError::Invalid("an element without a name".into()));
+        }
+        let name = lua_str(state, -1);
+        check_name(&name)?;
+        let has_attr = raw_field(state, t, "attr") == ffi::LUA_TTABLE;
+        let attr = base + 2;
+        let ns: std::borrow::Cow<str> =
+            if has_attr && raw_field(state, attr, "xmlns") == ffi::LUA_TSTRING {
+                lua_str(state, -1)
+            } else {
+                parent_ns.into()
+            };
+        self.out.push('<');
+        self.out.push_str(&name);
+        if root || ns != parent_ns {
+            self.out.push_str(" xmlns=\"");
+            escape(self.out, &ns, true)?;
+            self.out.push('"');
+        }
+        if has_attr {
+            self.attributes(attr)?;
+        }
+        let len = ffi::lua_rawlen(state, t) as ffi::lua_Integer;
+        let mut open = false;
+        for i in 1..=len {
+            let mark = ffi::lua_gettop(state);
+            match ffi::lua_rawgeti(state, t, i) {
+                ffi::LUA_TSTRING => {
+                    if !open {
+                        self.out.push('>');
+                        open = true;
+                    }
+                    escape(self.out, &lua_str(state, -1), false)?;
+                }
+                ffi::LUA_TTABLE => {
+                    let child = ffi::lua_gettop(state);
+                    if let Some(strip) = strip.filter(|s| !s.is_empty()) {
+                        let child_has_attr = raw_field(state, child, "attr") == ffi::LUA_TTABLE;
+                        let child_ns = child_has_attr
+                            && raw_field(state, child + 1, "xmlns") == ffi::LUA_TSTRING;
+                        let in_strip = if child_ns {
+                            strip.contains(lua_str(state, -1).as_ref())
+                        } else {
+                            strip.contains(ns.as_ref())
+                        };
+                        ffi::lua_settop(state, child);
+                        if in_strip {
+                            ffi::lua_settop(state, mark);
+                            continue;
+                        }
+                    }
+                    if !open {
+                        self.out.push('>');
+                        open = true;
+                    }
+                    let mut deeper = false;
+                    self.element(child, &ns, false, None, depth + 1, &mut deeper)?;
+                    *kept = true;
+                }
+                _ => {}
+            }
+            ffi::lua_settop(state, mark);
+        }
+        if open {
+            self.out.push_str("</");
+            self.out.push_str(&name);
+            self.out.push('>');
+        } else {
+            self.out.push_str("/>");
+        }
+        ffi::lua_settop(state, base);
+        Ok(())
+    }
+
+    /// The attributes of the `attr` table at absolute index `attr`, but `xmlns`. Prosody's keys
+    /// are plain names, `xml:<name>`, or `<namespace>\1<name>`; the last get a prefix declared
+    /// on this element. Keys or values that are not strings are not attributes.
+    unsafe fn attributes(&mut self, attr: c_int) -> Result<(), XmlError> {
+        let state = self.state;
+        let mut prefixes = 0;
+        ffi::lua_pushnil(state);
+        while ffi::lua_next(state, attr) != 0 {
+            if ffi::lua_type(state, -2) == ffi::LUA_TSTRING
+                && ffi::lua_type(state, -1) == ffi::LUA_TSTRING
+            {
+                let key = lua_str(state, -2);
+                if key != "xmlns" {
+                    let value = lua_str(state, -1);
+                    match key.split_once('\u{1}') {
+                        Some((ans, local)) if ans == XML_NS => {
+                            check_name(local)?;
+                            self.out.push_str(" xml:");
+                            self.out.push_str(local);
+                        }
+                        Some((ans, local)) => {
+                            check_name(local)?;
+                            prefixes += 1;
+                            let _ = write!(self.out, " xmlns:ns{prefixes}=\"");
+                            escape(self.out, ans, true)?;
+                            let _ = write!(self.out, "\" ns{prefixes}:{local}");
+                        }
+                        None => {
+                            check_name(key.strip_prefix("xml:").unwrap_or(&key))?;
+                            self.out.push(' ');
+                            self.out.push_str(&key);
+                        }
+                    }
+                    self.out.push_str("=\"");
+                    escape(self.out, &value, true)?;
+                    self.out.push('"');
+                }
+            }
+            ffi::lua_settop(state, -2); // keep the key for lua_next
+        }
+        Ok(())
+    }
+}
+
+const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
+
+fn check_name(name: &str) -> Result<(), XmlError> {
+    validate_ncname(name).map_err(|_| XmlError::Invalid(format!("the name {name:?}")))
+}
+
+/// Appends `s` escaped for text, or for a double-quoted attribute value. Line ends and tabs in
+/// attributes, and carriage returns anywhere, become character references so a parser gives
+/// them back as they were; characters XML 1.0 has no place for are refused.
+fn escape(out: &mut String, s: &str, attribute: bool) -> Result<(), XmlError> {
+    let mut from = 0;
+    for (i, c) in s.char_indices() {
+        let replacement = match c {
+            '<' => "&lt;",
+            '>' => "&gt;",
+            '&' => "&amp;",
+            '"' if attribute => "&quot;",
+            '\r' => "&#xD;",
+            '\n' if attribute => "&#xA;",
+            '\t' if attribute => "&#x9;",
+            '\t' | '\n' => continue,
+            '\u{0}'..='\u{1f}' | '\u{fffe}' | '\u{ffff}' => {
+                return Err(XmlError::Invalid(format!(
+                    "the character U+{:04X}",
+                    c as u32
+                )))
+            }
+            _ => continue,
+        };
+        out.push_str(&s[from..i]);
+        out.push_str(replacement);
+        from = i + c.len_utf8();
+    }
+    out.push_str(&s[from..]);
+    Ok(())
 }

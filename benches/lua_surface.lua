@@ -1,0 +1,63 @@
+-- The native calls the archive path makes on Prosody's loop, timed in plain Lua 5.4 (criterion
+-- cannot hold a Lua state: the library links no Lua of its own). Per call: time, and the Lua
+-- garbage it leaves (Prosody's default collector, incremental with a 105% pause, marks the
+-- whole heap again for every few percent of garbage, so garbage costs more than it seems).
+--
+-- Run: make bench-lua (after make build), or
+--   lua5.4 benches/lua_surface.lua build/plugins/mod_mam_rs/mam_rs_native.so
+
+local so = arg[1] or "build/plugins/mod_mam_rs/mam_rs_native.so";
+local prosody = os.getenv("PROSODY_LIB") or "/usr/lib/prosody";
+package.path = package.path .. ";" .. prosody .. "/?.lua";
+package.cpath = package.cpath .. ";" .. prosody .. "/?.so";
+
+local st = require "util.stanza";
+local native = assert(package.loadlib(so, "luaopen_mam_rs_native"))();
+
+local dir = os.tmpname();
+os.remove(dir);
+assert(os.execute("mkdir -p " .. dir));
+
+local function open(extra)
+	local options = { mam_rs_database = dir .. "/bench.sqlite", data_path = dir };
+	for k, v in pairs(extra or {}) do options[k] = v; end
+	return assert(native.open("localhost", options, st.stanza_mt));
+end
+
+-- The bench's chat message (tests/e2e/bench/run.py), as Prosody's parser leaves it.
+local message = st.message({ to = "u2@localhost", from = "u1@localhost/bench", id = "u1-0-1", type = "chat" })
+	:text_tag("body", "bench u1 1: the quick brown fox jumps over the lazy dog");
+
+local function measure(name, n, f)
+	collectgarbage();
+	collectgarbage("stop");
+	local before = collectgarbage("count");
+	for i = 1, math.min(n, 10000) do f(i); end
+	local garbage = (collectgarbage("count") - before) * 1024 / math.min(n, 10000);
+	collectgarbage("restart");
+	collectgarbage();
+	local t0 = os.clock();
+	for i = 1, n do f(i); end
+	local per_call = (os.clock() - t0) / n;
+	print(string.format("%-44s %8.2f µs %7.0f bytes of garbage", name, per_call * 1e6, garbage));
+end
+
+local N = tonumber(os.getenv("N")) or 200000;
+print(string.format("%d calls each; %s", N, native.version));
+
+measure("should_store (classification)", N, function () native.should_store(message); end);
+
+-- Everything stripped: the stored copy is written, then refused as empty (no row queued).
+local stripping = open({ dont_archive_namespaces = { "jabber:client" } });
+measure("archive: the stored copy only", N, function ()
+	stripping:archive(message, "u1", "u2@localhost", false, nil, true);
+end);
+stripping:close();
+
+local archive = open();
+measure("archive: stored copy, id, queued for the writer", N, function ()
+	archive:archive(message, "u1", "u2@localhost", false, nil, true);
+end);
+archive:close();
+
+os.execute("rm -rf " .. dir);

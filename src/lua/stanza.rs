@@ -11,7 +11,6 @@
 //! tables built here are real stanzas (`st.is_stanza` holds), so results go through Prosody's
 //! outgoing filters (stream management counts them).
 
-use minidom::rxml::strings::validate_ncname;
 use minidom::rxml::{Namespace, NcName};
 use minidom::{Element, Node};
 use mlua::{ffi, Lua, Result as LuaResult, Table, Value};
@@ -20,7 +19,7 @@ use std::ffi::c_int;
 use std::fmt::Write as _;
 
 use crate::policy::{Summary, TopChild};
-use crate::protocol::ns;
+use crate::protocol::{ns, xml_text};
 
 const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
 
@@ -452,36 +451,9 @@ impl XmlWriter<'_> {
 const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
 
 fn check_name(name: &str) -> Result<(), XmlError> {
-    validate_ncname(name).map_err(|_| XmlError::Invalid(format!("the name {name:?}")))
+    xml_text::check_name(name).map_err(XmlError::Invalid)
 }
 
-/// Appends `s` escaped for text, or for a double-quoted attribute value. Line ends and tabs in
-/// attributes, and carriage returns anywhere, become character references so a parser gives
-/// them back as they were; characters XML 1.0 has no place for are refused.
 fn escape(out: &mut String, s: &str, attribute: bool) -> Result<(), XmlError> {
-    let mut from = 0;
-    for (i, c) in s.char_indices() {
-        let replacement = match c {
-            '<' => "&lt;",
-            '>' => "&gt;",
-            '&' => "&amp;",
-            '"' if attribute => "&quot;",
-            '\r' => "&#xD;",
-            '\n' if attribute => "&#xA;",
-            '\t' if attribute => "&#x9;",
-            '\t' | '\n' => continue,
-            '\u{0}'..='\u{1f}' | '\u{fffe}' | '\u{ffff}' => {
-                return Err(XmlError::Invalid(format!(
-                    "the character U+{:04X}",
-                    c as u32
-                )))
-            }
-            _ => continue,
-        };
-        out.push_str(&s[from..i]);
-        out.push_str(replacement);
-        from = i + c.len_utf8();
-    }
-    out.push_str(&s[from..]);
-    Ok(())
+    xml_text::escape(out, s, attribute).map_err(XmlError::Invalid)
 }

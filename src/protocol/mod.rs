@@ -7,6 +7,7 @@
 //! - [`xep0313`]: message archive management: the query, how it maps to a store query, the
 //!   result messages and `<fin>`.
 //! - [`xep0359`]: unique stanza ids (`<stanza-id>`).
+//! - [`xml_text`]: names and character data written as XML text (the stored copy).
 //!
 //! This layer parses and builds elements; it never touches the store, threads or Lua.
 //! Errors are [`StanzaError`] values that the Lua surface turns into `st.error_reply`.
@@ -17,6 +18,7 @@ pub mod xep0082;
 pub mod xep0313;
 pub mod xep0359;
 pub mod xep0441;
+pub mod xml_text;
 
 /// Namespaces used across the protocol layer.
 pub mod ns {

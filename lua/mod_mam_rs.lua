@@ -407,8 +407,10 @@ local function tagged_copy(stanza, by, id)
 	return copy;
 end
 
-local function message_handler(event, c2s)
-	if closed then return; end
+-- Archives the message for the sender (c2s) or the recipient and puts the tagged copy in the
+-- event. Returns the id, the release mark and what archive-message-added needs; nil when the
+-- message is not archived.
+local function archive_message(event, c2s)
 	local origin, stanza = event.origin, event.stanza;
 	local log = c2s and origin.log or module._log;
 	local orig_from = stanza.attr.from;
@@ -453,8 +455,47 @@ local function message_handler(event, c2s)
 		delivered:set_meta("archive-id", id);
 	end
 	event.stanza = delivered;
-	wait_committed(release_at, origin);
-	if listened then
+	return id, release_at, listened and stored, store_user;
+end
+
+-- Whether the sender's copy may go on before its row is committed, the wait deferred to the
+-- recipient's copy: rows are committed in id order, so when the recipient's handler waits for
+-- its own row, the sender's row is committed too. That holds when the message goes to a user
+-- of a host where this module runs (its message/bare or message/full handler comes next, in
+-- the same async runner) and nothing shows the sender's id to a client meanwhile: the id is on
+-- the copy only until the strip at -1, and what copies it onwards at -0.5 is mod_carbons, to
+-- the sender's other sessions. So: only for a sender with a single session.
+local function wait_deferrable(origin, to)
+	local node, to_host = jid_split(to);
+	local dest = node and prosody.hosts[to_host];
+	if not (dest and dest.modules and dest.modules.mam_rs) then return false; end
+	local own = user_sessions[origin.username];
+	local sessions = own and own.sessions;
+	return sessions ~= nil and next(sessions, next(sessions)) == nil;
+end
+
+-- The delivery waits for the row's commit (and for a commit deferred by the sender's copy).
+local function message_handler(event, c2s)
+	if closed then return; end
+	local origin = event.origin;
+	local id, release_at, stored, store_user = archive_message(event, c2s);
+	if c2s then
+		if not id then return; end
+		if async.ready() and wait_deferrable(origin, event.stanza.attr.to) then
+			origin.mam_rs_owed = release_at;
+		else
+			origin.mam_rs_owed = nil; -- This wait covers it.
+			wait_committed(release_at, origin);
+		end
+	else
+		local owed = origin and origin.mam_rs_owed;
+		if owed then
+			origin.mam_rs_owed = nil;
+			if not release_at or owed > release_at then release_at = owed; end
+		end
+		if release_at then wait_committed(release_at, origin); end
+	end
+	if stored then
 		module:fire_event("archive-message-added", { origin = origin, stanza = stored, for_user = store_user, id = id });
 	end
 end
@@ -499,24 +540,24 @@ end);
 -- Query path
 
 -- Sends an answer from the native side: the result messages, then the iq reply. A large page
--- goes out a few messages per loop turn, so other sessions' stanzas (a ping) are never held
--- behind a whole page of serialising and writing. The next turn comes through our own eventfd
+-- goes out a few messages per loop turn, each chunk built into stanzas just before it is sent
+-- (c.results:take), so other sessions' stanzas (a ping) are never held behind a whole page of
+-- building, serialising and writing. The next turn comes through our own eventfd
 -- (archive:poke), not a timer: a zero timer waits for server_epoll's minimum of a millisecond
 -- when no socket is ready. `done` runs after the reply.
 local SEND_CHUNK = 10;
 local function send_answer(origin, stanza, c, done)
-	if not c.messages then
+	if not c.results then
 		origin.send(st.error_reply(stanza, c.error_type, c.condition, c.text));
 		return;
 	end
-	local messages, next_index = c.messages, 1;
+	local results = c.results;
 	local function send_some()
-		local last = math.min(next_index + SEND_CHUNK - 1, #messages);
-		for i = next_index, last do
-			origin.send(messages[i]);
+		local chunk, remaining = results:take(SEND_CHUNK);
+		for i = 1, #chunk do
+			origin.send(chunk[i]);
 		end
-		next_index = last + 1;
-		if next_index <= #messages then
+		if remaining > 0 then
 			return 0; -- The rest on the next loop turn.
 		end
 		origin.send(st.reply(stanza):add_child(c.payload));

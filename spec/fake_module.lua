@@ -243,7 +243,7 @@ function M.load(opts)
 			paths = { data = m.data, installer = opts.installer },
 			process_type = opts.process_type or "prosody",
 			bare_sessions = opts.bare_sessions or {},
-			hosts = { [host] = { sessions = m.user_sessions, events = m.events } },
+			hosts = { [host] = { sessions = m.user_sessions, events = m.events, modules = opts.host_modules } },
 		},
 	}, { __index = _G });
 

@@ -524,6 +524,52 @@ describe("mod_mam_rs shim", function ()
 		end);
 	end);
 
+	describe("commit waits", function ()
+		local async = require "util.async";
+
+		-- alice sends bob a message in one runner, as Prosody routes it: the sender's copy
+		-- (pre-message/bare), then the recipient's (message/bare). Returns the steps done
+		-- before anything was committed, and a function telling whether all are done.
+		local function send_in_runner(m, alice)
+			local steps = {};
+			local out = { origin = alice, stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			async.runner(function ()
+				m.handler("pre-message/bare", 0)(out);
+				table.insert(steps, "sender's copy");
+				m.handler("message/bare", 0)({ origin = alice, stanza = out.stanza });
+				table.insert(steps, "recipient's copy");
+			end):run(true);
+			local before = { table.unpack(steps) };
+			return before, function () return #steps == 2; end;
+		end
+
+		it("a sender with one session: the recipient's copy waits for both rows", function ()
+			local alice = fake.session("alice");
+			local m = load({ host_modules = { mam_rs = true }, user_sessions = { alice = { sessions = { res = alice } } } });
+			local before, done = send_in_runner(m, alice);
+			assert.same({ "sender's copy" }, before);
+			assert.is_true(m.wait_for(done));
+			assert.is_nil(alice.mam_rs_owed);
+		end);
+
+		it("a sender with another session (carbons show its id) waits at once", function ()
+			local alice = fake.session("alice");
+			local m = load({ host_modules = { mam_rs = true },
+				user_sessions = { alice = { sessions = { res = alice, phone = fake.session("alice", nil, "phone") } } } });
+			local before, done = send_in_runner(m, alice);
+			assert.same({}, before);
+			assert.is_true(m.wait_for(done));
+		end);
+
+		it("waits at once when the recipient's host does not run the module", function ()
+			local alice = fake.session("alice");
+			local m = load({ user_sessions = { alice = { sessions = { res = alice } } } });
+			local before, done = send_in_runner(m, alice);
+			assert.same({}, before);
+			assert.is_true(m.wait_for(done));
+		end);
+	end);
+
 	describe("query path", function ()
 		it("sends each result as a util.stanza, then the iq result with <fin complete>", function ()
 			local m = load();

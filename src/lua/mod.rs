@@ -449,6 +449,29 @@ fn prefs_from_element(
     Ok((Some(t), None, None))
 }
 
+/// The result messages of an answer, turned into `util.stanza` tables a few at a time as the
+/// shim sends them (`results:take(n)`), so that a page of results is never built in one go on
+/// Prosody's loop: building costs about as much as sending, mostly in Lua's allocator and
+/// garbage collector, and other sessions' stanzas wait for neither longer than a chunk.
+struct Results {
+    messages: std::vec::IntoIter<Element>,
+    stanza_mt: Table,
+}
+
+impl UserData for Results {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        // Up to `n` more results, in order, and how many remain after them.
+        methods.add_method_mut("take", |lua, this, n: usize| {
+            let taken = lua.create_table_with_capacity(n.min(this.messages.len()), 0)?;
+            for m in this.messages.by_ref().take(n) {
+                taken.raw_push(stanza::build(lua, &this.stanza_mt, &m, ns::CLIENT)?)?;
+            }
+            Ok((taken, this.messages.len()))
+        });
+        methods.add_method("remaining", |_, this, ()| Ok(this.messages.len()));
+    }
+}
+
 impl UserData for Archive {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("fd", |_, this, ()| Ok(this.mailbox.fd()));
@@ -548,17 +571,13 @@ impl UserData for Archive {
                         entry.set("ticket", ticket)?;
                         match result {
                             Ok(response) => {
-                                let messages =
-                                    lua.create_table_with_capacity(response.messages.len(), 0)?;
-                                for m in &response.messages {
-                                    messages.raw_push(stanza::build(
-                                        lua,
-                                        &this.stanza_mt,
-                                        m,
-                                        ns::CLIENT,
-                                    )?)?;
-                                }
-                                entry.set("messages", messages)?;
+                                entry.set(
+                                    "results",
+                                    Results {
+                                        messages: response.messages.into_iter(),
+                                        stanza_mt: this.stanza_mt.clone(),
+                                    },
+                                )?;
                                 entry.set(
                                     "payload",
                                     stanza::build(

@@ -224,6 +224,11 @@ pub(crate) trait Snapshot {
     fn lookup_id(&mut self, aid: i64, text: &str) -> Result<Option<i64>, StoreError>;
     /// Rows matching `filter` within `range`.
     fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError>;
+    /// Whether `count` over the whole range with a `with` filter (and no `ids`) reads a kept
+    /// total rather than counting rows.
+    fn keeps_with_totals(&self) -> bool {
+        false
+    }
     /// One page of them, ascending ids or descending when `reverse`.
     fn page(
         &mut self,
@@ -234,16 +239,21 @@ pub(crate) trait Snapshot {
     ) -> Result<Vec<Item>, StoreError>;
 }
 
-/// Rows within `range`. For a whole archive (no `with`, no `ids`) a range that covers most of it
-/// is counted as the archive's total, which every store keeps, minus the rows outside it: fewer
-/// rows to count, and none for a window spanning the whole archive. Exact, as all counts come
-/// from one snapshot. Which side is smaller is judged by time, as ids grow with time.
+/// Rows within `range`. Without `ids`, a range that covers most of the rows `filter` matches is
+/// counted as their total minus the rows outside it: fewer rows to count, and none for a window
+/// spanning them all. The total is kept per archive by every store, and per (archive, contact)
+/// by those that [`Snapshot::keeps_with_totals`]; elsewhere a `with` query counts its range.
+/// Exact, as all counts come from one snapshot. Which side is smaller is judged by time, as ids
+/// grow with time.
 fn count_window(
     snap: &mut impl Snapshot,
     filter: &Filter<'_>,
     range: IdRange,
 ) -> Result<u64, StoreError> {
-    if filter.with_id.is_some() || filter.ids.is_some() || range.is_everything() {
+    if (filter.with_id.is_some() && !snap.keeps_with_totals())
+        || filter.ids.is_some()
+        || range.is_everything()
+    {
         return snap.count(filter, range);
     }
     let everything = IdRange {

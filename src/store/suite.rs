@@ -896,6 +896,20 @@ fn total(store: &dyn Store) -> Option<u64> {
     .total
 }
 
+/// How many rows romeo's archive has with one contact.
+fn with_total(store: &dyn Store, with: &str) -> Option<u64> {
+    find(
+        store,
+        Query {
+            with: Some(with.to_owned()),
+            limit: Some(0),
+            total: true,
+            ..Query::default()
+        },
+    )
+    .total
+}
+
 fn stock(n: i64) -> crate::store::ImportRow {
     crate::store::ImportRow {
         key: format!("stock-{n:04}"),
@@ -1137,4 +1151,84 @@ fn window_totals_are_exact_whatever_part_of_the_archive_they_cover() {
         );
         assert_eq!(page.total, Some(want), "start {start:?} end {end:?}");
     }
+}
+
+#[test]
+fn with_totals_are_exact_through_windows_expiry_quota_import_and_deletion() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir); // juliet 1 2 4 5 7 8 10, mercutio 3 6 9
+    store
+        .append(&[row(&archive("example.com", "benvolio", "archive"), ArchiveId::first_at(T0 + 5 * SECOND + 1), "juliet@capulet.lit")])
+        .unwrap();
+    let total = |store: &Backend, with: &str, start: Option<i64>, end: Option<i64>| {
+        find(
+            store,
+            Query {
+                with: Some(with.to_owned()),
+                start: start.map(|n| T0 + n * SECOND),
+                end: end.map(|n| T0 + n * SECOND),
+                limit: Some(0),
+                total: true,
+                ..Query::default()
+            },
+        )
+        .total
+    };
+    let juliet = "juliet@capulet.lit";
+    let mercutio = "mercutio@example.net";
+    for (start, end, want) in [
+        (None, None, 7),
+        (Some(-1000), Some(1000), 7),
+        (Some(2), Some(9), 5), // most of them: total minus the rows outside
+        (Some(2), None, 6),
+        (None, Some(8), 6),
+        (Some(4), Some(5), 2),
+        (Some(11), None, 0),
+    ] {
+        assert_eq!(total(&store, juliet, start, end), Some(want), "{start:?} {end:?}");
+    }
+    assert_eq!(with_total(&store, mercutio), Some(3));
+    assert_eq!(with_total(&store, "nobody@example.net"), Some(0));
+
+    // Expiry of rows 1..=4.
+    assert_eq!(expire_all(&store, ExpiryRule::Age { end: id(4).micros() }), 4);
+    assert_eq!(with_total(&store, juliet), Some(4));
+    assert_eq!(with_total(&store, mercutio), Some(2));
+
+    // A quota drops the oldest rows.
+    let full = |n: i64| NewItem {
+        quota: Some(8),
+        ..row(&romeo(), id(n), juliet)
+    };
+    store.append(&[full(11), full(12)]).unwrap();
+    let left = find(&store, Query { limit: Some(100), ..Query::default() });
+    let juliet_left = left.items.iter().filter(|i| i.with == juliet).count() as u64;
+    let mercutio_left = left.items.iter().filter(|i| i.with == mercutio).count() as u64;
+    assert_eq!(with_total(&store, juliet), Some(juliet_left));
+    assert_eq!(with_total(&store, mercutio), Some(mercutio_left));
+
+    // Imported rows count too.
+    store
+        .import(&romeo(), "stock", &[stock(30), stock(31)], 2)
+        .unwrap();
+    let with_imported = find(&store, Query { limit: Some(100), ..Query::default() })
+        .items
+        .iter()
+        .filter(|i| i.with == juliet)
+        .count() as u64;
+    assert_eq!(with_total(&store, juliet), Some(with_imported));
+
+    // Deleting the archive empties its totals; benvolio's stay.
+    while store.delete_archive(&romeo(), 3).unwrap() > 0 {}
+    assert_eq!(with_total(&store, juliet), Some(0));
+    assert_eq!(with_total(&store, mercutio), Some(0));
+    let benvolio = store
+        .find(
+            &archive("example.com", "benvolio", "archive"),
+            &Query { with: Some(juliet.to_owned()), limit: Some(0), total: true, ..Query::default() },
+        )
+        .unwrap();
+    assert_eq!(benvolio.total, Some(1));
+    store.append(&[row(&romeo(), id(40), juliet)]).unwrap();
+    assert_eq!(with_total(&store, juliet), Some(1));
 }

@@ -84,6 +84,8 @@ const INSERT_MESSAGES: &str = "INSERT INTO mam_rs_messages (id, aid, with_id, st
 const INSERT_MESSAGE: &str =
     "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES ($1, $2, $3, $4)";
 const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM mam_rs_archives WHERE aid = $1";
+const SELECT_WITH_COUNT: &str = "SELECT coalesce((SELECT item_count FROM mam_rs_with_counts \
+     WHERE aid = $1 AND with_id = $2), 0)";
 const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM mam_rs_messages WHERE id = $1 AND aid = $2";
 const SELECT_LEGACY: &str = "SELECT id FROM mam_rs_legacy_ids WHERE aid = $1 AND key = $2";
 const DELETE_OLDEST: &str = "DELETE FROM mam_rs_messages WHERE id IN \
@@ -264,6 +266,10 @@ impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
 
     fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
         count(self.conn, filter, range)
+    }
+
+    fn keeps_with_totals(&self) -> bool {
+        true
     }
 
     fn page(
@@ -785,10 +791,13 @@ fn count(
     filter: &Filter<'_>,
     range: IdRange,
 ) -> Result<u64, StoreError> {
-    let n: i64 = if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
-        conn.query_one(SELECT_ITEM_COUNT, &[&filter.aid])
-            .map_err(db)?
-            .get(0)
+    let n: i64 = if filter.ids.is_none() && range.is_everything() {
+        match filter.with_id {
+            None => conn.query_one(SELECT_ITEM_COUNT, &[&filter.aid]),
+            Some(with_id) => conn.query_one(SELECT_WITH_COUNT, &[&filter.aid, &with_id]),
+        }
+        .map_err(db)?
+        .get(0)
     } else {
         let (clause, params) = where_clause(filter, &range);
         conn.query_one(

@@ -9,7 +9,7 @@ use crate::store::StoreError;
 use postgres::Client;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -84,6 +84,43 @@ CREATE TRIGGER mam_rs_messages_count_insert AFTER INSERT ON mam_rs_messages
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION mam_rs_count_insert();
 CREATE TRIGGER mam_rs_messages_count_delete AFTER DELETE ON mam_rs_messages
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION mam_rs_count_delete();
+"#;
+
+/// Version 2: the number of rows per (archive, contact), kept by the same statement-level
+/// triggers as `item_count`, so that the `<count>` of a query `with` one contact is one row read
+/// (see `store::sqlite::schema`, version 4). The messages table is locked while the totals are
+/// filled in, so that a process still running the previous version cannot insert rows the
+/// totals miss; the upserts go in key order, so two writers cannot deadlock on them.
+const V2: &str = r#"
+LOCK TABLE mam_rs_messages IN SHARE ROW EXCLUSIVE MODE;
+CREATE TABLE mam_rs_with_counts (
+    aid        BIGINT NOT NULL,
+    with_id    BIGINT NOT NULL,
+    item_count BIGINT NOT NULL,
+    PRIMARY KEY (aid, with_id)
+);
+INSERT INTO mam_rs_with_counts (aid, with_id, item_count)
+    SELECT aid, with_id, count(*) FROM mam_rs_messages GROUP BY aid, with_id;
+
+CREATE OR REPLACE FUNCTION mam_rs_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE mam_rs_archives a SET item_count = a.item_count + n.c
+    FROM (SELECT aid, count(*) AS c FROM new_rows GROUP BY aid) n WHERE a.aid = n.aid;
+    INSERT INTO mam_rs_with_counts AS w (aid, with_id, item_count)
+        SELECT aid, with_id, count(*) FROM new_rows GROUP BY aid, with_id ORDER BY aid, with_id
+    ON CONFLICT (aid, with_id) DO UPDATE SET item_count = w.item_count + EXCLUDED.item_count;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION mam_rs_count_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE mam_rs_archives a SET item_count = a.item_count - o.c
+    FROM (SELECT aid, count(*) AS c FROM old_rows GROUP BY aid) o WHERE a.aid = o.aid;
+    UPDATE mam_rs_with_counts w SET item_count = w.item_count - o.c
+    FROM (SELECT aid, with_id, count(*) AS c FROM old_rows GROUP BY aid, with_id) o
+    WHERE w.aid = o.aid AND w.with_id = o.with_id;
+    DELETE FROM mam_rs_legacy_ids WHERE id IN (SELECT id FROM old_rows);
+    RETURN NULL;
+END $$;
 "#;
 
 /// Brings the database up to [`SCHEMA_VERSION`] in one transaction, or refuses a newer one.

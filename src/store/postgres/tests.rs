@@ -76,6 +76,51 @@ fn a_second_process_sees_committed_rows_and_migrates_once() {
 }
 
 #[test]
+fn version_2_fills_the_contact_totals_of_an_existing_database() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    // The database as version 1 left it: no contact totals, version 1's trigger functions.
+    let mut admin = server()
+        .dbname(&store.options.database)
+        .connect(NoTls)
+        .unwrap();
+    admin
+        .batch_execute(
+            r#"
+            DROP TABLE mam_rs_with_counts;
+            CREATE OR REPLACE FUNCTION mam_rs_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE mam_rs_archives a SET item_count = a.item_count + n.c
+                FROM (SELECT aid, count(*) AS c FROM new_rows GROUP BY aid) n WHERE a.aid = n.aid;
+                RETURN NULL;
+            END $$;
+            CREATE OR REPLACE FUNCTION mam_rs_count_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE mam_rs_archives a SET item_count = a.item_count - o.c
+                FROM (SELECT aid, count(*) AS c FROM old_rows GROUP BY aid) o WHERE a.aid = o.aid;
+                DELETE FROM mam_rs_legacy_ids WHERE id IN (SELECT id FROM old_rows);
+                RETURN NULL;
+            END $$;
+            UPDATE mam_rs_schema SET version = 1;
+            "#,
+        )
+        .unwrap();
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(with_total(&store, "juliet@capulet.lit"), Some(7));
+    assert_eq!(with_total(&store, "mercutio@example.net"), Some(3));
+    store
+        .append(&[row(&romeo(), id(11), "mercutio@example.net")])
+        .unwrap();
+    assert_eq!(with_total(&store, "mercutio@example.net"), Some(4));
+    let version: i32 = admin
+        .query_one("SELECT version FROM mam_rs_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, schema::SCHEMA_VERSION);
+}
+
+#[test]
 fn processes_on_one_database_claim_different_writer_nodes_and_free_them_on_close() {
     let dir = TempDir::new().unwrap();
     let one = open(&dir);

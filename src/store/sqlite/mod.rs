@@ -95,6 +95,8 @@ const INSERT_MESSAGE: &str =
     "INSERT INTO messages (id, aid, with_id, stanza) VALUES (?1, ?2, ?3, ?4)";
 const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM messages WHERE id = ?1 AND aid = ?2";
 const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM archives WHERE aid = ?1";
+const SELECT_WITH_COUNT: &str =
+    "SELECT coalesce((SELECT item_count FROM with_counts WHERE aid = ?1 AND with_id = ?2), 0)";
 const SELECT_LAST_ID: &str = "SELECT max(id) FROM messages";
 const SELECT_ARCHIVES_FROM: &str =
     "SELECT aid FROM archives WHERE host = ?1 AND store = ?2 AND aid > ?3 ORDER BY aid LIMIT 64";
@@ -279,6 +281,10 @@ impl rows::Snapshot for Snap<'_> {
 
     fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
         count(self.conn, filter, range)
+    }
+
+    fn keeps_with_totals(&self) -> bool {
+        true
     }
 
     fn page(
@@ -790,10 +796,16 @@ fn where_clause(filter: &Filter<'_>, range: IdRange, params: &mut Vec<i64>) -> S
 
 /// Rows matching `filter` and `range` (not empty).
 fn count(conn: &Connection, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
-    let n: i64 = if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
-        conn.prepare_cached(SELECT_ITEM_COUNT)
-            .and_then(|mut stmt| stmt.query_row([filter.aid], |row| row.get(0)))
-            .map_err(db)?
+    let n: i64 = if filter.ids.is_none() && range.is_everything() {
+        match filter.with_id {
+            None => conn
+                .prepare_cached(SELECT_ITEM_COUNT)
+                .and_then(|mut stmt| stmt.query_row([filter.aid], |row| row.get(0))),
+            Some(with_id) => conn
+                .prepare_cached(SELECT_WITH_COUNT)
+                .and_then(|mut stmt| stmt.query_row([filter.aid, with_id], |row| row.get(0))),
+        }
+        .map_err(db)?
     } else {
         let (sql, params) = count_query(filter, range);
         prepare(conn, &sql, filter.ids.is_none())

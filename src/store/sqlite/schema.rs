@@ -12,7 +12,7 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[Migration] = &[v1_initial, v2_client_marks, v3_imports];
+const MIGRATIONS: &[Migration] = &[v1_initial, v2_client_marks, v3_imports, v4_with_counts];
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -149,6 +149,41 @@ fn v3_imports(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     )
 }
 
+/// Version 4: the number of rows per (archive, contact), kept by triggers as
+/// `archives.item_count` is, so that the `<count>` of a query `with` one contact is one row read
+/// (or the total minus the rows outside its window) instead of counting the contact's rows.
+/// Filled from the existing rows by one pass over `messages_by_with`.
+fn v4_with_counts(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        r#"
+        CREATE TABLE with_counts (
+            aid        INTEGER NOT NULL,
+            with_id    INTEGER NOT NULL,
+            item_count INTEGER NOT NULL,
+            PRIMARY KEY (aid, with_id)
+        ) WITHOUT ROWID;
+        INSERT INTO with_counts (aid, with_id, item_count)
+            SELECT aid, with_id, count(*) FROM messages GROUP BY aid, with_id;
+
+        CREATE TRIGGER messages_with_count_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO with_counts (aid, with_id, item_count) VALUES (NEW.aid, NEW.with_id, 1)
+                ON CONFLICT (aid, with_id) DO UPDATE SET item_count = item_count + 1;
+        END;
+        CREATE TRIGGER messages_with_count_delete AFTER DELETE ON messages BEGIN
+            UPDATE with_counts SET item_count = item_count - 1
+                WHERE aid = OLD.aid AND with_id = OLD.with_id;
+        END;
+        CREATE TRIGGER messages_with_count_move AFTER UPDATE OF aid, with_id ON messages
+        WHEN OLD.aid IS NOT NEW.aid OR OLD.with_id IS NOT NEW.with_id BEGIN
+            UPDATE with_counts SET item_count = item_count - 1
+                WHERE aid = OLD.aid AND with_id = OLD.with_id;
+            INSERT INTO with_counts (aid, with_id, item_count) VALUES (NEW.aid, NEW.with_id, 1)
+                ON CONFLICT (aid, with_id) DO UPDATE SET item_count = item_count + 1;
+        END;
+        "#,
+    )
+}
+
 /// The indexes and triggers the queries and counts rely on, by name.
 const EXPECTED: &[(&str, &str)] = &[
     ("index", "messages_by_archive"),
@@ -160,6 +195,9 @@ const EXPECTED: &[(&str, &str)] = &[
     ("trigger", "messages_count_delete"),
     ("trigger", "messages_count_move"),
     ("trigger", "messages_legacy_delete"),
+    ("trigger", "messages_with_count_insert"),
+    ("trigger", "messages_with_count_delete"),
+    ("trigger", "messages_with_count_move"),
 ];
 
 /// Which of the [`EXPECTED`] indexes and triggers the file lacks.

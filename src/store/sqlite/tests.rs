@@ -113,6 +113,47 @@ fn item_counts_follow_deletes_made_elsewhere() {
     assert_eq!(page.total, Some(6));
 }
 
+#[test]
+fn version_4_fills_the_contact_totals_of_an_existing_archive() {
+    let dir = TempDir::new().unwrap();
+    drop(romeo_with_ten_rows(&dir));
+    // The file as version 3 left it: no contact totals.
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER messages_with_count_insert; DROP TRIGGER messages_with_count_delete; \
+         DROP TRIGGER messages_with_count_move; DROP TABLE with_counts; PRAGMA user_version = 3;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = open(&dir);
+    assert_eq!(with_total(&store, "juliet@capulet.lit"), Some(7));
+    assert_eq!(with_total(&store, "mercutio@example.net"), Some(3));
+    // And the triggers are back.
+    store
+        .append(&[row(&romeo(), id(11), "mercutio@example.net")])
+        .unwrap();
+    assert_eq!(with_total(&store, "mercutio@example.net"), Some(4));
+}
+
+#[test]
+fn with_counts_follow_deletes_made_elsewhere() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir);
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    conn.execute("DELETE FROM messages WHERE id <= ?1", [id(4).as_i64()])
+        .unwrap();
+    let page = find(
+        &store,
+        Query {
+            with: Some("juliet@capulet.lit".to_owned()),
+            total: true,
+            ..Query::default()
+        },
+    );
+    assert_eq!(numbers(&page), vec![5, 7, 8, 10]);
+    assert_eq!(page.total, Some(4));
+}
+
 /// Runs `EXPLAIN QUERY PLAN` and returns the plan's detail lines.
 fn plan(conn: &Connection, sql: &str, params: &[i64]) -> Vec<String> {
     let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();

@@ -44,7 +44,8 @@ pub enum NotArchived {
     TooDeep,
     /// The writer's queue is at its bound (the database cannot keep up).
     QueueFull,
-    /// Anything else: the archive is closed, or an unexpected failure.
+    /// Anything else: the archive is closed, a name or character XML cannot carry, or an
+    /// unexpected failure.
     Failed,
 }
 

@@ -8,13 +8,12 @@
 //!   `{ level, message }` log lines, each naming the option, the value and what is accepted.
 //! - `should_store(stanza) -> bool, reason`: stock mod_mam's default archiving decision.
 //! - `prefs_from_element(prefs) -> table`: a `<prefs>` element in Prosody's stored form.
-//! - `expire_now(database, host, store, end, on_batch) -> removed, found`: expiry for the
-//!   `cleanup` command, run in the calling process.
-//! - `admin(database, create, compression) -> handle | nil, message`: the `prosodyctl` commands' handle
-//!   on the database (see [`admin`]).
+//! - `admin(options, create) -> handle | nil, message`: the `prosodyctl` commands' handle on a
+//!   host's database (see [`admin`]).
 //! - `open(host, options, stanza_mt) -> archive | nil, message`: the per-host handle, whose
-//!   methods are `fd`, `archive`, `query`, `metadata`, `expire`, `drain`, `query_form`,
-//!   `prefs_element`, `metrics` and `close`.
+//!   methods are `fd`, `poke`, `node`, `archive`, `query`, `metadata`, `expire`, `mark`,
+//!   `delete_user`, `drain`, `query_form`, `prefs_element`, `metrics` and `close`. A query's
+//!   completion carries its result messages as a [`Results`] handle (`take`, `remaining`).
 //! - `metric_buckets`: `{ seconds = {...}, batch = {...} }`, the bucket bounds of the
 //!   histograms that `archive:metrics()` fills (see [`crate::engine::metrics`]).
 

@@ -258,9 +258,9 @@ pub enum XmlError {
 /// children in a namespace of `strip` (`dont_archive_namespaces`, mod_mam.lua:320-332).
 /// `Ok(None)`: nothing is left once they are stripped.
 ///
-/// The text is what [`to_element`] followed by `Element::write_to` would store, minus the
-/// element tree in between: the walk runs on Lua's C API inside one protected call and writes
-/// straight into one buffer. Through mlua's safe API and `minidom`, this copy was the larger
+/// The text parses to the element [`to_element`] builds (attribute order aside), without that
+/// tree in between: the walk runs on Lua's C API inside one protected call and writes straight
+/// into one buffer. Through mlua's safe API and `minidom`, this copy was the larger
 /// part of the archive path's own cost on Prosody's loop. Names are checked as XML names and
 /// texts for characters XML 1.0 cannot carry, so that every stored row parses again.
 pub fn to_xml(lua: &Lua, t: &Table, strip: &BTreeSet<String>) -> Result<Option<String>, XmlError> {
@@ -268,10 +268,11 @@ pub fn to_xml(lua: &Lua, t: &Table, strip: &BTreeSet<String>) -> Result<Option<S
     let mut failure: Option<XmlError> = None;
     let mut kept = false;
     // SAFETY: `exec_raw` runs the closure as one protected call with `t` pushed as its only
-    // argument. `write_raw` only reads (raw gets, `lua_next` on tables it does not change,
-    // `lua_tolstring` on values already known to be strings), so nothing raises a Lua error but
-    // `luaL_checkstack` or pushing a key string when memory runs out; the frames unwound then
-    // hold borrowed data only. The stack is left as it was found, and the argument is removed.
+    // argument. `XmlWriter::element` only reads (raw gets, `lua_next` on tables it does not
+    // change, `lua_tolstring` on values already known to be strings), so nothing raises a Lua
+    // error but `luaL_checkstack` or pushing a key string when memory runs out; the frames
+    // unwound then hold borrowed data only (a text made valid UTF-8 would leak). The stack is
+    // left as it was found, and the argument is removed.
     let run = unsafe {
         lua.exec_raw::<()>(t, |state| {
             let top = ffi::lua_gettop(state);

@@ -298,9 +298,7 @@ impl Archive {
         };
         let copy = match want_stored {
             true => {
-                let el =
-                    Element::from_reader_with_prefixes(stored.as_bytes(), ns::CLIENT.to_owned())
-                        .map_err(LuaError::external)?;
+                let el = xep0313::parse_stored(&stored).map_err(LuaError::external)?;
                 Some(stanza::build(lua, &self.stanza_mt, &el, ns::CLIENT)?)
             }
             false => None,
@@ -450,8 +448,7 @@ fn prefs_from_element(
 
 /// The result messages of an answer, turned into `util.stanza` tables a few at a time as the
 /// shim sends them (`results:take(n)`), so that a page of results is never built in one go on
-/// Prosody's loop: building costs about as much as sending, mostly in Lua's allocator and
-/// garbage collector, and other sessions' stanzas wait for neither longer than a chunk.
+/// Prosody's loop: other sessions' stanzas wait for at most a chunk's building and sending.
 struct Results {
     messages: std::vec::IntoIter<Element>,
     stanza_mt: Table,

@@ -265,8 +265,7 @@ pub enum XmlError {
 /// texts for characters XML 1.0 cannot carry, so that every stored row parses again.
 pub fn to_xml(lua: &Lua, t: &Table, strip: &BTreeSet<String>) -> Result<Option<String>, XmlError> {
     let mut out = String::with_capacity(512);
-    let mut failure: Option<XmlError> = None;
-    let mut kept = false;
+    let mut written: Result<bool, XmlError> = Ok(false);
     // SAFETY: `exec_raw` runs the closure as one protected call with `t` pushed as its only
     // argument. `XmlWriter::element` only reads (raw gets, `lua_next` on tables it does not
     // change, `lua_tolstring` on values already known to be strings), so nothing raises a Lua
@@ -279,24 +278,21 @@ pub fn to_xml(lua: &Lua, t: &Table, strip: &BTreeSet<String>) -> Result<Option<S
             let mut w = XmlWriter {
                 state,
                 out: &mut out,
+                strip,
             };
-            failure = w
-                .element(top, ns::CLIENT, true, Some(strip), 0, &mut kept)
-                .err();
+            written = w.element(top, ns::CLIENT, 0);
             ffi::lua_settop(state, top - 1);
         })
     };
     run?;
-    match failure {
-        Some(e) => Err(e),
-        None if !kept => Ok(None),
-        None => Ok(Some(out)),
-    }
+    Ok(written?.then_some(out))
 }
 
 struct XmlWriter<'a> {
     state: *mut ffi::lua_State,
     out: &'a mut String,
+    /// `dont_archive_namespaces`: the top element's children in these are left out.
+    strip: &'a BTreeSet<String>,
 }
 
 /// A Lua string as text: borrowed from Lua when it is UTF-8, as Prosody's parser guarantees.
@@ -313,17 +309,15 @@ unsafe fn raw_field(state: *mut ffi::lua_State, t: c_int, key: &str) -> c_int {
 }
 
 impl XmlWriter<'_> {
-    /// Writes the element at absolute stack index `t`. `strip`: at the top level only, the
-    /// namespaces whose child elements are left out; `kept` is set when a child element stays.
+    /// Writes the element at absolute stack index `t`, the top element at `depth` 0 (its
+    /// namespace always declared, its children in [`XmlWriter::strip`] left out). Returns
+    /// whether it has a child element.
     unsafe fn element(
         &mut self,
         t: c_int,
         parent_ns: &str,
-        root: bool,
-        strip: Option<&BTreeSet<String>>,
         depth: usize,
-        kept: &mut bool,
-    ) -> Result<(), XmlError> {
+    ) -> Result<bool, XmlError> {
         if depth >= MAX_DEPTH {
             return Err(XmlError::TooDeep);
         }
@@ -345,7 +339,7 @@ impl XmlWriter<'_> {
             };
         self.out.push('<');
         self.out.push_str(&name);
-        if root || ns != parent_ns {
+        if depth == 0 || ns != parent_ns {
             self.out.push_str(" xmlns=\"");
             escape(self.out, &ns, true)?;
             self.out.push('"');
@@ -355,6 +349,7 @@ impl XmlWriter<'_> {
         }
         let len = ffi::lua_rawlen(state, t) as ffi::lua_Integer;
         let mut open = false;
+        let mut has_child = false;
         for i in 1..=len {
             let mark = ffi::lua_gettop(state);
             match ffi::lua_rawgeti(state, t, i) {
@@ -367,7 +362,8 @@ impl XmlWriter<'_> {
                 }
                 ffi::LUA_TTABLE => {
                     let child = ffi::lua_gettop(state);
-                    if let Some(strip) = strip.filter(|s| !s.is_empty()) {
+                    if depth == 0 && !self.strip.is_empty() {
+                        let strip = self.strip;
                         let child_has_attr = raw_field(state, child, "attr") == ffi::LUA_TTABLE;
                         let child_ns = child_has_attr
                             && raw_field(state, child + 1, "xmlns") == ffi::LUA_TSTRING;
@@ -386,9 +382,8 @@ impl XmlWriter<'_> {
                         self.out.push('>');
                         open = true;
                     }
-                    let mut deeper = false;
-                    self.element(child, &ns, false, None, depth + 1, &mut deeper)?;
-                    *kept = true;
+                    self.element(child, &ns, depth + 1)?;
+                    has_child = true;
                 }
                 _ => {}
             }
@@ -402,7 +397,7 @@ impl XmlWriter<'_> {
             self.out.push_str("/>");
         }
         ffi::lua_settop(state, base);
-        Ok(())
+        Ok(has_child)
     }
 
     /// The attributes of the `attr` table at absolute index `attr`, but `xmlns`. Prosody's keys

@@ -347,7 +347,7 @@ fn timestamp(s: &str) -> Result<i64, StanzaError> {
 /// Parses a stored stanza. Elements without a namespace are read as `jabber:client`. A top
 /// element in another namespace is moved to `jabber:client` (mod_mam.lua:204), together with
 /// the descendants that share its namespace, as they would in Prosody, where they inherit it.
-fn parse_stored(xml: &str) -> Result<Element, String> {
+pub fn parse_stored(xml: &str) -> Result<Element, String> {
     let el = Element::from_reader_with_prefixes(xml.as_bytes(), ns::CLIENT.to_owned())
         .map_err(|e| format!("cannot parse the stored stanza: {e}"))?;
     if el.ns() == ns::CLIENT {

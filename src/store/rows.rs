@@ -78,15 +78,12 @@ impl Fresh {
         archive: &ArchiveRef,
         lookup: impl FnOnce() -> Result<i64, E>,
     ) -> Result<i64, E> {
-        if let Some(&aid) = self.archives.get(archive) {
-            return Ok(aid);
-        }
-        if let Some(aid) = cache.lock().archives.get(archive).copied() {
-            return Ok(aid);
-        }
-        let aid = lookup()?;
-        self.archives.insert(archive.clone(), aid);
-        Ok(aid)
+        remembered(
+            &mut self.archives,
+            archive,
+            |a| cache.lock().archives.get(a).copied(),
+            lookup,
+        )
     }
 
     /// The `jid_id` of `jid` for a write, as [`Fresh::archive`].
@@ -96,16 +93,36 @@ impl Fresh {
         jid: &str,
         lookup: impl FnOnce() -> Result<i64, E>,
     ) -> Result<i64, E> {
-        if let Some(&id) = self.jids.get(jid) {
-            return Ok(id);
-        }
-        if let Some(id) = cache.lock().jids.get(jid).copied() {
-            return Ok(id);
-        }
-        let id = lookup()?;
-        self.jids.insert(jid.to_owned(), id);
-        Ok(id)
+        remembered(
+            &mut self.jids,
+            jid,
+            |j| cache.lock().jids.get(j).copied(),
+            lookup,
+        )
     }
+}
+
+/// `key`'s id from this transaction's `mine`, else from `committed`, else from `lookup`, which
+/// `mine` then remembers.
+fn remembered<Q, K, E>(
+    mine: &mut HashMap<K, i64>,
+    key: &Q,
+    committed: impl FnOnce(&Q) -> Option<i64>,
+    lookup: impl FnOnce() -> Result<i64, E>,
+) -> Result<i64, E>
+where
+    Q: ?Sized + std::hash::Hash + Eq + ToOwned<Owned = K>,
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+{
+    if let Some(&id) = mine.get(key) {
+        return Ok(id);
+    }
+    if let Some(id) = committed(key) {
+        return Ok(id);
+    }
+    let id = lookup()?;
+    mine.insert(key.to_owned(), id);
+    Ok(id)
 }
 
 /// Committed `aid` and `jid_id` values. Bounded: a full map is emptied and refills.

@@ -64,12 +64,12 @@ SHAPES = ("newest", "oldest", "with", "window", "after-id")
 PAGE = 50
 
 
-def common_config(walk_max):
+def common_config(ctx):
     return [
         'archive_expires_after = "never"',
         "mam_include_total = true",
-        "max_archive_query_results = %d" % max(walk_max, PAGE),
-    ]
+        "max_archive_query_results = %d" % max(ctx.walk_max, PAGE),
+    ] + ctx.config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def throughput(ctx, kinds):
     pg = None
     try:
         for kind in kinds:
-            extra = common_config(ctx.walk_max)
+            extra = common_config(ctx)
             if kind == "rs-pg":
                 pg = postgres_archive(ctx)
                 extra = extra + [pg[1]]
@@ -467,7 +467,7 @@ def equal_heap(ctx, kind, plan):
 def seeded_server(ctx, kind, plan, res):
     """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message."""
     heap_modules, heap_config = equal_heap(ctx, kind, plan)
-    extra = common_config(ctx.walk_max) + heap_config
+    extra = common_config(ctx) + heap_config
     srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind] + heap_modules, ctx.plugin_dir, extra,
                  accounts_from=ctx.accounts)
     t = time.monotonic()
@@ -539,7 +539,7 @@ TASK_FINISHED = re.compile(rb"bench_run_task: \S+ finished at ([\d.]+)")
 
 def expiry(ctx, kind, srv, plan):
     after = ctx.expiry_idle + 2
-    extra = [l for l in common_config(ctx.walk_max) if not l.startswith("archive_expires_after")]
+    extra = [l for l in common_config(ctx) if not l.startswith("archive_expires_after")]
     extra.append("archive_expires_after = 1800")
     heap_modules, heap_config = equal_heap(ctx, kind, plan)
     extra += heap_config
@@ -865,6 +865,9 @@ def main(argv=None):
     ap.add_argument("--skip-archive", action="store_true")
     ap.add_argument("--skip-expiry", action="store_true")
     ap.add_argument("--skip-compressed", action="store_true", help="skip the archive_compression size figure")
+    ap.add_argument("--config", action="append", default=[], metavar="LINE",
+                    help="a line added to every server's configuration, such as "
+                         "'gc = { mode = \"generational\" }' (repeatable)")
     ap.add_argument("--bare-heap", action="store_true",
                     help="queries: do not load the memory reference's rows into stock's and mod_mam_rs's servers "
                          "(unequal Lua heaps; the comparison of records before 2026-11-21 11:30)")
@@ -912,7 +915,7 @@ def main(argv=None):
                                 "; equal Lua heaps (stock's and mod_mam_rs's servers hold the memory reference's rows)")
     try:
         # Accounts once; each server gets a copy of this data dir.
-        acc = Server(ctx.root, "accounts", [], ctx.plugin_dir, common_config(args.walk_max))
+        acc = Server(ctx.root, "accounts", [], ctx.plugin_dir, common_config(ctx))
         acc.register(["alice", "bob"] + ["u%d" % i for i in range(args.clients)])
         ctx.accounts = acc.data
 

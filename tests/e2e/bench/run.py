@@ -13,9 +13,7 @@ phase alternates between them, in short turns.
 2. Archive queries, for stock, mod_mam_rs and mod_mam_memory_ref, each seeded with the same
    --rows messages of one user (written straight into the database / seed file). Each server
    has its own querying client (alice) and its own other client (bob, a process of its own,
-   pinging every --ping-interval throughout). Stock's and mod_mam_rs's servers also hold the
-   reference's rows, answering nothing, so that all three Lua heaps are alike (equal_heap;
-   --bare-heap leaves them out).
+   pinging every --ping-interval throughout).
    - pages: --samples queries of each shape, max=50 with <count>: newest page (`<before/>`),
      oldest page (no RSM id), `with` one contact (its newest page), a one-hour `start`/`end`
      window, and a page after a random id. Each query goes to every module in turn.
@@ -451,25 +449,10 @@ def memory_ref_seed(ctx, plan):
     return path
 
 
-def equal_heap(ctx, kind, plan):
-    """Modules and config lines that give stock's and mod_mam_rs's servers the memory reference's
-    Lua heap: mod_mam_memory_ref holding the same rows, answering nothing. Lua's collector runs a
-    cycle per share of heap growth (Prosody: incremental, pause 105%), so a bare test server's
-    heap (under 2 MB) is collected far more often than the reference's, which holds the rows:
-    with unequal heaps every page would favour the reference, whatever the modules do. None
-    with --bare-heap."""
-    if kind == "mem" or ctx.bare_heap:
-        return [], []
-    return ["mam_memory_ref"], ['mam_memory_ref_seed = "%s"' % memory_ref_seed(ctx, plan),
-                                "mam_memory_ref_answer = false"]
-
-
 def seeded_server(ctx, kind, plan, res):
     """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message."""
-    heap_modules, heap_config = equal_heap(ctx, kind, plan)
-    extra = common_config(ctx) + heap_config
-    srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind] + heap_modules, ctx.plugin_dir, extra,
-                 accounts_from=ctx.accounts)
+    extra = common_config(ctx)
+    srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir, extra, accounts_from=ctx.accounts)
     t = time.monotonic()
     if kind == "rs":
         srv.start()  # creates its schema in mam_rs.sqlite
@@ -541,10 +524,8 @@ def expiry(ctx, kind, srv, plan):
     after = ctx.expiry_idle + 2
     extra = [l for l in common_config(ctx) if not l.startswith("archive_expires_after")]
     extra.append("archive_expires_after = 1800")
-    heap_modules, heap_config = equal_heap(ctx, kind, plan)
-    extra += heap_config
     if kind == "stock":
-        srv.modules = ["mam", "bench_run_task"] + heap_modules
+        srv.modules = ["mam", "bench_run_task"]
         extra += ['bench_run_task = "mam/remove_expired_messages"', "bench_run_task_after = %d" % after]
     else:
         extra += ["archive_cleanup_interval = %d" % after]
@@ -868,9 +849,6 @@ def main(argv=None):
     ap.add_argument("--config", action="append", default=[], metavar="LINE",
                     help="a line added to every server's configuration, such as "
                          "'gc = { mode = \"generational\" }' (repeatable)")
-    ap.add_argument("--bare-heap", action="store_true",
-                    help="queries: do not load the memory reference's rows into stock's and mod_mam_rs's servers "
-                         "(unequal Lua heaps; the comparison of records before 2026-11-21 11:30)")
     ap.add_argument("--no-save", action="store_true", help="print the table only; write no results folder")
     ap.add_argument("--keep", action="store_true", help="keep the servers' work dirs")
     ap.add_argument("--render", metavar="DIR",
@@ -910,9 +888,7 @@ def main(argv=None):
                             "max=%d; ping every %g ms" % (
                                 args.clients, args.msgs, args.rounds, "{:,}".format(args.rows), seeding.CONTACTS,
                                 args.samples, args.idle, args.heavy, args.rounds, args.walk_max,
-                                args.ping_interval * 1e3) + (
-                                "; bare heaps (--bare-heap)" if args.bare_heap else
-                                "; equal Lua heaps (stock's and mod_mam_rs's servers hold the memory reference's rows)")
+                                args.ping_interval * 1e3)
     try:
         # Accounts once; each server gets a copy of this data dir.
         acc = Server(ctx.root, "accounts", [], ctx.plugin_dir, common_config(ctx))

@@ -9,23 +9,26 @@
 -- and sending each result with util.stanza exactly as stock mod_mam does (mod_mam.lua:178-229),
 -- with a new util.stanza object for each stored message, built from the row's fields.
 --
--- The rows are packed into a few large strings (string.pack), not kept as a Lua table or
--- stanza object per row: a million rows as Lua objects would make every garbage collection
--- cycle (Prosody runs the incremental collector with pause 105%) mark millions of objects, so
--- the reference would measure Lua's collector rather than the cost of answering.
+-- The rows are held outside Lua's heap: packed (string.pack) into one file in shared memory
+-- (/dev/shm, a tmpfs; the data directory where there is none), read back with seek and read.
+-- Neither a Lua object per row nor large Lua strings would do:
+-- - a million rows as Lua objects make every collection cycle mark millions of objects, so
+--   the reference would measure Lua's collector rather than the cost of answering;
+-- - held as a few large strings, they change the collector's schedule. Prosody runs it
+--   incrementally with a 105% pause: a cycle starts each time the heap has grown by 5%. A
+--   fresh server's heap is under 2 MB; 190 MB of row strings (1M rows) make a cycle start only
+--   after some 9 MB of garbage, and Prosody's step multiplier (500) then sweeps that garbage
+--   in a few long steps. Pages got faster than on any real small server (their garbage was
+--   hardly ever collected) and other clients' pings got 10 ms stalls. Measured on 2026-11-21:
+--   mod_mam_rs's pages took 1.0x the reference's with such a heap of its own and 1.6x
+--   without, and plain Lua reproduces the stalls (README, Benchmark).
+-- Reading a row costs a couple of system calls on memory, a few microseconds of a page's
+-- milliseconds.
 --
 -- Options:
 --   mam_memory_ref_seed = "/path/rows.tsv"   one row per line, oldest first, tab-separated:
 --       user, id, when (Unix seconds), with (bare JID), from, to, type, message id, body
 --   max_archive_query_results (default 50), as stock.
---   mam_memory_ref_answer (default true): false loads and holds the rows but answers nothing.
---       The benchmark loads it so into the servers it compares with this one, so that every
---       server's Lua heap holds the same rows. Lua's collector starts a cycle each time the heap
---       grows by a share of its size (Prosody: incremental, pause 105%). A bare test server's
---       heap is under 2 MB; 100,000 rows make it 20 MB, so it is collected about ten times less
---       often for the same garbage, whatever the module does. With unequal heaps the comparison
---       would measure heap size: at 100,000 rows, mod_mam_rs's pages took 1.6x the reference's
---       with a bare heap and 1.0x with the rows held beside it (2026-11-21).
 -- Ids are opaque strings; an unknown `before` / `after` id is item-not-found, as stock. When a
 -- user's ids increase as strings (as mod_mam_rs's do) they are found by binary search, else
 -- through a table.
@@ -38,7 +41,7 @@ local datetime = require "util.datetime".datetime;
 local jid_bare = require "util.jid".bare;
 local time_now = require "util.time".now;
 
-local s_pack, s_unpack, s_sub, m_floor = string.pack, string.unpack, string.sub, math.floor;
+local s_pack, s_unpack, m_floor = string.pack, string.unpack, math.floor;
 local t_concat = table.concat;
 
 local xmlns_mam = "urn:xmpp:mam:2";
@@ -51,25 +54,44 @@ local seed_path = module:get_option_string("mam_memory_ref_seed");
 
 -- archives[user] = {
 --   n        rows, oldest first (row numbers 1..n)
+--   and the file offsets of these sections:
 --   whens    n little-endian doubles (Unix seconds)
---   ids, id_off        the ids, concatenated; n + 1 uint32 offsets into them
+--   ids, id_off        the ids, concatenated; n + 1 uint32 offsets into them (1-based)
 --   rows, row_off      "from\tto\ttype\tmsgid\tbody" of each row, concatenated; n + 1 offsets
---   by_with  { [bare jid] = { n = count, rows = packed uint32 row numbers } }
+--   by_with  { [bare jid] = { n = count, rows = offset of n uint32 row numbers } }
 --   pos      nil when ids increase as strings (binary search), else { [id] = row }
 -- }
 local archives = {};
+local rows_file, rows_path;
 
-local function u32(blob, k) -- k-th (1-based) uint32 of blob
-	return (s_unpack("<I4", blob, 4 * k - 3));
+local function read_at(offset, len)
+	rows_file:seek("set", offset);
+	return rows_file:read(len);
+end
+
+local function u32(section, k) -- k-th (1-based) uint32 of a section
+	return (s_unpack("<I4", read_at(section + 4 * k - 4, 4)));
 end
 
 local function when_of(a, i)
-	return (s_unpack("<d", a.whens, 8 * i - 7));
+	return (s_unpack("<d", read_at(a.whens + 8 * i - 8, 8)));
+end
+
+-- The bytes between the i-th and i+1-th offsets of a blob section.
+local function between(offsets, blob, i)
+	local from, to = s_unpack("<I4I4", read_at(offsets + 4 * i - 4, 8));
+	return read_at(blob + from - 1, to - from);
 end
 
 local function id_of(a, i)
-	local id_off = a.id_off;
-	return s_sub(a.ids, u32(id_off, i), u32(id_off, i + 1) - 1);
+	return between(a.id_off, a.ids, i);
+end
+
+-- Appends a section to the rows file; returns its offset.
+local function write_section(data)
+	local offset = rows_file:seek("end");
+	assert(rows_file:write(data));
+	return offset;
 end
 
 local function pack_archive(t)
@@ -87,15 +109,15 @@ local function pack_archive(t)
 	for i = 1, n do whens[i] = s_pack("<d", t.whens[i]); end
 	local a = {
 		n = n;
-		whens = t_concat(whens);
-		ids = t_concat(t.ids), id_off = offsets(t.ids);
-		rows = t_concat(t.rows), row_off = offsets(t.rows);
+		whens = write_section(t_concat(whens));
+		ids = write_section(t_concat(t.ids)), id_off = write_section(offsets(t.ids));
+		rows = write_section(t_concat(t.rows)), row_off = write_section(offsets(t.rows));
 		by_with = {};
 	};
 	for with, list in pairs(t.by_with) do
 		local packed = {};
 		for k = 1, #list do packed[k] = s_pack("<I4", list[k]); end
-		a.by_with[with] = { n = #list, rows = t_concat(packed) };
+		a.by_with[with] = { n = #list, rows = write_section(t_concat(packed)) };
 	end
 	for i = 2, n do
 		if not (t.ids[i - 1] < t.ids[i]) then
@@ -107,8 +129,20 @@ local function pack_archive(t)
 	return a;
 end
 
+local function open_rows_file()
+	local dir = "/dev/shm";
+	local probe = io.open(dir .. "/.", "r");
+	if probe then probe:close(); else dir = prosody.paths.data; end
+	rows_path = ("%s/mam_memory_ref_%d_%s.bin"):format(dir, require "util.pposix".getpid(), module.host);
+	rows_file = assert(io.open(rows_path, "w+b"));
+	-- Gone from the directory at once; the open file lives until the process ends.
+	os.remove(rows_path);
+	rows_file:setvbuf("no");
+end
+
 local function load_seed(path)
 	local t0 = time_now();
+	open_rows_file();
 	local f = assert(io.open(path, "r"));
 	local loading = {};
 	local rows = 0;
@@ -137,24 +171,18 @@ local function load_seed(path)
 		loading[user] = nil;
 	end
 	collectgarbage("collect");
-	module:log("info", "Loaded %d rows from %s in %.1f s (Lua heap now %.0f MB)", rows, path, time_now() - t0,
-		collectgarbage("count") / 1024);
+	module:log("info", "Loaded %d rows from %s into %s in %.1f s (Lua heap now %.1f MB)", rows, path, rows_path,
+		time_now() - t0, collectgarbage("count") / 1024);
 end
 
 if seed_path then
 	load_seed(seed_path);
 end
 
-if not module:get_option_boolean("mam_memory_ref_answer", true) then
-	module:log("info", "Holding the rows only: mam_memory_ref_answer = false");
-	module.held_rows = archives; -- No hook refers to them: without this they would be collected.
-	return;
-end
 
 -- The stored message of row i, as a new util.stanza object.
 local function stored_message(a, i)
-	local row_off = a.row_off;
-	local from, to, mtype, msgid, body = s_sub(a.rows, u32(row_off, i), u32(row_off, i + 1) - 1)
+	local from, to, mtype, msgid, body = between(a.row_off, a.rows, i)
 		:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$");
 	return st.message({ xmlns = "jabber:client", from = from, to = to, type = mtype, id = msgid, ["xml:lang"] = "en" })
 		:text_tag("body", body);
@@ -233,8 +261,8 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	if a and qwith then
 		local list = a.by_with[qwith];
 		if list then
-			local packed = list.rows;
-			row_at, n = function (k) return u32(packed, k); end, list.n;
+			local section = list.rows;
+			row_at, n = function (k) return u32(section, k); end, list.n;
 		end
 	elseif a then
 		n = a.n;

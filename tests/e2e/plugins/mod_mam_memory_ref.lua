@@ -179,7 +179,6 @@ if seed_path then
 	load_seed(seed_path);
 end
 
-
 -- The stored message of row i, as a new util.stanza object.
 local function stored_message(a, i)
 	local from, to, mtype, msgid, body = between(a.row_off, a.rows, i)

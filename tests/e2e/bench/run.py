@@ -441,14 +441,6 @@ def compressed_bytes(ctx, db, empty_bytes, plan, extra):
         srv.remove(ctx.keep)
 
 
-def memory_ref_seed(ctx, plan):
-    """The memory reference's seed file, written once per run."""
-    path = ctx.root / "memory_ref_rows.tsv"
-    if not path.exists():
-        seeding.seed_memory_ref(path, plan)
-    return path
-
-
 def seeded_server(ctx, kind, plan, res):
     """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message."""
     extra = common_config(ctx)
@@ -465,7 +457,9 @@ def seeded_server(ctx, kind, plan, res):
         before = file_bytes(*files)
         seeding.seed_stock(files[0], plan)
     else:
-        srv.extra = extra + ['mam_memory_ref_seed = "%s"' % memory_ref_seed(ctx, plan)]
+        seed_file = srv.data / "memory_ref_rows.tsv"
+        seeding.seed_memory_ref(seed_file, plan)
+        srv.extra = extra + ['mam_memory_ref_seed = "%s"' % seed_file]
         files, before = [], 0
     res["seed_seconds"] = time.monotonic() - t
     if files:

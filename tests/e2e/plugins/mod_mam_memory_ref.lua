@@ -31,7 +31,7 @@
 --   max_archive_query_results (default 50), as stock.
 -- Ids are opaque strings; an unknown `before` / `after` id is item-not-found, as stock. When a
 -- user's ids increase as strings (as mod_mam_rs's do) they are found by binary search, else
--- through a table.
+-- through a table in Lua's heap (which the benchmark's ids never need).
 
 local st = require "util.stanza";
 local rsm = require "util.rsm";

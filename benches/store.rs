@@ -256,5 +256,78 @@ fn query(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, writer, query);
+/// `archive_compression`: the one-off cost of training a dictionary in the writer's transaction
+/// (printed), then a page and an append with compressed rows beside the same with text rows.
+fn compression(c: &mut Criterion) {
+    let dir = TempDir::new().expect("temp dir");
+    let romeo = archive("romeo");
+    let rows = |from: u64, n: u64| -> Vec<NewItem> {
+        (from..from + n)
+            .map(|k| {
+                let id = ArchiveId::first_at(T0 + k as i64 * 1000);
+                row(&romeo, id, contact(k % CONTACTS))
+            })
+            .collect()
+    };
+    let open_with = |name: &str, compression: bool| {
+        let options = SqliteOptions {
+            compression,
+            ..SqliteOptions::default()
+        };
+        SqliteStore::open(&dir.path().join(name), &options).expect("open")
+    };
+    // The first training: the append after the archive reaches 1,000 rows; and the first
+    // append after compression is turned on for an archive of 20,000 text rows.
+    let timed_train = |name: &str, text_rows: u64| {
+        open_with(name, false)
+            .append(&rows(0, text_rows))
+            .expect("append");
+        let store = open_with(name, true);
+        let started = Instant::now();
+        store.append(&rows(text_rows, 1)).expect("append");
+        eprintln!(
+            "compression: the append that trains on {text_rows} text rows took {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        store
+    };
+    timed_train("small.sqlite", 1000);
+    let zstd = timed_train("zstd.sqlite", 20_000);
+    zstd.append(&rows(20_001, 20_000)).expect("append");
+    let text = open_with("text.sqlite", false);
+    text.append(&rows(0, 40_001)).expect("append");
+
+    let newest = Query {
+        limit: Some(51),
+        total: true,
+        reverse: true,
+        ..Query::default()
+    };
+    let mut group = c.benchmark_group("compression");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (name, store) in [("text", &text), ("zstd", &zstd)] {
+        group.bench_function(format!("newest page of 51/{name}"), |b| {
+            b.iter(|| store.find(&romeo, black_box(&newest)).expect("find"))
+        });
+    }
+    let mut next = 1_000_000u64;
+    for (name, store) in [("text", &text), ("zstd", &zstd)] {
+        group.bench_function(format!("append/10/{name}"), |b| {
+            b.iter_batched(
+                || {
+                    next += 10;
+                    rows(next, 10)
+                },
+                |batch| store.append(&batch).expect("append"),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, writer, query, compression);
 criterion_main!(benches);

@@ -223,7 +223,8 @@ pub struct Config {
     /// `mam_smart_enable`: archive nothing for a user until a MAM-capable client uses MAM.
     pub mam_smart_enable: bool,
     /// `archive_compression`: store stanzas zstd-compressed with a dictionary trained from the
-    /// archive (default false). One database, one setting: the first host to open it decides.
+    /// archive (default true; SQLite only, a database server stores text). One database, one
+    /// setting: the first host to open it decides.
     pub archive_compression: bool,
     /// `archive_expires_after` (default one week).
     pub archive_expires_after: Expiry,
@@ -264,7 +265,7 @@ impl Default for Config {
             mam_include_total: true,
             storage_archive_item_limit: None,
             mam_smart_enable: false,
-            archive_compression: false,
+            archive_compression: true,
             archive_expires_after: Expiry::After(WEEK),
             smart_retention: None,
             cleanup_interval: 4.0 * HOUR,
@@ -573,7 +574,9 @@ fn read_options(
         },
     );
     config.database = read_location(raw, config.database, &mut errors);
-    if config.archive_compression && !matches!(config.database, Location::Sqlite(_)) {
+    // On by default, where the store has it: only an explicit `true` on a server is a mistake.
+    let asked = matches!(raw.get("archive_compression"), Some(v) if as_bool(v) == Some(true));
+    if asked && !matches!(config.database, Location::Sqlite(_)) {
         warnings.push(ConfigError {
             severity: Severity::Warning,
             expected: Cow::Borrowed(
@@ -979,6 +982,22 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].severity, Severity::Warning);
         assert!(errors[0].to_string().contains("SQLite archive only"));
+    }
+
+    #[test]
+    fn compression_is_on_by_default_and_quiet_on_a_server_archive() {
+        let (c, errors) = from_options(&BTreeMap::new());
+        assert!(errors.is_empty());
+        assert!(c.archive_compression);
+        let sql = block(&[
+            ("driver", text("PostgreSQL")),
+            ("database", text("prosody")),
+        ]);
+        let (_, errors) = from_options(&opts(&[("sql", sql)]));
+        assert!(errors.is_empty(), "{errors:?}");
+        let (c, errors) = from_options(&opts(&[("archive_compression", RawValue::Bool(false))]));
+        assert!(errors.is_empty());
+        assert!(!c.archive_compression);
     }
 
     #[test]

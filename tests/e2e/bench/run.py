@@ -28,8 +28,10 @@ phase alternates between them, in short turns.
    while the module removes them. Stock 0.12 runs expiry as a daily mod_cron task;
    mod_bench_run_task runs that task at a chosen time. mod_mam_rs runs its own timer
    (archive_cleanup_interval).
-4. Bytes per message: growth of the archive's database file(s) from seeding / rows; for
-   mod_mam_rs also after `prosodyctl mod_mam_rs optimize` with archive_compression = true.
+4. Bytes per message: growth of the archive's database file(s) from seeding / rows. mod_mam_rs
+   is seeded as text rows (as with archive_compression = false), then `prosodyctl mod_mam_rs
+   optimize` compresses them as its default configuration (archive_compression on) stores
+   messages, and the queries run on that; --skip-compressed leaves it as text.
 """
 
 import argparse
@@ -427,20 +429,6 @@ async def _archive_queries(ctx, servers, plan, queries, res):
         res[k]["problems"] = problems[k]
 
 
-def compressed_bytes(ctx, db, empty_bytes, plan, extra):
-    """Bytes per message of a copy of the seeded mod_mam_rs file, compressed by `optimize`."""
-    srv = Server(ctx.root, "rs-zstd", ["mam_rs"], ctx.plugin_dir, extra + ["archive_compression = true"],
-                 accounts_from=ctx.accounts)
-    try:
-        shutil.copyfile(db, srv.data / "mam_rs.sqlite")
-        r = srv.prosodyctl("mod_mam_rs", "optimize", timeout=3600)
-        if r.returncode != 0 or "optimize: ok" not in r.stdout:
-            raise RuntimeError("optimize failed: %s %s" % (r.stdout[-2000:], r.stderr[-2000:]))
-        return (file_bytes(srv.data / "mam_rs.sqlite", srv.data / "mam_rs.sqlite-wal") - empty_bytes) / plan.rows
-    finally:
-        srv.remove(ctx.keep)
-
-
 def seeded_server(ctx, kind, plan, res):
     """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message."""
     extra = common_config(ctx)
@@ -468,9 +456,17 @@ def seeded_server(ctx, kind, plan, res):
     log("[%s] seeded %d rows in %.1f s%s" % (kind, plan.rows, res["seed_seconds"], (
         "; %.0f bytes per message" % res["bytes_per_message"]) if files else ""))
     if kind == "rs" and not ctx.skip_compressed:
-        res["bytes_per_message_compressed"] = compressed_bytes(ctx, files[0], before, plan, extra)
-        log("    with archive_compression = true (after `prosodyctl mod_mam_rs optimize`): %.0f bytes per message"
-            % res["bytes_per_message_compressed"])
+        # The seeded rows are text; compressed, they are what the default configuration stores.
+        res["bytes_per_message_text"] = res["bytes_per_message"]
+        t = time.monotonic()
+        r = srv.prosodyctl("mod_mam_rs", "optimize", timeout=3600)
+        if r.returncode != 0 or "optimize: ok" not in r.stdout or "messages compressed" not in r.stdout:
+            raise RuntimeError("optimize failed: %s %s" % (r.stdout[-2000:], r.stderr[-2000:]))
+        res["optimize_seconds"] = time.monotonic() - t
+        res["db_bytes"] = file_bytes(*files) - before
+        res["bytes_per_message"] = res["db_bytes"] / plan.rows
+        log("    compressed by `prosodyctl mod_mam_rs optimize` in %.1f s: %.0f bytes per message"
+            % (res["optimize_seconds"], res["bytes_per_message"]))
     return srv
 
 
@@ -666,9 +662,8 @@ def build_rows(r):
                     row("ping during expiry, %s, ms" % stat, s, x, None, nd=2)
         s, x = g("archive", "stock", "bytes_per_message"), g("archive", "rs", "bytes_per_message")
         row("bytes per message on disk", s, x, None, ratio(x, s), "≤ 0.33× stock", "<=", 1 / 3, nd=0)
-        x = g("archive", "rs", "bytes_per_message_compressed")
-        row("bytes per message, mod_mam_rs with archive_compression = true", s, x, None, ratio(x, s),
-            "≤ 0.33× stock", "<=", 1 / 3, nd=0)
+        x = g("archive", "rs", "bytes_per_message_text")
+        row("bytes per message, mod_mam_rs with archive_compression = false", s, x, None, ratio(x, s), nd=0)
     return rows
 
 
@@ -794,9 +789,9 @@ def plot(r, path):
             return get("archive", k, "expiry", "during", "p99")
 
         bars(axes[6], "other client's ping p99", groups, kinds, ping, "ms", log_y=True)
-        bars(axes[7], "bytes per message on disk", ["default", "archive_compression"], ["stock", "rs"],
+        bars(axes[7], "bytes per message on disk", ["default", "compression off"], ["stock", "rs"],
              lambda k, s: get("archive", k, "bytes_per_message" if s == "default" or k == "stock"
-                              else "bytes_per_message_compressed"), "bytes")
+                              else "bytes_per_message_text"), "bytes")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -839,7 +834,8 @@ def main(argv=None):
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-archive", action="store_true")
     ap.add_argument("--skip-expiry", action="store_true")
-    ap.add_argument("--skip-compressed", action="store_true", help="skip the archive_compression size figure")
+    ap.add_argument("--skip-compressed", action="store_true", help="query mod_mam_rs's seeded rows as text: no `optimize` to compress them "
+                    "(as the default configuration stores them), no default size figure")
     ap.add_argument("--config", action="append", default=[], metavar="LINE",
                     help="a line added to every server's configuration, such as "
                          "'gc = { mode = \"generational\" }' (repeatable)")

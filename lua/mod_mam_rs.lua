@@ -102,7 +102,14 @@ end
 
 local host_events = prosody.hosts[host].events;
 local archive = assert(native.open(host, options, st.stanza_mt));
-module:log("info", "Archive in %s, writer node %d (mam_rs_native %s)", settings.database, archive:node(), native.version);
+local node, unreachable = archive:node();
+if node then
+	module:log("info", "Archive in %s, writer node %d (mam_rs_native %s)", settings.database, node, native.version);
+else -- A database server that does not answer yet; the native side keeps trying.
+	module:log("error", "Cannot reach the archive %s yet (%s): messages are delivered without being archived, "
+		.. "and archive queries get a try-again-later error, until it answers; retrying (mam_rs_native %s)",
+		settings.database, unreachable, native.version);
+end
 
 -- Completions: the native side wakes us through an eventfd.
 local pending = {}; -- ticket -> callback(completion), for queries and expiry runs
@@ -391,7 +398,8 @@ local function not_archived(stanza, why, kind, log)
 		end
 	elseif kind == "failed" then
 		log("error", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
-	else -- "empty" (expected), "too-deep" (a client's doing, possibly hostile): no error line each.
+	else -- "empty" (expected), "too-deep" (a client's doing, possibly hostile), "unavailable"
+		-- (the server has not answered since the start, logged then and when it does): no error line each.
 		log("debug", "Not archiving stanza: %s (%s)", stanza:top_tag(), why);
 	end
 end

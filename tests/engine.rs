@@ -885,3 +885,96 @@ fn a_commit_whose_answer_was_lost_is_not_written_twice_nor_retried_forever() {
     assert_eq!(bodies(&page), ["once"]);
     assert_eq!(store.lost_answers.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_server_silent_at_start_archives_nothing_until_it_answers_then_everything() {
+    use mam_rs_native::engine::EngineError;
+    use mam_rs_native::store::deferred::Deferred;
+    use std::sync::atomic::AtomicBool;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let answers = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let (flag, counted, file) = (answers.clone(), attempts.clone(), path(&cfg).to_owned());
+    let store = Deferred::new(
+        "PostgreSQL prosody@db:5432/prosody: connection refused".into(),
+        Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if !flag.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("connection refused again".into()));
+            }
+            Ok(Arc::new(SqliteStore::open(&file, &SqliteOptions::default())?) as Arc<dyn Store>)
+        }),
+    );
+    let engine = Engine::start(Arc::new(store), &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    assert!(engine.node().unwrap_err().contains("connection refused"));
+    let archive = |body: &str| {
+        engine.archive(
+            archive_ref("localhost", "alice"),
+            "bob@localhost".into(),
+            message(body),
+            None,
+            Vec::new(),
+        )
+    };
+    match archive("lost") {
+        Err(EngineError::Unavailable(why)) => assert!(why.contains("connection refused"), "{why}"),
+        other => panic!("archived while the server is silent: {other:?}"),
+    }
+    let asked = Instant::now();
+    let err = ask(&engine, &mailbox, "alice", ALL).unwrap_err();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        (err.kind.as_str(), err.condition),
+        ("wait", "internal-server-error")
+    );
+    // The connect thread keeps trying, with the writer's backoff.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attempts.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "no second attempt to connect");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(engine.node().is_err());
+
+    answers.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while engine.node().is_err() {
+        assert!(Instant::now() < deadline, "the engine never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(engine.node(), Ok(0));
+    let logs: Vec<(Level, String)> = mailbox
+        .drain()
+        .completions
+        .into_iter()
+        .filter_map(|c| match c {
+            Completion::Log { level, message } => Some((level, message)),
+            _ => None,
+        })
+        .collect();
+    let answered: Vec<_> = logs
+        .iter()
+        .filter(|(level, m)| *level == Level::Info && m.contains("answered after"))
+        .collect();
+    assert_eq!(answered.len(), 1, "{logs:?}");
+    // One line for the changed reason ("again"), not one per attempt.
+    let still = logs
+        .iter()
+        .filter(|(_, m)| m.starts_with("Still cannot use"))
+        .count();
+    assert_eq!(still, 1, "{logs:?}");
+
+    let kept = archive("kept").unwrap();
+    assert!(engine.wait_committed(kept.release_at, Duration::from_secs(20)));
+    assert_eq!(
+        bodies(&ask(&engine, &mailbox, "alice", ALL).unwrap()),
+        ["kept"]
+    );
+    engine.shutdown();
+}

@@ -44,16 +44,19 @@ pub enum NotArchived {
     TooDeep,
     /// The writer's queue is at its bound (the database cannot keep up).
     QueueFull,
+    /// The database server has not answered since the module started.
+    Unavailable,
     /// Anything else: the archive is closed, a name or character XML cannot carry, or an
     /// unexpected failure.
     Failed,
 }
 
 impl NotArchived {
-    pub const ALL: [NotArchived; 4] = [
+    pub const ALL: [NotArchived; 5] = [
         NotArchived::Empty,
         NotArchived::TooDeep,
         NotArchived::QueueFull,
+        NotArchived::Unavailable,
         NotArchived::Failed,
     ];
 
@@ -62,6 +65,7 @@ impl NotArchived {
             NotArchived::Empty => "empty",
             NotArchived::TooDeep => "too-deep",
             NotArchived::QueueFull => "queue-full",
+            NotArchived::Unavailable => "unavailable",
             NotArchived::Failed => "failed",
         }
     }
@@ -203,7 +207,7 @@ pub struct HostMetrics {
     /// Archived messages: `[in, out]`.
     archived: [AtomicU64; 2],
     /// Indexed by [`NotArchived`] (as in [`NotArchived::ALL`]).
-    not_archived: [AtomicU64; 4],
+    not_archived: [AtomicU64; 5],
     /// Answered requests (queries and metadata): `[ok, error]`.
     answered: [AtomicU64; 2],
     /// From a request's arrival to its answer being ready.
@@ -327,7 +331,13 @@ pub mod names {
 
 const DIRECTION_LABELS: [&[&str]; 2] = [&["in"], &["out"]];
 const OUTCOME_LABELS: [&[&str]; 2] = [&["ok"], &["error"]];
-const REASON_LABELS: [&[&str]; 4] = [&["empty"], &["too-deep"], &["queue-full"], &["failed"]];
+const REASON_LABELS: [&[&str]; 5] = [
+    &["empty"],
+    &["too-deep"],
+    &["queue-full"],
+    &["unavailable"],
+    &["failed"],
+];
 
 fn load<const N: usize>(counts: &[AtomicU64; N]) -> [u64; N] {
     std::array::from_fn(|i| counts[i].load(Ordering::Relaxed))
@@ -341,7 +351,7 @@ pub struct Reporter {
     /// Nothing reported yet: the first report names every counter, even at zero.
     first: bool,
     archived: [u64; 2],
-    not_archived: [u64; 4],
+    not_archived: [u64; 5],
     answered: [u64; 2],
     failed_writes: u64,
     query_seconds: Vec<Bucket>,

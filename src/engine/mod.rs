@@ -58,6 +58,9 @@ pub enum EngineError {
         "archive queue full: {0} messages are waiting for the database (mam_rs_max_queued_rows)"
     )]
     QueueFull(usize),
+    /// The database server has not answered since the engine started (see [`Engine::start`]).
+    #[error("the archive database cannot be reached yet: {0}")]
+    Unavailable(String),
 }
 
 /// What the engine hands out for one archived message.
@@ -84,16 +87,25 @@ pub struct Engine {
     /// Rows handed to the writer and not yet written (or given up).
     queued: Arc<AtomicUsize>,
     max_queued: usize,
-    ids: Mutex<IdGenerator>,
-    last_handed_out: AtomicU64,
+    ids: Arc<Mutex<Ids>>,
+    last_handed_out: Arc<AtomicU64>,
     writer: Mutex<Option<Sender<WriterMsg>>>,
     queries: Mutex<Option<Sender<Task>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     writer_metrics: Arc<WriterMetrics>,
     stopping: Arc<AtomicBool>,
     next_ticket: AtomicU64,
-    /// The writer node this engine's ids carry (see [`Store::claim_node`]).
-    node: u16,
+}
+
+/// What the engine needs from the database before it can hand out ids: the writer node its
+/// ids carry (see [`Store::claim_node`]) and the newest stored id.
+enum Ids {
+    Ready {
+        generator: IdGenerator,
+        node: u16,
+    },
+    /// The database server has not answered yet: why (the connect thread keeps trying).
+    Unreachable(String),
 }
 
 /// The engines of this process, by database ([`store::Location::describe`]).
@@ -124,15 +136,22 @@ impl Engine {
             read_connections: (config.query_workers as u32).saturating_add(1),
             compression: config.archive_compression,
         };
-        let store = store::open(&config.database, options)?;
+        let store = store::open_or_defer(&config.database, options)?;
         Engine::start(store, config)
     }
 
-    /// Starts the threads over any store.
+    /// Starts the threads over any store. A store whose server does not answer yet
+    /// ([`StoreError::Unavailable`], see [`store::deferred`]) is no error: until it does,
+    /// messages are not archived ([`EngineError::Unavailable`]), queries fail at once, and a
+    /// connect thread keeps trying, with the writer's backoff.
     pub fn start(store: Arc<dyn Store>, config: &Config) -> Result<Engine, EngineError> {
         let progress = Arc::new(Progress::default());
-        let node = store.claim_node()?;
-        let last = store.last_id()?;
+        let last_handed_out = Arc::new(AtomicU64::new(0));
+        let ids = Arc::new(Mutex::new(match node_and_last_id(&*store) {
+            Ok((node, last)) => ready(node, last, &progress, &last_handed_out),
+            Err(StoreError::Unavailable(why)) => Ids::Unreachable(why),
+            Err(e) => return Err(e.into()),
+        }));
         let stopping = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
 
@@ -162,23 +181,30 @@ impl Engine {
             threads.push(spawn(&format!("mam_rs-query-{n}"), move || worker.run(rx))?);
         }
 
-        // Everything already stored counts as committed.
-        let stored = last.map_or(0, |id| id.as_i64() as u64);
-        progress.advance(stored, true);
+        if matches!(*ids.lock(), Ids::Unreachable(_)) {
+            let connect = Connect {
+                store: store.clone(),
+                ids: ids.clone(),
+                progress: progress.clone(),
+                last_handed_out: last_handed_out.clone(),
+                stopping: stopping.clone(),
+                database: config.database.describe(),
+            };
+            threads.push(spawn("mam_rs-connect", move || connect.run())?);
+        }
 
         Ok(Engine {
             progress,
             queued,
             max_queued: config.max_queued_rows,
-            ids: Mutex::new(IdGenerator::for_node(node, last)),
-            last_handed_out: AtomicU64::new(stored),
+            ids,
+            last_handed_out,
             writer: Mutex::new(Some(writer_tx)),
             queries: Mutex::new(Some(query_tx)),
             threads: Mutex::new(threads),
             writer_metrics,
             stopping,
             next_ticket: AtomicU64::new(1),
-            node,
         })
     }
 
@@ -206,7 +232,10 @@ impl Engine {
         let tx = writer.as_ref().ok_or(EngineError::Closed)?;
         // The id lock is held across the send, so rows reach the writer in id order.
         let mut ids = self.ids.lock();
-        let id = ids.next_now();
+        let id = match &mut *ids {
+            Ids::Ready { generator, .. } => generator.next_now(),
+            Ids::Unreachable(why) => return Err(EngineError::Unavailable(why.clone())),
+        };
         // Counted before the send: the writer may commit the row and count it down at once.
         self.queued.fetch_add(1, Ordering::AcqRel);
         if tx
@@ -338,8 +367,13 @@ impl Engine {
 
     /// The writer node this engine's ids carry: 0 on an embedded database, one no other
     /// process holds on a database server.
-    pub fn node(&self) -> u16 {
-        self.node
+    /// The writer node this engine's ids carry; or, while its database server has not
+    /// answered since the start, why.
+    pub fn node(&self) -> Result<u16, String> {
+        match &*self.ids.lock() {
+            Ids::Ready { node, .. } => Ok(*node),
+            Ids::Unreachable(why) => Err(why.clone()),
+        }
     }
 
     /// Rows waiting for the writer now.
@@ -369,6 +403,85 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+fn node_and_last_id(store: &dyn Store) -> Result<(u16, Option<ArchiveId>), StoreError> {
+    Ok((store.claim_node()?, store.last_id()?))
+}
+
+/// Ids continue after `last`, and everything already stored counts as committed.
+fn ready(
+    node: u16,
+    last: Option<ArchiveId>,
+    progress: &Progress,
+    last_handed_out: &AtomicU64,
+) -> Ids {
+    let stored = last.map_or(0, |id| id.as_i64() as u64);
+    progress.advance(stored, true);
+    last_handed_out.store(stored, Ordering::Release);
+    Ids::Ready {
+        generator: IdGenerator::for_node(node, last),
+        node,
+    }
+}
+
+/// The thread that waits for a database server that did not answer at start.
+struct Connect {
+    store: Arc<dyn Store>,
+    ids: Arc<Mutex<Ids>>,
+    progress: Arc<Progress>,
+    last_handed_out: Arc<AtomicU64>,
+    stopping: Arc<AtomicBool>,
+    database: String,
+}
+
+impl Connect {
+    fn run(self) {
+        let started = Instant::now();
+        for attempt in 1.. {
+            // Short sleeps: shutdown must not wait out a backoff.
+            let until = Instant::now() + writer::backoff(attempt);
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+            }
+            match node_and_last_id(&*self.store) {
+                Ok((node, last)) => {
+                    let ready = ready(node, last, &self.progress, &self.last_handed_out);
+                    self.progress.log(
+                        Level::Info,
+                        format!(
+                            "The archive {} answered after {:.1} s: archiving from now on (writer node {node})",
+                            self.database,
+                            started.elapsed().as_secs_f64()
+                        ),
+                    );
+                    *self.ids.lock() = ready;
+                    return;
+                }
+                Err(e) => {
+                    let why = match e {
+                        StoreError::Unavailable(why) | StoreError::Open(why) => why,
+                        other => other.to_string(),
+                    };
+                    let mut ids = self.ids.lock();
+                    // A new reason is worth a line (the server answers now, but refuses).
+                    if !matches!(&*ids, Ids::Unreachable(old) if *old == why) {
+                        self.progress.log(
+                            Level::Error,
+                            format!(
+                                "Still cannot use the archive {}: {why}; retrying",
+                                self.database
+                            ),
+                        );
+                    }
+                    *ids = Ids::Unreachable(why);
+                }
+            }
+        }
     }
 }
 

@@ -342,7 +342,7 @@ impl Marks {
 }
 
 /// 50 ms, doubling, at most 5 s.
-fn backoff(attempt: u32) -> Duration {
+pub(super) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(50u64.saturating_mul(1 << attempt.min(7)).min(5_000))
 }
 

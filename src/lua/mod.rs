@@ -318,6 +318,9 @@ impl Archive {
             Err(e @ EngineError::QueueFull(_)) => {
                 Ok(self.refuse(NotArchived::QueueFull, e.to_string()))
             }
+            Err(e @ EngineError::Unavailable(_)) => {
+                Ok(self.refuse(NotArchived::Unavailable, e.to_string()))
+            }
             Err(e) => Ok(self.refuse(NotArchived::Failed, e.to_string())),
         }
     }
@@ -475,7 +478,13 @@ impl UserData for Archive {
             this.mailbox.poke();
             Ok(())
         });
-        methods.add_method("node", |_, this, ()| Ok(this.engine()?.node()));
+        // The writer node, or nil and why the database server has not answered yet.
+        methods.add_method("node", |_, this, ()| {
+            Ok(match this.engine()?.node() {
+                Ok(node) => (Some(node), None),
+                Err(why) => (None, Some(why)),
+            })
+        });
 
         methods.add_method(
             "archive",

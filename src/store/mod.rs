@@ -8,6 +8,7 @@
 //! This layer knows SQL and rows. It does not know XMPP: stanzas are opaque serialised XML,
 //! and query semantics ([`Query`]) are already resolved by the protocol layer.
 
+pub mod deferred;
 pub mod mysql;
 pub mod postgres;
 mod rows;
@@ -98,8 +99,17 @@ pub struct OpenOptions {
     pub compression: bool,
 }
 
-/// Opens (creating and migrating when needed) the store at `location`.
+/// Opens (creating and migrating when needed) the store at `location`. A database server that
+/// does not answer is an error here, as anything else that stops the opening.
 pub fn open(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
+    open_store(location, options).map_err(|e| match e {
+        StoreError::Unavailable(why) => StoreError::Open(why),
+        e => e,
+    })
+}
+
+/// As [`open`], with a server that does not answer as [`StoreError::Unavailable`].
+fn open_store(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match location {
         Location::Sqlite(path) => {
             let sqlite = sqlite::SqliteOptions {
@@ -125,6 +135,25 @@ pub fn open(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>,
         }
         Location::Unusable(why) => return Err(StoreError::Open(why.clone())),
     })
+}
+
+/// As [`open`], but a database server that does not answer yet is no error: the store comes
+/// back [`deferred`], failing every call at once until [`Store::claim_node`] connects (the
+/// engine keeps calling it). For the running module; admin commands use [`open`].
+pub fn open_or_defer(
+    location: &Location,
+    options: OpenOptions,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match open_store(location, options) {
+        Err(StoreError::Unavailable(why)) => {
+            let location = location.clone();
+            Ok(Arc::new(deferred::Deferred::new(
+                why,
+                Box::new(move || open_store(&location, options)),
+            )))
+        }
+        other => other,
+    }
 }
 
 /// Which archive a row belongs to.

@@ -82,7 +82,7 @@ def test_every_counter_starts_at_zero(metered, connect):
     m = metered.scrape()
     for direction in ("in", "out"):
         assert m.get("archived_total", direction=direction) == 0
-    for reason in ("policy", "prefs", "limit", "empty", "too-deep", "queue-full", "failed"):
+    for reason in ("policy", "prefs", "limit", "empty", "too-deep", "queue-full", "unavailable", "failed"):
         assert m.get("not_archived_total", reason=reason) == 0, reason
     for outcome in ("ok", "error"):
         assert m.get("queries_total", outcome=outcome) == 0
@@ -122,7 +122,7 @@ def test_messages_queries_and_writes_are_counted_exactly(metered, connect):
     assert m.get("archived_total", direction="in") == 5 + 3
     assert m.get("not_archived_total", reason="prefs") == 1
     assert m.get("not_archived_total", reason="policy") == 2 * 2
-    for reason in ("limit", "empty", "too-deep", "queue-full", "failed"):
+    for reason in ("limit", "empty", "too-deep", "queue-full", "unavailable", "failed"):
         assert m.get("not_archived_total", reason=reason) == 0, reason
     assert m.get("queries_total", outcome="ok") == 4
     assert m.get("queries_total", outcome="error") == 1

@@ -105,3 +105,49 @@ def test_queries_while_the_server_is_down_get_try_again_later_at_once(db_server,
         if not db_server.running:
             db_server.start()
         srv.stop()
+
+
+def test_a_server_down_at_start_delays_archiving_not_the_module(db_server, connect):
+    """Prosody starting before its database server (boot order): the module loads, says once
+    that the server does not answer, delivers messages without archiving them, answers queries
+    with "try again later", and archives from the moment the server answers, without a
+    restart."""
+    from test_lifecycle import sid_for
+
+    name = db_server.create_database()
+    params = db_server.params(name)
+    db_server.stop()
+    srv = None
+    try:
+        mam_rs_sql = "mam_rs_sql = { %s }" % ", ".join(
+            "%s = %s" % (k, params[k] if isinstance(params[k], int) else '"%s"' % params[k])
+            for k in ("driver", "database", "host", "port", "username", "password"))
+        srv = ProsodyServer([mam_rs_sql]).start()  # fails if the module does not load
+        lines = [ln for ln in srv.log_text().splitlines() if "Cannot reach the archive" in ln]
+        assert len(lines) == 1 and describe(params) in lines[0] and "\terror\t" in lines[0], lines
+
+        alice, bob = connect(srv, "alice"), connect(srv, "bob")
+        mid = alice.send_message(bob.bare, "while down " + token())
+        assert sid_for(bob.wait_id(mid), bob.bare) is None, "a stanza-id for a message not archived"
+        r = alice.mam(rsm={"max": 10})
+        assert (r.iq.type, r.iq.error_type, r.iq.condition) == ("error", "wait", "internal-server-error"), r.iq
+        assert srv.proc.poll() is None
+
+        db_server.start()
+        deadline = time.monotonic() + 30
+        while True:
+            body = "after " + token()
+            got = bob.wait_id(alice.send_message(bob.bare, body))
+            if sid_for(got, bob.bare) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        sid = sid_for(got, bob.bare)
+        assert sid, "still not archiving 30 s after %s started" % db_server.kind
+        assert "answered after" in srv.log_text()
+        page = bob.mam_all(fields={"with": alice.bare})
+        assert page.bodies == [body] and page.ids == [sid], (page.bodies, page.ids)
+    finally:
+        if not db_server.running:
+            db_server.start()
+        if srv is not None:
+            srv.stop()

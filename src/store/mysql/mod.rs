@@ -146,8 +146,9 @@ impl MysqlStore {
     /// Connects, migrates the schema to [`SCHEMA_VERSION`] and opens the read pool.
     pub fn open(options: &MysqlOptions) -> Result<MysqlStore, StoreError> {
         let describe = describe(options);
+        // A server that does not answer may come back: Unavailable stays (see `connect`).
         let open_err = |e: StoreError| match e {
-            StoreError::Database(e) | StoreError::Unavailable(e) => StoreError::Open(e),
+            StoreError::Database(e) => StoreError::Open(e),
             e => e,
         };
         let mut writer = connect(options).map_err(open_err)?;
@@ -297,7 +298,14 @@ fn try_node_lock(conn: &mut Conn, node: u16) -> Result<bool, StoreError> {
 
 /// A new writer connection.
 fn connect(options: &MysqlOptions) -> Result<Writer, StoreError> {
-    let gone = |e: mysql::Error| StoreError::Unavailable(format!("{}: {e}", describe(options)));
+    // The server's own refusal (a wrong password, no such database) is not a server away;
+    // too many connections (1040) and shutting down (1053) pass.
+    let gone = |e: mysql::Error| match e {
+        mysql::Error::MySqlError(ref server) if !matches!(server.code, 1040 | 1053) => {
+            StoreError::Database(format!("{}: {e}", describe(options)))
+        }
+        e => StoreError::Unavailable(format!("{}: {e}", describe(options))),
+    };
     let mut conn = Conn::new(options.opts()).map_err(gone)?;
     let max_packet: i64 = first(&mut conn, "SELECT @@max_allowed_packet", ())?
         .ok_or_else(|| StoreError::Database("no max_allowed_packet".into()))?;

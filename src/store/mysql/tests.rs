@@ -280,7 +280,7 @@ fn a_unix_socket_is_a_host_starting_with_a_slash() {
 }
 
 #[test]
-fn a_server_that_is_not_there_is_an_open_error() {
+fn a_server_that_is_not_there_is_unavailable() {
     let dir = TempDir::new().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -293,7 +293,8 @@ fn a_server_that_is_not_there_is_an_open_error() {
     };
     let err = MysqlStore::open(&options).unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, StoreError::Open(_)), "{text}");
+    // Not a refusal: the running module waits for it (store::open_or_defer).
+    assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
     assert!(text.contains(&options.describe(ENGINE)), "{text}");
     assert!(!text.contains("never shown"), "{text}");
 }
@@ -459,4 +460,19 @@ fn quotas_within_and_across_batches_match_the_sqlite_store() {
             assert_eq!(ours.total, theirs.total, "{} after {n}", archive.user);
         }
     }
+}
+
+#[test]
+fn a_server_that_refuses_is_an_open_error() {
+    let dir = TempDir::new().unwrap();
+    let options = MysqlOptions {
+        database: "mam_rs_no_such_database".into(),
+        ..options(&dir)
+    };
+    let Err(err) = MysqlStore::open(&options) else {
+        panic!("no such database")
+    };
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Open(_)), "{text}");
+    assert!(text.contains("mam_rs_no_such_database"), "{text}");
 }

@@ -168,3 +168,36 @@ fn a_writer_that_lost_its_node_while_disconnected_refuses_to_write() {
     one.append(&[row(&romeo(), id(1), "x@y")]).unwrap();
     assert_eq!(total(&one), Some(1));
 }
+
+#[test]
+fn a_server_that_is_not_there_is_unavailable_and_one_that_refuses_is_an_open_error() {
+    let dir = TempDir::new().unwrap();
+    let options = open(&dir).options.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let silent = PgOptions {
+        host: "127.0.0.1".into(),
+        port: Some(port),
+        password: Some("never shown".into()),
+        ..options.clone()
+    };
+    let Err(err) = PgStore::open(&silent) else {
+        panic!("nothing listens there")
+    };
+    let text = err.to_string();
+    // The running module waits for it (store::open_or_defer).
+    assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
+    assert!(text.contains(&silent.describe(ENGINE)), "{text}");
+    assert!(!text.contains("never shown"), "{text}");
+    let refused = PgOptions {
+        database: "mam_rs_no_such_database".into(),
+        ..options
+    };
+    let Err(err) = PgStore::open(&refused) else {
+        panic!("no such database")
+    };
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Open(_)), "{text}");
+    assert!(text.contains("mam_rs_no_such_database"), "{text}");
+}

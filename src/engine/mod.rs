@@ -366,9 +366,8 @@ impl Engine {
     }
 
     /// The writer node this engine's ids carry: 0 on an embedded database, one no other
-    /// process holds on a database server.
-    /// The writer node this engine's ids carry; or, while its database server has not
-    /// answered since the start, why.
+    /// process holds on a database server; or, while that server has not answered since the
+    /// start, why.
     pub fn node(&self) -> Result<u16, String> {
         match &*self.ids.lock() {
             Ids::Ready { node, .. } => Ok(*node),

@@ -111,18 +111,19 @@ impl PgStore {
         let describe = options.describe(ENGINE);
         // A server that does not answer (or answers that it is starting or stopping) may come
         // back: Unavailable. One that refuses (password, database) is an error: Open.
-        let open_err = |e: postgres::Error| match db(e) {
-            StoreError::Database(why) => StoreError::Open(format!("{describe}: {why}")),
-            StoreError::Unavailable(why) => StoreError::Unavailable(format!("{describe}: {why}")),
-            other => other,
-        };
-        let mut writer = options.config().connect(NoTls).map_err(|e| {
-            if e.as_db_error().is_none() {
-                StoreError::Unavailable(format!("{describe}: {}", with_cause(&e)))
-            } else {
-                open_err(e)
+        let open_err = |e: postgres::Error| {
+            let silent = e.as_db_error().is_none();
+            match db(e) {
+                StoreError::Database(why) if !silent => {
+                    StoreError::Open(format!("{describe}: {why}"))
+                }
+                StoreError::Database(why) | StoreError::Unavailable(why) => {
+                    StoreError::Unavailable(format!("{describe}: {why}"))
+                }
+                other => other,
             }
-        })?;
+        };
+        let mut writer = options.config().connect(NoTls).map_err(open_err)?;
         schema::migrate(&mut writer)?;
         let manager = PostgresConnectionManager::new(options.config(), NoTls);
         let readers = r2d2::Pool::builder()

@@ -910,6 +910,17 @@ fn with_total(store: &dyn Store, with: &str) -> Option<u64> {
     .total
 }
 
+/// After a migration has filled in the contact totals of [`romeo_with_ten_rows`]: they are
+/// right, and a new row adds to them.
+fn assert_filled_contact_totals(store: &dyn Store) {
+    assert_eq!(with_total(store, "juliet@capulet.lit"), Some(7));
+    assert_eq!(with_total(store, "mercutio@example.net"), Some(3));
+    store
+        .append(&[row(&romeo(), id(11), "mercutio@example.net")])
+        .unwrap();
+    assert_eq!(with_total(store, "mercutio@example.net"), Some(4));
+}
+
 fn stock(n: i64) -> crate::store::ImportRow {
     crate::store::ImportRow {
         key: format!("stock-{n:04}"),

@@ -7,11 +7,13 @@
 //!
 //! - A commit batch goes in as one multi-row `INSERT … VALUES (…), (…)`, split only where it
 //!   would not fit the server's `max_allowed_packet` (one round trip per commit, not per row).
-//! - The per-archive counts are kept here, not by triggers: MySQL triggers run once per row
-//!   (a 1000-row batch would update its archive row 1000 times), so each statement that inserts
-//!   or deletes adds or subtracts its row count, in the same transaction. Every write locks the
-//!   archive rows before touching their messages, in `aid` order within a batch, so that
-//!   writers of several Prosody processes do not deadlock on them.
+//! - The counts, per archive and per archive and contact (`mam_rs_with_counts`, schema 2), are
+//!   kept here, not by triggers: MySQL triggers run once per row (a 1000-row batch would
+//!   update its archive row 1000 times), so each write that inserts or deletes adds or
+//!   subtracts its rows, in the same transaction. Every write locks the archive rows before
+//!   touching their messages, in `aid` order within a batch, so that writers of several Prosody
+//!   processes do not deadlock on them. Rows deleted with SQL from outside the module are not
+//!   taken off the counts (on SQLite and PostgreSQL, triggers keep them).
 //! - MySQL commits around DDL, so migrations are not one transaction (see `schema`).
 //!
 //! Connections: one writer connection, connected again when the server went away (the first
@@ -126,7 +128,13 @@ const INSERT_MESSAGE: &str =
     "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES (?, ?, ?, ?)";
 const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM mam_rs_messages WHERE id = ? AND aid = ?";
 const SELECT_LEGACY: &str = "SELECT id FROM mam_rs_legacy_ids WHERE aid = ? AND legacy_key = ?";
-const DELETE_OLDEST: &str = "DELETE FROM mam_rs_messages WHERE aid = ? ORDER BY id LIMIT ?";
+/// Archive `aid`'s oldest rows up to an id, locked (a current read, as the `DELETE` after it).
+const SELECT_OLDEST: &str = "SELECT with_id FROM mam_rs_messages WHERE aid = ? AND id <= ? \
+                             ORDER BY id LIMIT ? FOR UPDATE";
+const DELETE_OLDEST: &str =
+    "DELETE FROM mam_rs_messages WHERE aid = ? AND id <= ? ORDER BY id LIMIT ?";
+const SELECT_WITH_COUNT: &str =
+    "SELECT item_count FROM mam_rs_with_counts WHERE aid = ? AND with_id = ?";
 /// Takes writer node `?` for this session, if no other session holds it: 1 when taken. Named
 /// locks are server-wide, so the database's name is part of the lock's (hashed: a name has at
 /// most 64 characters).
@@ -342,6 +350,10 @@ impl<C: Queryable> rows::Snapshot for Snap<'_, C> {
         count(self.conn, filter, range)
     }
 
+    fn keeps_with_totals(&self) -> bool {
+        true
+    }
+
     fn page(
         &mut self,
         filter: &Filter<'_>,
@@ -404,8 +416,7 @@ impl Store for MysqlStore {
                     if let Some(excess) = rows::over_quota(count, quota) {
                         // The oldest rows may be among this batch's.
                         flush(w, &mut pending)?;
-                        let deleted = execute(&mut w.conn, DELETE_OLDEST, (aid, excess))?;
-                        add_to_count(&mut w.conn, aid, -(deleted as i64))?;
+                        let deleted = delete_oldest(&mut w.conn, aid, i64::MAX, excess as u64)?;
                         count -= deleted as i64;
                     }
                     counts.insert(aid, count);
@@ -491,14 +502,7 @@ impl Store for MysqlStore {
                         continue;
                     };
                     let n = if lock_archive(conn, aid)? > 0 {
-                        let n = execute(
-                            conn,
-                            "DELETE FROM mam_rs_messages WHERE aid = ? AND id <= ? \
-                             ORDER BY id LIMIT ?",
-                            (aid, last, room),
-                        )?;
-                        add_to_count(conn, aid, -(n as i64))?;
-                        n
+                        delete_oldest(conn, aid, last, room)?
                     } else {
                         0
                     };
@@ -578,6 +582,7 @@ impl Store for MysqlStore {
             .unwrap_or(0);
             let now = crate::id::now_micros();
             let mut done = ImportBatch::default();
+            let mut added: BTreeMap<(i64, i64), i64> = BTreeMap::new();
             for row in rows {
                 if lookup_id(conn, aid, &row.key)?.is_some() {
                     done.already += 1;
@@ -591,6 +596,7 @@ impl Store for MysqlStore {
                     INSERT_MESSAGE,
                     (id, aid, with_id, row.stanza.as_str()),
                 )?;
+                *added.entry((aid, with_id)).or_default() += 1;
                 if keep_key {
                     execute(
                         conn,
@@ -602,6 +608,7 @@ impl Store for MysqlStore {
                 done.imported += 1;
             }
             add_to_count(conn, aid, done.imported as i64)?;
+            add_to_with_counts(conn, &added)?;
             execute(
                 conn,
                 "INSERT INTO mam_rs_imports (aid, source, position, last_id) VALUES (?, ?, ?, ?) \
@@ -680,13 +687,7 @@ impl Store for MysqlStore {
                 return Ok(0);
             };
             let deleted = if lock_archive(conn, aid)? > 0 {
-                let n = execute(
-                    conn,
-                    "DELETE FROM mam_rs_messages WHERE aid = ? ORDER BY id LIMIT ?",
-                    (aid, limit),
-                )?;
-                add_to_count(conn, aid, -(n as i64))?;
-                n
+                delete_oldest(conn, aid, i64::MAX, u64::from(limit))?
             } else {
                 0
             };
@@ -770,12 +771,15 @@ fn flush(w: &mut Writer, pending: &mut Vec<Pending<'_>>) -> Result<(), StoreErro
     }
     // The counts first: archive rows are locked before message rows, in `aid` order.
     let mut added: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut with_added: BTreeMap<(i64, i64), i64> = BTreeMap::new();
     for row in pending.iter() {
         *added.entry(row.aid).or_default() += 1;
+        *with_added.entry((row.aid, row.with_id)).or_default() += 1;
     }
     for (aid, n) in added {
         add_to_count(&mut w.conn, aid, n)?;
     }
+    add_to_with_counts(&mut w.conn, &with_added)?;
     let mut rest = &pending[..];
     for len in chunk_lengths(pending.iter().map(|row| row.stanza.len()), w.insert_budget) {
         let (chunk, tail) = rest.split_at(len);
@@ -841,6 +845,49 @@ fn add_to_count(conn: &mut Conn, aid: i64, n: i64) -> Result<(), StoreError> {
         execute(conn, ADD_TO_COUNT, (n, aid))?;
     }
     Ok(())
+}
+
+/// Adds each `(aid, with_id)`'s change to its per-contact count, in one statement.
+fn add_to_with_counts(
+    conn: &mut Conn,
+    added: &BTreeMap<(i64, i64), i64>,
+) -> Result<(), StoreError> {
+    if added.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::from("INSERT INTO mam_rs_with_counts (aid, with_id, item_count) VALUES ");
+    let mut params = Vec::with_capacity(added.len() * 3);
+    for (i, (&(aid, with_id), &n)) in added.iter().enumerate() {
+        sql.push_str(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
+        params.extend([Value::from(aid), Value::from(with_id), Value::from(n)]);
+    }
+    sql.push_str(" ON DUPLICATE KEY UPDATE item_count = item_count + VALUES(item_count)");
+    conn.exec_drop(sql, params).map_err(db)
+}
+
+/// Deletes archive `aid`'s oldest rows with ids up to `upto`, at most `limit` of them, and
+/// takes them off its counts. The caller has locked the archive row, so no other writer
+/// changes these rows meanwhile.
+fn delete_oldest(conn: &mut Conn, aid: i64, upto: i64, limit: u64) -> Result<u64, StoreError> {
+    let withs: Vec<i64> = all(conn, SELECT_OLDEST, (aid, upto, limit))?;
+    if withs.is_empty() {
+        return Ok(0);
+    }
+    let n = execute(conn, DELETE_OLDEST, (aid, upto, limit))?;
+    if n != withs.len() as u64 {
+        // Rolled back by the caller's transaction: never counts out of step with the rows.
+        return Err(StoreError::Database(format!(
+            "archive {aid}: {n} rows deleted where {} were selected",
+            withs.len()
+        )));
+    }
+    let mut gone: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    for with_id in withs {
+        *gone.entry((aid, with_id)).or_default() -= 1;
+    }
+    add_to_count(conn, aid, -(n as i64))?;
+    add_to_with_counts(conn, &gone)?;
+    Ok(n)
 }
 
 /// Runs `ANALYZE TABLE` or `OPTIMIZE TABLE`, which report failures as rows, not as errors.
@@ -914,17 +961,19 @@ fn count(
     filter: &Filter<'_>,
     range: IdRange,
 ) -> Result<u64, StoreError> {
-    let n: Option<i64> =
-        if filter.with_id.is_none() && filter.ids.is_none() && range.is_everything() {
-            first(conn, SELECT_ITEM_COUNT, (filter.aid,))?
-        } else {
-            let (clause, params) = where_clause(filter, range);
-            first(
-                conn,
-                &format!("SELECT COUNT(*) FROM mam_rs_messages m{clause}"),
-                params,
-            )?
-        };
+    let n: Option<i64> = if filter.ids.is_none() && range.is_everything() {
+        match filter.with_id {
+            None => first(conn, SELECT_ITEM_COUNT, (filter.aid,))?,
+            Some(with_id) => first(conn, SELECT_WITH_COUNT, (filter.aid, with_id))?,
+        }
+    } else {
+        let (clause, params) = where_clause(filter, range);
+        first(
+            conn,
+            &format!("SELECT COUNT(*) FROM mam_rs_messages m{clause}"),
+            params,
+        )?
+    };
     non_negative(n.unwrap_or(0))
 }
 

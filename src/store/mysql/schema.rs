@@ -15,7 +15,7 @@ use mysql::prelude::Queryable;
 use mysql::Conn;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[&[&str]] = &[V1];
+const MIGRATIONS: &[&[&str]] = &[V1, V2];
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -105,6 +105,22 @@ const V1: &[&str] = &[
         PRIMARY KEY (aid, client),
         CONSTRAINT mam_rs_client_marks_archive FOREIGN KEY (aid) REFERENCES mam_rs_archives (aid)
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+];
+
+/// Version 2: per-contact totals, so that a `with` query's `<count>` reads one row (as on
+/// SQLite and PostgreSQL). Kept by the store in the transactions that insert or delete, as
+/// `item_count`; filled here from the rows already stored (`REPLACE`: a step cut short runs
+/// again whole).
+const V2: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS mam_rs_with_counts (
+        aid        BIGINT NOT NULL,
+        with_id    BIGINT NOT NULL,
+        item_count BIGINT NOT NULL,
+        PRIMARY KEY (aid, with_id),
+        CONSTRAINT mam_rs_with_counts_archive FOREIGN KEY (aid) REFERENCES mam_rs_archives (aid)
+    ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+    "REPLACE INTO mam_rs_with_counts (aid, with_id, item_count)
+        SELECT aid, with_id, COUNT(*) FROM mam_rs_messages GROUP BY aid, with_id",
 ];
 
 /// The indexes queries depend on, for `optimize` to check.

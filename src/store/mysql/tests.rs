@@ -476,3 +476,26 @@ fn a_server_that_refuses_is_an_open_error() {
     assert!(matches!(err, StoreError::Open(_)), "{text}");
     assert!(text.contains("mam_rs_no_such_database"), "{text}");
 }
+
+#[test]
+fn version_2_fills_the_contact_totals_of_an_existing_database() {
+    let dir = TempDir::new().unwrap();
+    let options = options(&dir);
+    drop(romeo_with_ten_rows(&dir));
+    // The database as version 1 left it: no contact totals.
+    let mut conn = Conn::new(options.opts()).unwrap();
+    conn.query_drop("DROP TABLE mam_rs_with_counts").unwrap();
+    conn.query_drop("UPDATE mam_rs_schema SET version = 1")
+        .unwrap();
+    let store = open(&dir);
+    assert_filled_contact_totals(&store);
+    // Read from the kept row, not counted: a row the module did not delete still counts.
+    conn.exec_drop(
+        "DELETE FROM mam_rs_messages WHERE id = ?",
+        (id(11).as_i64(),),
+    )
+    .unwrap();
+    assert_eq!(with_total(&store, "mercutio@example.net"), Some(4));
+    let versions: Vec<i32> = conn.query("SELECT version FROM mam_rs_schema").unwrap();
+    assert_eq!(versions, vec![SCHEMA_VERSION]);
+}

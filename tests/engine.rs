@@ -50,6 +50,20 @@ fn message(body: &str) -> String {
     format!("<message xmlns='jabber:client' to='bob@localhost' type='chat'><body>{body}</body></message>")
 }
 
+/// Archives a message from alice to bob in alice's archive.
+fn alice_to_bob(
+    engine: &Engine,
+    body: &str,
+) -> Result<mam_rs_native::engine::Archived, mam_rs_native::engine::EngineError> {
+    engine.archive(
+        archive_ref("localhost", "alice"),
+        "bob@localhost".into(),
+        message(body),
+        None,
+        Vec::new(),
+    )
+}
+
 fn query(xml: &str) -> Element {
     xml.parse().unwrap()
 }
@@ -380,6 +394,8 @@ struct Flaky {
     inner: SqliteStore,
     failures: AtomicUsize,
     lost_answers: AtomicUsize,
+    /// That many archive deletions fail, as with the database away.
+    delete_failures: AtomicUsize,
 }
 
 impl Flaky {
@@ -388,6 +404,7 @@ impl Flaky {
             inner: SqliteStore::open(path(cfg), &SqliteOptions::default()).unwrap(),
             failures: AtomicUsize::new(failures),
             lost_answers: AtomicUsize::new(0),
+            delete_failures: AtomicUsize::new(0),
         }
     }
 }
@@ -447,6 +464,10 @@ impl Store for Flaky {
         self.inner.stats(host, store, user)
     }
     fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError> {
+        if self.delete_failures.load(Ordering::SeqCst) > 0 {
+            self.delete_failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
         self.inner.delete_archive(archive, limit)
     }
     fn optimize(&self, vacuum: bool) -> Result<Vec<String>, StoreError> {
@@ -910,16 +931,7 @@ fn a_server_silent_at_start_archives_nothing_until_it_answers_then_everything() 
     let engine = Engine::start(Arc::new(store), &cfg).unwrap();
     let mailbox = engine.mailbox().unwrap();
     assert!(engine.node().unwrap_err().contains("connection refused"));
-    let archive = |body: &str| {
-        engine.archive(
-            archive_ref("localhost", "alice"),
-            "bob@localhost".into(),
-            message(body),
-            None,
-            Vec::new(),
-        )
-    };
-    match archive("lost") {
+    match alice_to_bob(&engine, "lost") {
         Err(EngineError::Unavailable(why)) => assert!(why.contains("connection refused"), "{why}"),
         other => panic!("archived while the server is silent: {other:?}"),
     }
@@ -970,11 +982,58 @@ fn a_server_silent_at_start_archives_nothing_until_it_answers_then_everything() 
         .count();
     assert_eq!(still, 1, "{logs:?}");
 
-    let kept = archive("kept").unwrap();
+    let kept = alice_to_bob(&engine, "kept").unwrap();
     assert!(engine.wait_committed(kept.release_at, Duration::from_secs(20)));
     assert_eq!(
         bodies(&ask(&engine, &mailbox, "alice", ALL).unwrap()),
         ["kept"]
     );
     engine.shutdown();
+}
+
+#[test]
+fn an_accounts_deletion_is_retried_until_the_database_takes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let store = Arc::new(Flaky::failing(&cfg, 0));
+    let engine = Engine::start(store.clone(), &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    alice_to_bob(&engine, "one").unwrap();
+    let last = alice_to_bob(&engine, "two").unwrap().release_at;
+    assert!(engine.wait_committed(last, Duration::from_secs(20)));
+    store.delete_failures.store(3, Ordering::SeqCst);
+    let ticket = engine
+        .delete_archive(archive_ref("localhost", "alice"), &mailbox)
+        .unwrap();
+    let mut logs: Vec<(Level, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let result = 'done: loop {
+        for c in mailbox.drain().completions {
+            match c {
+                Completion::Expired { ticket: t, result } if t == ticket => break 'done result,
+                Completion::Log { level, message } => logs.push((level, message)),
+                _ => {}
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deletion never finished: {logs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(result, Ok(2));
+    assert_eq!(store.delete_failures.load(Ordering::SeqCst), 0);
+    let failed: Vec<_> = logs
+        .iter()
+        .filter(|(l, m)| {
+            *l == Level::Error && m.contains("Could not delete the archive of alice@localhost")
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "{logs:?}");
+    assert!(
+        logs.iter()
+            .any(|(_, m)| m.contains("works again after 3 failed attempts")),
+        "{logs:?}"
+    );
+    assert!(bodies(&ask(&engine, &mailbox, "alice", ALL).unwrap()).is_empty());
 }

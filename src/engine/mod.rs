@@ -337,6 +337,8 @@ impl Engine {
             removal,
             reply: reply.clone(),
             deleted: 0,
+            failures: 0,
+            retry_at: None,
         }))
         .map_err(|_| EngineError::Closed)?;
         Ok(ticket)

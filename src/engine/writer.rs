@@ -12,12 +12,14 @@
 //! ([`Progress::set_failing`]), so messages keep flowing while the database is away. The log
 //! gets one line when writes start failing and one when they work again, not one per retry.
 //! Only at shutdown, after a last few attempts, are rows given up, and then each is named in
-//! the log.
+//! the log. An account's deletion is retried the same way (stock gives up on the first
+//! failure, leaving the deleted user's messages behind); an expiry run that fails ends, and
+//! the next run covers what it left.
 //!
 //! Does not read, does not parse, does not touch Lua.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +68,9 @@ pub struct ExpiryJob {
     /// Where the result goes.
     pub reply: Arc<Mailbox>,
     pub deleted: u64,
+    /// Failed attempts in a row (an account's deletion is retried), and when to try again.
+    pub failures: u32,
+    pub retry_at: Option<Instant>,
 }
 
 /// What an [`ExpiryJob`] removes.
@@ -107,16 +112,26 @@ impl Writer {
         let mut marks = Marks::default();
         let mut stop = false;
         while !stop {
-            // With expiry pending, look for rows without waiting; otherwise sleep until work.
-            let first = if jobs.is_empty() {
-                rx.recv().ok()
-            } else {
-                match rx.try_recv() {
+            // With expiry pending, look for rows without waiting (or until a failed job's next
+            // attempt); otherwise sleep until work.
+            let first = match jobs.front().map(|job| job.retry_at) {
+                None => rx.recv().ok(),
+                Some(None) => match rx.try_recv() {
                     Ok(msg) => Some(msg),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Disconnected) => {
                         stop = true;
                         None
+                    }
+                },
+                Some(Some(at)) => {
+                    match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                        Ok(msg) => Some(msg),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            stop = true;
+                            None
+                        }
                     }
                 }
             };
@@ -163,18 +178,25 @@ impl Writer {
             }
         }
         for job in jobs {
+            let what = match &job.removal {
+                Removal::Expire { .. } => format!("Expiry on {}", job.host),
+                Removal::Archive(archive) => format!(
+                    "Deleting the archive of {}@{} (account deleted; the rest stays)",
+                    archive.user, archive.host
+                ),
+            };
             job.reply.log(
                 Level::Warn,
-                format!(
-                    "Expiry on {} stopped by shutdown after {} messages",
-                    job.host, job.deleted
-                ),
+                format!("{what} stopped by shutdown after {} messages", job.deleted),
             );
         }
     }
 
     /// One expiry batch; true when the job is finished (done, or failed).
     fn expire_step(&self, job: &mut ExpiryJob) -> bool {
+        if job.retry_at.is_some_and(|at| at > Instant::now()) {
+            return false;
+        }
         let step = match &mut job.removal {
             Removal::Expire { rule, cursor } => {
                 self.store
@@ -191,6 +213,21 @@ impl Writer {
         };
         match step {
             Ok(step) => {
+                if job.failures > 0 {
+                    if let Removal::Archive(archive) = &job.removal {
+                        self.progress.log(
+                            Level::Info,
+                            format!(
+                                "Deleting the archive of {}@{} works again after {} failed attempt{}",
+                                archive.user,
+                                archive.host,
+                                job.failures,
+                                if job.failures == 1 { "" } else { "s" }
+                            ),
+                        );
+                    }
+                    (job.failures, job.retry_at) = (0, None);
+                }
                 job.deleted += step.deleted;
                 if step.done {
                     job.reply.push(Completion::Expired {
@@ -199,6 +236,27 @@ impl Writer {
                     });
                 }
                 step.done
+            }
+            // A deleted account's messages must not stay behind: retried until it works
+            // (one line when it starts failing, one when it works), except at shutdown.
+            Err(e)
+                if matches!(job.removal, Removal::Archive(_))
+                    && !self.stopping.load(Ordering::Acquire) =>
+            {
+                job.failures += 1;
+                job.retry_at = Some(Instant::now() + backoff(job.failures));
+                if job.failures == 1 {
+                    if let Removal::Archive(archive) = &job.removal {
+                        self.progress.log(
+                            Level::Error,
+                            format!(
+                                "Could not delete the archive of {}@{} (account deleted): {e}; retrying until it works",
+                                archive.user, archive.host
+                            ),
+                        );
+                    }
+                }
+                false
             }
             Err(e) => {
                 job.reply.push(Completion::Expired {

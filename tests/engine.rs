@@ -132,6 +132,18 @@ fn ask(
     wait_for(mailbox, ticket)
 }
 
+/// Asks for alice's whole archive and expects the "try again later" error within `within`.
+fn ask_refused(engine: &Engine, mailbox: &Arc<Mailbox>, within: Duration) -> StanzaError {
+    let asked = Instant::now();
+    let err = ask(engine, mailbox, "alice", ALL).unwrap_err();
+    assert!(asked.elapsed() < within, "{:?}", asked.elapsed());
+    assert_eq!(
+        (err.kind.as_str(), err.condition),
+        ("wait", "internal-server-error")
+    );
+    err
+}
+
 const ALL: &str = "<query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><max>1000</max></set></query>";
 
 #[test]
@@ -864,17 +876,7 @@ fn while_the_database_fails_queries_get_a_try_again_later_error_at_once_not_a_st
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    let asked = Instant::now();
-    let err = ask(&engine, &mailbox, "alice", ALL).unwrap_err();
-    assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        asked.elapsed()
-    );
-    assert_eq!(
-        (err.kind.as_str(), err.condition),
-        ("wait", "internal-server-error")
-    );
+    let err = ask_refused(&engine, &mailbox, Duration::from_secs(5));
     assert!(err.text.unwrap().contains("try again later"));
 
     // The database comes back: the held row is written, and the same query finds it.
@@ -935,17 +937,7 @@ fn a_server_silent_at_start_archives_nothing_until_it_answers_then_everything() 
         Err(EngineError::Unavailable(why)) => assert!(why.contains("connection refused"), "{why}"),
         other => panic!("archived while the server is silent: {other:?}"),
     }
-    let asked = Instant::now();
-    let err = ask(&engine, &mailbox, "alice", ALL).unwrap_err();
-    assert!(
-        asked.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        asked.elapsed()
-    );
-    assert_eq!(
-        (err.kind.as_str(), err.condition),
-        ("wait", "internal-server-error")
-    );
+    ask_refused(&engine, &mailbox, Duration::from_secs(2));
     // The connect thread keeps trying, with the writer's backoff.
     let deadline = Instant::now() + Duration::from_secs(10);
     while attempts.load(Ordering::SeqCst) < 2 {

@@ -464,10 +464,7 @@ impl Connect {
                     return;
                 }
                 Err(e) => {
-                    let why = match e {
-                        StoreError::Unavailable(why) | StoreError::Open(why) => why,
-                        other => other.to_string(),
-                    };
+                    let why = e.reason();
                     let mut ids = self.ids.lock();
                     // A new reason is worth a line (the server answers now, but refuses).
                     if !matches!(&*ids, Ids::Unreachable(old) if *old == why) {

@@ -114,18 +114,13 @@ impl Writer {
         while !stop {
             // With expiry pending, look for rows without waiting (or until a failed job's next
             // attempt); otherwise sleep until work.
-            let first = match jobs.front().map(|job| job.retry_at) {
+            let first = match jobs.front() {
                 None => rx.recv().ok(),
-                Some(None) => match rx.try_recv() {
-                    Ok(msg) => Some(msg),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => {
-                        stop = true;
-                        None
-                    }
-                },
-                Some(Some(at)) => {
-                    match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Some(job) => {
+                    let wait = job.retry_at.map_or(Duration::ZERO, |at| {
+                        at.saturating_duration_since(Instant::now())
+                    });
+                    match rx.recv_timeout(wait) {
                         Ok(msg) => Some(msg),
                         Err(RecvTimeoutError::Timeout) => None,
                         Err(RecvTimeoutError::Disconnected) => {
@@ -213,19 +208,17 @@ impl Writer {
         };
         match step {
             Ok(step) => {
-                if job.failures > 0 {
-                    if let Removal::Archive(archive) = &job.removal {
-                        self.progress.log(
-                            Level::Info,
-                            format!(
-                                "Deleting the archive of {}@{} works again after {} failed attempt{}",
-                                archive.user,
-                                archive.host,
-                                job.failures,
-                                if job.failures == 1 { "" } else { "s" }
-                            ),
-                        );
-                    }
+                if let (Removal::Archive(archive), 1..) = (&job.removal, job.failures) {
+                    self.progress.log(
+                        Level::Info,
+                        format!(
+                            "Deleting the archive of {}@{} works again after {} failed attempt{}",
+                            archive.user,
+                            archive.host,
+                            job.failures,
+                            if job.failures == 1 { "" } else { "s" }
+                        ),
+                    );
                     (job.failures, job.retry_at) = (0, None);
                 }
                 job.deleted += step.deleted;
@@ -237,16 +230,13 @@ impl Writer {
                 }
                 step.done
             }
-            // A deleted account's messages must not stay behind: retried until it works
-            // (one line when it starts failing, one when it works), except at shutdown.
-            Err(e)
-                if matches!(job.removal, Removal::Archive(_))
-                    && !self.stopping.load(Ordering::Acquire) =>
-            {
-                job.failures += 1;
-                job.retry_at = Some(Instant::now() + backoff(job.failures));
-                if job.failures == 1 {
-                    if let Removal::Archive(archive) = &job.removal {
+            Err(e) => match &job.removal {
+                // A deleted account's messages must not stay behind: retried until it works
+                // (one line when it starts failing, one when it works), except at shutdown.
+                Removal::Archive(archive) if !self.stopping.load(Ordering::Acquire) => {
+                    job.failures += 1;
+                    job.retry_at = Some(Instant::now() + backoff(job.failures));
+                    if job.failures == 1 {
                         self.progress.log(
                             Level::Error,
                             format!(
@@ -255,16 +245,16 @@ impl Writer {
                             ),
                         );
                     }
+                    false
                 }
-                false
-            }
-            Err(e) => {
-                job.reply.push(Completion::Expired {
-                    ticket: job.ticket,
-                    result: Err(format!("{e} (after removing {} messages)", job.deleted)),
-                });
-                true
-            }
+                _ => {
+                    job.reply.push(Completion::Expired {
+                        ticket: job.ticket,
+                        result: Err(format!("{e} (after removing {} messages)", job.deleted)),
+                    });
+                    true
+                }
+            },
         }
     }
 

@@ -60,10 +60,7 @@ impl Deferred {
         match (self.open)() {
             Ok(store) => Ok(self.store.get_or_init(|| store)),
             Err(e) => {
-                *self.why.lock() = match &e {
-                    StoreError::Unavailable(why) | StoreError::Open(why) => why.clone(),
-                    other => other.to_string(),
-                };
+                *self.why.lock() = e.reason();
                 Err(e)
             }
         }

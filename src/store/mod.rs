@@ -360,6 +360,17 @@ pub enum StoreError {
     Open(String),
 }
 
+impl StoreError {
+    /// The reason alone, without the variant's prefix where it carries one (for log lines
+    /// that say themselves what failed).
+    pub fn reason(&self) -> String {
+        match self {
+            StoreError::Unavailable(why) | StoreError::Open(why) => why.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// An archive store. Implementations are shared between the writer thread and the query
 /// workers, so every method takes `&self` and may block.
 pub trait Store: Send + Sync + 'static {

@@ -803,14 +803,15 @@ fn flush(w: &mut Writer, pending: &mut Vec<Pending<'_>>) -> Result<(), StoreErro
 
 /// `INSERT INTO mam_rs_messages … VALUES (?, ?, ?, ?), …` for `rows` rows.
 fn insert_messages(rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES ");
-    for i in 0..rows {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?)");
-    }
-    sql
+    format!(
+        "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES {}",
+        value_rows(rows, "(?, ?, ?, ?)")
+    )
+}
+
+/// `row` `rows` times, separated by commas: the values list of a multi-row `INSERT`.
+fn value_rows(rows: usize, row: &str) -> String {
+    vec![row; rows].join(", ")
 }
 
 /// How many rows go in each `INSERT`, for rows with stanzas of these lengths: at most
@@ -855,13 +856,15 @@ fn add_to_with_counts(
     if added.is_empty() {
         return Ok(());
     }
-    let mut sql = String::from("INSERT INTO mam_rs_with_counts (aid, with_id, item_count) VALUES ");
+    let sql = format!(
+        "INSERT INTO mam_rs_with_counts (aid, with_id, item_count) VALUES {} \
+         ON DUPLICATE KEY UPDATE item_count = item_count + VALUES(item_count)",
+        value_rows(added.len(), "(?, ?, ?)")
+    );
     let mut params = Vec::with_capacity(added.len() * 3);
-    for (i, (&(aid, with_id), &n)) in added.iter().enumerate() {
-        sql.push_str(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
+    for (&(aid, with_id), &n) in added {
         params.extend([Value::from(aid), Value::from(with_id), Value::from(n)]);
     }
-    sql.push_str(" ON DUPLICATE KEY UPDATE item_count = item_count + VALUES(item_count)");
     conn.exec_drop(sql, params).map_err(db)
 }
 

@@ -248,6 +248,26 @@ pub struct Stats {
     pub contacts: Vec<(String, u64)>,
 }
 
+impl Stats {
+    /// Adds one archive's oldest and newest row ids and stored bytes (as the database gives
+    /// them: `NULL` for an empty archive).
+    pub(crate) fn add_archive(
+        &mut self,
+        oldest: Option<i64>,
+        newest: Option<i64>,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        self.bytes += bytes;
+        if let Some(oldest) = oldest.map(rows::stored_id).transpose()? {
+            self.oldest = Some(self.oldest.map_or(oldest, |o| o.min(oldest)));
+        }
+        if let Some(newest) = newest.map(rows::stored_id).transpose()? {
+            self.newest = Some(self.newest.map_or(newest, |n| n.max(newest)));
+        }
+        Ok(())
+    }
+}
+
 /// Figures for the metrics gauges ([`Store::figures`]): cheap to read, never a scan of the
 /// messages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -650,13 +650,7 @@ impl Store for MysqlStore {
                 (aid,),
             )?
             .unwrap_or_default();
-            stats.bytes += non_negative(bytes.unwrap_or(0))?;
-            if let Some(oldest) = oldest.map(stored_id).transpose()? {
-                stats.oldest = Some(stats.oldest.map_or(oldest, |o| o.min(oldest)));
-            }
-            if let Some(newest) = newest.map(stored_id).transpose()? {
-                stats.newest = Some(stats.newest.map_or(newest, |n| n.max(newest)));
-            }
+            stats.add_archive(oldest, newest, non_negative(bytes.unwrap_or(0))?)?;
         }
         if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
             if *count > 0 {

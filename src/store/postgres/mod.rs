@@ -7,9 +7,14 @@
 //! per-archive counts are kept by statement-level triggers.
 //!
 //! Connections: one writer connection (reconnected when the server went away) and an r2d2
-//! pool for queries, each checked before use, so a restarted server is picked up again.
+//! pool for queries (a read whose pooled connection the server closed runs again on a new
+//! one, so a restarted server is picked up again). Each
+//! keeps the statements it prepared (`conn`): a query is one round trip, not two. A batch
+//! whose archives and contacts are all known and that no quota limits is one statement,
+//! committed on its own: one round trip per commit.
 //! Not yet here (see README): compression.
 
+mod conn;
 mod schema;
 #[cfg(all(test, feature = "postgres-tests"))]
 mod tests;
@@ -22,10 +27,10 @@ use super::{
     ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
 };
 use crate::id::{ArchiveId, NODES};
+use conn::{Manager, PgConn, Statements};
 use parking_lot::Mutex;
 use postgres::types::ToSql;
-use postgres::{Client, GenericClient, NoTls};
-use r2d2_postgres::PostgresConnectionManager;
+use postgres::{Client, GenericClient};
 use std::fmt;
 use std::time::Duration;
 
@@ -56,10 +61,10 @@ impl PgOptions {
 /// An archive store in a PostgreSQL database.
 pub struct PgStore {
     options: PgOptions,
-    writer: Mutex<Option<Client>>,
+    writer: Mutex<Option<PgConn>>,
     /// The writer node this process holds (a session advisory lock on the writer connection).
     node: Mutex<Option<u16>>,
-    readers: r2d2::Pool<PostgresConnectionManager<NoTls>>,
+    readers: r2d2::Pool<Manager>,
     ids: Mutex<IdCache>,
 }
 
@@ -123,15 +128,15 @@ impl PgStore {
                 other => other,
             }
         };
-        let mut writer = options.config().connect(NoTls).map_err(open_err)?;
-        schema::migrate(&mut writer)?;
-        let manager = PostgresConnectionManager::new(options.config(), NoTls);
+        let mut writer = PgConn::connect(&options.config()).map_err(open_err)?;
+        schema::migrate(&mut writer.client)?;
         let readers = r2d2::Pool::builder()
             .thread_pool(super::pool_threads())
             .max_size(options.pool_size.max(1))
             .min_idle(Some(1))
+            .test_on_check_out(false) // See PgStore::read.
             .connection_timeout(options.connect_timeout.max(Duration::from_secs(1)))
-            .build(manager)
+            .build(Manager(options.config()))
             .map_err(|e| StoreError::Open(format!("{describe}: read pool: {e}")))?;
         Ok(PgStore {
             options: options.clone(),
@@ -148,10 +153,18 @@ impl PgStore {
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.write_prepared(|conn| f(&mut conn.client))
+    }
+
+    /// [`PgStore::write`], with the writer connection's prepared statements.
+    fn write_prepared<T>(
+        &self,
+        f: impl FnOnce(&mut PgConn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut slot = self.writer.lock();
-        if slot.as_ref().is_none_or(Client::is_closed) {
+        if slot.as_ref().is_none_or(|conn| conn.client.is_closed()) {
             *slot = None;
-            let mut client = self.options.config().connect(NoTls).map_err(|e| {
+            let mut conn = PgConn::connect(&self.options.config()).map_err(|e| {
                 StoreError::Unavailable(format!(
                     "{}: {}",
                     self.options.describe(ENGINE),
@@ -159,7 +172,7 @@ impl PgStore {
                 ))
             })?;
             if let Some(node) = *self.node.lock() {
-                if !try_node_lock(&mut client, node)? {
+                if !try_node_lock(&mut conn.client, node)? {
                     return Err(StoreError::Database(format!(
                         "{}: writer node {node} of this database was claimed by another process \
                          while this one was disconnected; its ids could collide with ours, so \
@@ -168,25 +181,38 @@ impl PgStore {
                     )));
                 }
             }
-            *slot = Some(client);
+            *slot = Some(conn);
         }
-        let client = slot.as_mut().expect("connected above");
-        let result = f(client);
-        if client.is_closed() {
+        let conn = slot.as_mut().expect("connected above");
+        let result = f(conn);
+        if conn.client.is_closed() {
             *slot = None;
         }
         result
     }
 
-    fn reader(
+    /// Runs the read `f` on a pooled connection. A connection the server closed while it sat
+    /// in the pool (a restart) fails its first use; the pool discards it, and `f` runs again
+    /// on the next, until one is new. Checking each connection before use instead would cost
+    /// every query a round trip.
+    fn read<T>(
         &self,
-    ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<NoTls>>, StoreError> {
-        self.readers.get().map_err(|e| {
-            StoreError::Unavailable(format!(
-                "{}: no connection: {e}",
-                self.options.describe(ENGINE)
-            ))
-        })
+        mut f: impl FnMut(&mut PgConn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut stale = 0;
+        loop {
+            let mut conn = self.readers.get().map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "{}: no connection: {e}",
+                    self.options.describe(ENGINE)
+                ))
+            })?;
+            match f(&mut conn) {
+                // Each closed one is dropped (Manager::has_broken): at most the pool's size.
+                Err(_) if conn.client.is_closed() && stale < self.readers.max_size() => stale += 1,
+                result => return result,
+            }
+        }
     }
 
     fn archive_for_write(
@@ -215,6 +241,22 @@ impl PgStore {
         fresh.jid(&self.ids, jid, || {
             Ok(tx.query_one(UPSERT_JID, &[&jid]).map_err(db)?.get(0))
         })
+    }
+
+    /// `batch` as rows, when every archive and contact in it has a known id and no quota
+    /// applies: nothing to look up or delete first.
+    fn known_columns<'b>(&self, batch: &'b [NewItem]) -> Option<Columns<'b>> {
+        if batch.iter().any(|item| item.quota.is_some()) {
+            return None;
+        }
+        let ids = self.ids.lock();
+        let mut columns = Columns::with_capacity(batch.len());
+        for item in batch {
+            let aid = *ids.archives.get(&item.archive)?;
+            let with_id = *ids.jids.get(item.with.as_str())?;
+            columns.push(item, aid, with_id);
+        }
+        Some(columns)
     }
 
     fn archive_for_read(
@@ -257,10 +299,12 @@ impl PgStore {
     }
 }
 
-/// One read transaction of a [`PgStore`], for [`rows::find`].
+/// One read transaction of a [`PgStore`], for [`rows::find`], with its connection's prepared
+/// statements.
 struct Snap<'a, C> {
     store: &'a PgStore,
     conn: &'a mut C,
+    statements: &'a mut Statements,
 }
 
 impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
@@ -273,11 +317,11 @@ impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
     }
 
     fn lookup_id(&mut self, aid: i64, text: &str) -> Result<Option<i64>, StoreError> {
-        lookup_id(self.conn, aid, text)
+        lookup_id(self.conn, self.statements, aid, text)
     }
 
     fn count(&mut self, filter: &Filter<'_>, range: IdRange) -> Result<u64, StoreError> {
-        count(self.conn, filter, range)
+        count(self.conn, self.statements, filter, range)
     }
 
     fn keeps_with_totals(&self) -> bool {
@@ -291,7 +335,7 @@ impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
         limit: Option<u32>,
         reverse: bool,
     ) -> Result<Vec<Item>, StoreError> {
-        select_page(self.conn, filter, range, limit, reverse)
+        select_page(self.conn, self.statements, filter, range, limit, reverse)
     }
 }
 
@@ -318,29 +362,28 @@ impl Store for PgStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let fresh = self.write(|client| {
+        let known = self.known_columns(batch);
+        let fresh = self.write_prepared(|conn| {
+            let PgConn { client, statements } = conn;
+            if let Some(mut columns) = known {
+                // One statement, its own transaction: one round trip.
+                columns.flush(client, statements)?;
+                return Ok(Fresh::default());
+            }
             let mut tx = client.transaction().map_err(db)?;
             let mut fresh = Fresh::default();
-            let (mut ids, mut aids, mut withs, mut stanzas) = (
-                Vec::with_capacity(batch.len()),
-                Vec::with_capacity(batch.len()),
-                Vec::with_capacity(batch.len()),
-                Vec::with_capacity(batch.len()),
-            );
+            let mut columns = Columns::with_capacity(batch.len());
             for item in batch {
                 let aid = self.archive_for_write(&mut tx, &item.archive, &mut fresh)?;
                 let with_id = self.jid_for_write(&mut tx, &item.with, &mut fresh)?;
                 if let Some(quota) = item.quota {
                     // Rows of this batch ahead of this one count towards the quota too.
-                    flush(&mut tx, &mut ids, &mut aids, &mut withs, &mut stanzas)?;
+                    columns.flush(&mut tx, statements)?;
                     make_room(&mut tx, aid, quota)?;
                 }
-                ids.push(item.id.as_i64());
-                aids.push(aid);
-                withs.push(with_id);
-                stanzas.push(item.stanza.as_str());
+                columns.push(item, aid, with_id);
             }
-            flush(&mut tx, &mut ids, &mut aids, &mut withs, &mut stanzas)?;
+            columns.flush(&mut tx, statements)?;
             tx.commit().map_err(db)?;
             Ok(fresh)
         })?;
@@ -349,41 +392,48 @@ impl Store for PgStore {
     }
 
     fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError> {
-        let mut conn = self.reader()?;
-        let mut tx = conn
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(db)?;
-        rows::find(
-            &mut Snap {
-                store: self,
-                conn: &mut tx,
-            },
-            archive,
-            query,
-        )
+        self.read(|conn| {
+            let PgConn { client, statements } = conn;
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(db)?;
+            rows::find(
+                &mut Snap {
+                    store: self,
+                    conn: &mut tx,
+                    statements,
+                },
+                archive,
+                query,
+            )
+        })
     }
 
     fn holds(&self, id: ArchiveId) -> Result<bool, StoreError> {
-        let mut conn = self.reader()?;
-        Ok(conn
-            .query_opt(
-                "SELECT 1 FROM mam_rs_messages WHERE id = $1",
-                &[&id.as_i64()],
-            )
-            .map_err(db)?
-            .is_some())
+        self.read(|conn| {
+            let conn = &mut conn.client;
+            Ok(conn
+                .query_opt(
+                    "SELECT 1 FROM mam_rs_messages WHERE id = $1",
+                    &[&id.as_i64()],
+                )
+                .map_err(db)?
+                .is_some())
+        })
     }
 
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
-        let mut conn = self.reader()?;
-        let max: Option<i64> = conn
-            .query_one("SELECT max(id) FROM mam_rs_messages", &[])
-            .map_err(db)?
-            .get(0);
-        max.map(stored_id).transpose()
+        self.read(|conn| {
+            let conn = &mut conn.client;
+            let max: Option<i64> = conn
+                .query_one("SELECT max(id) FROM mam_rs_messages", &[])
+                .map_err(db)?
+                .get(0);
+            max.map(stored_id).transpose()
+        })
     }
 
     fn expire(
@@ -471,20 +521,22 @@ impl Store for PgStore {
         archive: &ArchiveRef,
         source: &str,
     ) -> Result<Option<ImportCheckpoint>, StoreError> {
-        let mut conn = self.reader()?;
-        let Some(aid) = self.archive_for_read(&mut *conn, archive)? else {
-            return Ok(None);
-        };
-        Ok(conn
-            .query_opt(
-                "SELECT position, last_id FROM mam_rs_imports WHERE source = $1 AND aid = $2",
-                &[&source, &aid],
-            )
-            .map_err(db)?
-            .map(|row| ImportCheckpoint {
-                position: row.get(0),
-                last_id: row.get(1),
-            }))
+        self.read(|conn| {
+            let conn = &mut conn.client;
+            let Some(aid) = self.archive_for_read(&mut *conn, archive)? else {
+                return Ok(None);
+            };
+            Ok(conn
+                .query_opt(
+                    "SELECT position, last_id FROM mam_rs_imports WHERE source = $1 AND aid = $2",
+                    &[&source, &aid],
+                )
+                .map_err(db)?
+                .map(|row| ImportCheckpoint {
+                    position: row.get(0),
+                    last_id: row.get(1),
+                }))
+        })
     }
 
     fn import(
@@ -494,7 +546,8 @@ impl Store for PgStore {
         rows: &[ImportRow],
         position: i64,
     ) -> Result<ImportBatch, StoreError> {
-        let (done, fresh) = self.write(|client| {
+        let (done, fresh) = self.write_prepared(|conn| {
+            let PgConn { client, statements } = conn;
             let mut tx = client.transaction().map_err(db)?;
             // One import into one archive at a time (as SQLite's write lock gives).
             tx.execute(
@@ -514,7 +567,7 @@ impl Store for PgStore {
             let now = crate::id::now_micros();
             let mut done = ImportBatch::default();
             for row in rows {
-                if lookup_id(&mut tx, aid, &row.key)?.is_some() {
+                if lookup_id(&mut tx, statements, aid, &row.key)?.is_some() {
                     done.already += 1;
                     continue;
                 }
@@ -548,59 +601,55 @@ impl Store for PgStore {
     }
 
     fn stats(&self, host: &str, store: &str, user: Option<&str>) -> Result<Stats, StoreError> {
-        let mut conn = self.reader()?;
-        let rows = match user {
-            Some(user) => conn.query(
-                "SELECT aid, item_count FROM mam_rs_archives WHERE host = $1 AND username = $2 AND store = $3",
-                &[&host, &user, &store],
-            ),
-            None => conn.query(
-                "SELECT aid, item_count FROM mam_rs_archives WHERE host = $1 AND store = $2",
-                &[&host, &store],
-            ),
-        }
-        .map_err(db)?;
-        let aids: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let mut stats = Stats::default();
-        for (aid, count) in &aids {
-            if *count == 0 {
-                continue;
+        self.read(|conn| {
+            let conn = &mut conn.client;
+            let rows = match user {
+                Some(user) => conn.query(
+                    "SELECT aid, item_count FROM mam_rs_archives WHERE host = $1 AND username = $2 AND store = $3",
+                    &[&host, &user, &store],
+                ),
+                None => conn.query(
+                    "SELECT aid, item_count FROM mam_rs_archives WHERE host = $1 AND store = $2",
+                    &[&host, &store],
+                ),
             }
-            stats.users += 1;
-            stats.messages += *count as u64;
-            let row = conn
-                .query_one(
-                    "SELECT min(id), max(id), sum(octet_length(stanza))::BIGINT \
-                     FROM mam_rs_messages WHERE aid = $1",
-                    &[aid],
-                )
-                .map_err(db)?;
-            let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) =
-                (row.get(0), row.get(1), row.get(2));
-            stats.bytes += bytes.unwrap_or(0) as u64;
-            if let Some(oldest) = oldest.map(stored_id).transpose()? {
-                stats.oldest = Some(stats.oldest.map_or(oldest, |o| o.min(oldest)));
-            }
-            if let Some(newest) = newest.map(stored_id).transpose()? {
-                stats.newest = Some(stats.newest.map_or(newest, |n| n.max(newest)));
-            }
-        }
-        if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
-            if *count > 0 {
-                stats.contacts = conn
-                    .query(
-                        "SELECT j.jid, count(*) AS n FROM mam_rs_messages m \
-                         JOIN mam_rs_jids j ON j.jid_id = m.with_id WHERE m.aid = $1 \
-                         GROUP BY j.jid ORDER BY n DESC, j.jid LIMIT 20",
+            .map_err(db)?;
+            let aids: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let mut stats = Stats::default();
+            for (aid, count) in &aids {
+                if *count == 0 {
+                    continue;
+                }
+                stats.users += 1;
+                stats.messages += *count as u64;
+                let row = conn
+                    .query_one(
+                        "SELECT min(id), max(id), sum(octet_length(stanza))::BIGINT \
+                         FROM mam_rs_messages WHERE aid = $1",
                         &[aid],
                     )
-                    .map_err(db)?
-                    .iter()
-                    .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
-                    .collect();
+                    .map_err(db)?;
+                let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) =
+                    (row.get(0), row.get(1), row.get(2));
+                stats.add_archive(oldest, newest, bytes.unwrap_or(0) as u64)?;
             }
-        }
-        Ok(stats)
+            if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
+                if *count > 0 {
+                    stats.contacts = conn
+                        .query(
+                            "SELECT j.jid, count(*) AS n FROM mam_rs_messages m \
+                             JOIN mam_rs_jids j ON j.jid_id = m.with_id WHERE m.aid = $1 \
+                             GROUP BY j.jid ORDER BY n DESC, j.jid LIMIT 20",
+                            &[aid],
+                        )
+                        .map_err(db)?
+                        .iter()
+                        .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                        .collect();
+                }
+            }
+            Ok(stats)
+        })
     }
 
     fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError> {
@@ -679,41 +728,71 @@ impl Store for PgStore {
     }
 
     fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError> {
-        let mut conn = self.reader()?;
-        let row = conn
-            .query_one(
-                "SELECT count(*) FILTER (WHERE item_count > 0), coalesce(sum(item_count), 0)::BIGINT, \
-                 pg_total_relation_size('mam_rs_messages') FROM mam_rs_archives \
-                 WHERE host = $1 AND store = $2",
-                &[&host, &store],
-            )
-            .map_err(db)?;
-        Ok(Figures {
-            archives: row.get::<_, i64>(0) as u64,
-            messages: row.get::<_, i64>(1) as u64,
-            bytes: row.get::<_, i64>(2) as u64,
+        self.read(|conn| {
+            let conn = &mut conn.client;
+            let row = conn
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE item_count > 0), coalesce(sum(item_count), 0)::BIGINT, \
+                     pg_total_relation_size('mam_rs_messages') FROM mam_rs_archives \
+                     WHERE host = $1 AND store = $2",
+                    &[&host, &store],
+                )
+                .map_err(db)?;
+            Ok(Figures {
+                archives: row.get::<_, i64>(0) as u64,
+                messages: row.get::<_, i64>(1) as u64,
+                bytes: row.get::<_, i64>(2) as u64,
+            })
         })
     }
 }
 
-/// Writes the rows gathered so far in one statement.
-fn flush(
-    tx: &mut impl GenericClient,
-    ids: &mut Vec<i64>,
-    aids: &mut Vec<i64>,
-    withs: &mut Vec<i64>,
-    stanzas: &mut Vec<&str>,
-) -> Result<(), StoreError> {
-    if ids.is_empty() {
-        return Ok(());
+/// Rows to insert, as the four arrays [`INSERT_MESSAGES`] takes.
+struct Columns<'b> {
+    ids: Vec<i64>,
+    aids: Vec<i64>,
+    withs: Vec<i64>,
+    stanzas: Vec<&'b str>,
+}
+
+impl<'b> Columns<'b> {
+    fn with_capacity(n: usize) -> Columns<'b> {
+        Columns {
+            ids: Vec::with_capacity(n),
+            aids: Vec::with_capacity(n),
+            withs: Vec::with_capacity(n),
+            stanzas: Vec::with_capacity(n),
+        }
     }
-    tx.execute(INSERT_MESSAGES, &[&*ids, &*aids, &*withs, &*stanzas])
+
+    fn push(&mut self, item: &'b NewItem, aid: i64, with_id: i64) {
+        self.ids.push(item.id.as_i64());
+        self.aids.push(aid);
+        self.withs.push(with_id);
+        self.stanzas.push(item.stanza.as_str());
+    }
+
+    /// Inserts the rows gathered so far, in one statement, and starts again.
+    fn flush(
+        &mut self,
+        conn: &mut impl GenericClient,
+        statements: &mut Statements,
+    ) -> Result<(), StoreError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let insert = statements.get(conn, INSERT_MESSAGES).map_err(db)?;
+        conn.execute(
+            &insert,
+            &[&self.ids, &self.aids, &self.withs, &self.stanzas],
+        )
         .map_err(db)?;
-    ids.clear();
-    aids.clear();
-    withs.clear();
-    stanzas.clear();
-    Ok(())
+        self.ids.clear();
+        self.aids.clear();
+        self.withs.clear();
+        self.stanzas.clear();
+        Ok(())
+    }
 }
 
 /// Stock's quota rule ([`rows::over_quota`]) before a row goes into archive `aid`.
@@ -754,20 +833,19 @@ fn taken(tx: &mut impl GenericClient, id: i64) -> Result<bool, StoreError> {
 /// The row of archive `aid` that clients know as `text`: a native id, or an imported key.
 fn lookup_id(
     conn: &mut impl GenericClient,
+    statements: &mut Statements,
     aid: i64,
     text: &str,
 ) -> Result<Option<i64>, StoreError> {
     if let Some(id) = ArchiveId::parse(text).map(ArchiveId::as_i64) {
-        if conn
-            .query_opt(SELECT_ITEM_IN_ARCHIVE, &[&id, &aid])
-            .map_err(db)?
-            .is_some()
-        {
+        let held = statements.get(conn, SELECT_ITEM_IN_ARCHIVE).map_err(db)?;
+        if conn.query_opt(&held, &[&id, &aid]).map_err(db)?.is_some() {
             return Ok(Some(id));
         }
     }
+    let legacy = statements.get(conn, SELECT_LEGACY).map_err(db)?;
     Ok(conn
-        .query_opt(SELECT_LEGACY, &[&aid, &text])
+        .query_opt(&legacy, &[&aid, &text])
         .map_err(db)?
         .map(|row| row.get(0)))
 }
@@ -800,30 +878,39 @@ fn where_clause<'p>(
 /// Rows matching `filter` and `range` (not empty).
 fn count(
     conn: &mut impl GenericClient,
+    statements: &mut Statements,
     filter: &Filter<'_>,
     range: IdRange,
 ) -> Result<u64, StoreError> {
     let n: i64 = if filter.ids.is_none() && range.is_everything() {
         match filter.with_id {
-            None => conn.query_one(SELECT_ITEM_COUNT, &[&filter.aid]),
-            Some(with_id) => conn.query_one(SELECT_WITH_COUNT, &[&filter.aid, &with_id]),
+            None => {
+                let total = statements.get(conn, SELECT_ITEM_COUNT).map_err(db)?;
+                conn.query_one(&total, &[&filter.aid])
+            }
+            Some(with_id) => {
+                let total = statements.get(conn, SELECT_WITH_COUNT).map_err(db)?;
+                conn.query_one(&total, &[&filter.aid, &with_id])
+            }
         }
         .map_err(db)?
         .get(0)
     } else {
         let (clause, params) = where_clause(filter, &range);
-        conn.query_one(
-            &format!("SELECT count(*) FROM mam_rs_messages m{clause}"),
-            &params,
-        )
-        .map_err(db)?
-        .get(0)
+        let count = statements
+            .get(
+                conn,
+                &format!("SELECT count(*) FROM mam_rs_messages m{clause}"),
+            )
+            .map_err(db)?;
+        conn.query_one(&count, &params).map_err(db)?.get(0)
     };
     u64::try_from(n).map_err(|_| StoreError::Database(format!("negative count {n}")))
 }
 
 fn select_page(
     conn: &mut impl GenericClient,
+    statements: &mut Statements,
     filter: &Filter<'_>,
     range: IdRange,
     limit: Option<u32>,
@@ -840,7 +927,8 @@ fn select_page(
         if reverse { "DESC" } else { "ASC" },
         params.len()
     );
-    conn.query(&sql, &params)
+    let page = statements.get(conn, &sql).map_err(db)?;
+    conn.query(&page, &params)
         .map_err(db)?
         .iter()
         .map(|row| {

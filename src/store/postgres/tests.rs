@@ -10,6 +10,7 @@ use crate::store::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Mark, NewItem, Query, Store, StoreError,
     Strategy,
 };
+use postgres::NoTls;
 use std::sync::Arc;
 use tempfile::TempDir;
 
@@ -161,6 +162,45 @@ fn a_writer_that_lost_its_node_while_disconnected_refuses_to_write() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     one.append(&[row(&romeo(), id(1), "x@y")]).unwrap();
     assert_eq!(total(&one), Some(1));
+}
+
+#[test]
+fn queries_go_on_after_the_server_closed_the_pooled_connections() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(romeo_with_ten_rows(&dir));
+    // Several queries at once leave several connections in the pool.
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    assert_eq!(total(&*store), Some(10));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // The server ends every session of the database, as a restart does.
+    let mut admin = server()
+        .dbname(&store.options.database)
+        .connect(NoTls)
+        .unwrap();
+    let ended: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) t",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ended >= 2, "the writer and at least one reader: {ended}");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for _ in 0..3 {
+        assert_eq!(total(&*store), Some(10));
+    }
+    assert!(store.holds(id(3)).unwrap());
 }
 
 #[test]

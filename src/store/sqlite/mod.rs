@@ -557,13 +557,7 @@ impl Store for SqliteStore {
                     stmt.query_row([aid], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 })
                 .map_err(db)?;
-            stats.bytes += bytes.unwrap_or(0) as u64;
-            if let Some(oldest) = oldest.map(stored_id).transpose()? {
-                stats.oldest = Some(stats.oldest.map_or(oldest, |o| o.min(oldest)));
-            }
-            if let Some(newest) = newest.map(stored_id).transpose()? {
-                stats.newest = Some(stats.newest.map_or(newest, |n| n.max(newest)));
-            }
+            stats.add_archive(oldest, newest, bytes.unwrap_or(0) as u64)?;
         }
         if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
             if *count > 0 {

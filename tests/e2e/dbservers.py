@@ -133,11 +133,11 @@ class DatabaseServer:
             "%s = %s" % (k, p[k] if isinstance(p[k], int) else _lua_string(p[k]))
             for k in ("driver", "database", "host", "port", "username", "password"))
 
-    def sql(self, statement, database=None):
-        return self._cli(statement, database or self.database, admin=False)
+    def sql(self, statement, database=None, timeout=60):
+        return self._cli(statement, database or self.database, admin=False, timeout=timeout)
 
-    def admin_sql(self, statement, database=None):
-        return self._cli(statement, database, admin=True)
+    def admin_sql(self, statement, database=None, timeout=60):
+        return self._cli(statement, database, admin=True, timeout=timeout)
 
     def log_tail(self, n=50):
         try:
@@ -314,7 +314,7 @@ class PostgresServer(DatabaseServer):
     def _port_taken(log_text):
         return "could not bind" in log_text or "Address already in use" in log_text
 
-    def _cli(self, statement, database, admin):
+    def _cli(self, statement, database, admin, timeout=60):
         if admin:
             argv = self._as_owner([PG_BIN / "psql", "-h", self.dir, "-p", str(self.port), "-U", self.superuser])
             env = dict(os.environ)
@@ -322,7 +322,7 @@ class PostgresServer(DatabaseServer):
             argv = [PG_BIN / "psql", "-h", self.host, "-p", str(self.port), "-U", self.user]
             env = dict(os.environ, PGPASSWORD=self.password)
         argv += ["-d", database or "postgres", "-X", "-q", "--csv", "-t", "-v", "ON_ERROR_STOP=1", "-P", "null=\\N"]
-        proc = subprocess.run(argv, input=statement, capture_output=True, text=True, timeout=60, env=env)
+        proc = subprocess.run(argv, input=statement, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             raise RuntimeError("psql (%s): %s\n%s" % ("admin" if admin else self.user, proc.stderr.strip(), statement))
         return [tuple(None if v == "\\N" else v for v in row) for row in csv.reader(io.StringIO(proc.stdout))]
@@ -405,7 +405,7 @@ class MariaDBServer(DatabaseServer):
     def _port_taken(log_text):
         return "Address already in use" in log_text or "Can't start server: Bind" in log_text
 
-    def _cli(self, statement, database, admin):
+    def _cli(self, statement, database, admin, timeout=60):
         if admin:
             argv = ["mariadb", "--no-defaults", "-S", self.socket, "-u", self.superuser]
             env = dict(os.environ)
@@ -416,7 +416,7 @@ class MariaDBServer(DatabaseServer):
         if database:
             argv.append(database)
         statement = "SET SESSION sql_mode = CONCAT(@@SESSION.sql_mode, ',ANSI_QUOTES');\n" + statement
-        proc = subprocess.run(argv, input=statement, capture_output=True, text=True, timeout=60, env=env)
+        proc = subprocess.run(argv, input=statement, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             raise RuntimeError("mariadb (%s): %s\n%s" % ("admin" if admin else self.user, proc.stderr.strip(), statement))
         return [tuple(_mysql_unescape(v) for v in line.split("\t")) for line in proc.stdout.split("\n") if line != ""]
@@ -477,9 +477,9 @@ class ExternalServer:
     def running(self):
         return True
 
-    def admin_sql(self, statement, database=None):
+    def admin_sql(self, statement, database=None, timeout=60):
         # No superuser here: the URL's user over TCP.
-        return self._impl._cli(statement, database or self._impl.database, admin=False)
+        return self._impl._cli(statement, database or self._impl.database, admin=False, timeout=timeout)
 
     def create_database(self, name=None, template=None):
         name = name or "e2e_" + uuid.uuid4().hex[:12]

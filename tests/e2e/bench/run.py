@@ -28,6 +28,9 @@ phase alternates between them, in short turns.
    while the module removes them. Stock 0.12 runs expiry as a daily mod_cron task;
    mod_bench_run_task runs that task at a chosen time. mod_mam_rs runs its own timer
    (archive_cleanup_interval).
+   With --postgres, every phase also runs mod_mam_rs with its archive (`mam_rs_sql`) on one
+   throwaway PostgreSQL server, seeded with the same rows by COPY; reported beside, against the
+   same references, with no target.
 4. Bytes per message: growth of the archive's database file(s) from seeding / rows. mod_mam_rs
    is seeded as text rows (as with archive_compression = false), then `prosodyctl mod_mam_rs
    optimize` compresses them as its default configuration (archive_compression on) stores
@@ -214,17 +217,22 @@ def median(xs):
 
 
 def postgres_archive(ctx):
-    """(a throwaway PostgreSQL started in the work dir, so on the same disk as the SQLite
-    archives, with fsync on; the `mam_rs_sql` line that puts mod_mam_rs's archive there)."""
-    os.environ["MAM_E2E_WORKDIR"] = str(ctx.root)  # dbservers' work root, read on import
-    os.chmod(ctx.root, 0o755)  # the server runs as the postgres user when we are root
-    from dbservers import open_server
-    db = open_server("postgres")
-    p = db.params(db.create_database())
+    """(the PostgreSQL server, the `mam_rs_sql` line that puts mod_mam_rs's archive in a new
+    database there, that database's name). One throwaway server for the run, started at the
+    first call in the work dir, so on the same disk as the SQLite archives, with fsync on;
+    main() closes it."""
+    if ctx.pg_server is None:
+        os.environ["MAM_E2E_WORKDIR"] = str(ctx.root)  # dbservers' work root, read on import
+        os.chmod(ctx.root, 0o755)  # the server runs as the postgres user when we are root
+        from dbservers import open_server
+        ctx.pg_server = open_server("postgres")
+    db = ctx.pg_server
+    database = db.create_database()
+    p = db.params(database)
     line = "mam_rs_sql = { %s }" % ", ".join(
         "%s = %s" % (k, p[k] if isinstance(p[k], int) else '"%s"' % p[k])
         for k in ("driver", "database", "host", "port", "username", "password"))
-    return db, line
+    return db, line, database
 
 
 def throughput(ctx, kinds):
@@ -232,13 +240,11 @@ def throughput(ctx, kinds):
     workload once against each, in rotating order. Figures are the medians over the rounds."""
     servers = {}
     rounds = {k: [] for k in kinds}
-    pg = None
     try:
         for kind in kinds:
             extra = common_config(ctx)
             if kind == "rs-pg":
-                pg = postgres_archive(ctx)
-                extra = extra + [pg[1]]
+                extra = extra + [postgres_archive(ctx)[1]]
             servers[kind] = Server(ctx.root, "tp-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir,
                                    extra, accounts_from=ctx.accounts).start()
         for r in range(ctx.rounds):
@@ -252,8 +258,6 @@ def throughput(ctx, kinds):
     finally:
         for srv in servers.values():
             srv.remove(ctx.keep)
-        if pg:
-            pg[0].close()
     out = {}
     for kind, rs in rounds.items():
         threads = sorted({n for t in rs for n in t["threads_ms_per_1000"]})
@@ -429,12 +433,22 @@ async def _archive_queries(ctx, servers, plan, queries, res):
         res[k]["problems"] = problems[k]
 
 
-def seeded_server(ctx, kind, plan, res):
-    """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message."""
-    extra = common_config(ctx)
+def seeded_server(ctx, kind, plan, res, pg=None):
+    """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message.
+    `pg`: for rs-pg, the PostgreSQL server and the module's `mam_rs_sql` line."""
+    extra = common_config(ctx) + ([pg[1]] if kind == "rs-pg" else [])
     srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir, extra, accounts_from=ctx.accounts)
     t = time.monotonic()
-    if kind == "rs":
+    pg_bytes = None
+    if kind == "rs-pg":
+        db, database = pg[0], pg[2]
+        srv.start()  # creates its schema in the database
+        srv.stop()
+        before = seeding.pg_archive_bytes(db, database)
+        seeding.seed_rs_postgres(db, database, plan, ctx.root / "pg-seed.tsv")
+        pg_bytes = seeding.pg_archive_bytes(db, database) - before
+        files = []
+    elif kind == "rs":
         srv.start()  # creates its schema in mam_rs.sqlite
         srv.stop()
         files = [srv.data / "mam_rs.sqlite", srv.data / "mam_rs.sqlite-wal"]
@@ -450,11 +464,11 @@ def seeded_server(ctx, kind, plan, res):
         srv.extra = extra + ['mam_memory_ref_seed = "%s"' % seed_file]
         files, before = [], 0
     res["seed_seconds"] = time.monotonic() - t
-    if files:
-        res["db_bytes"] = file_bytes(*files) - before
+    if files or pg_bytes is not None:
+        res["db_bytes"] = file_bytes(*files) - before if files else pg_bytes
         res["bytes_per_message"] = res["db_bytes"] / plan.rows
     log("[%s] seeded %d rows in %.1f s%s" % (kind, plan.rows, res["seed_seconds"], (
-        "; %.0f bytes per message" % res["bytes_per_message"]) if files else ""))
+        "; %.0f bytes per message" % res["bytes_per_message"]) if "bytes_per_message" in res else ""))
     if kind == "rs" and not ctx.skip_compressed:
         # The seeded rows are text; compressed, they are what the default configuration stores.
         res["bytes_per_message_text"] = res["bytes_per_message"]
@@ -473,9 +487,10 @@ def seeded_server(ctx, kind, plan, res):
 def archive_phase(ctx, kinds, plan, queries):
     res = {k: {} for k in kinds}
     servers = {}
+    pg = postgres_archive(ctx) if "rs-pg" in kinds else None
     try:
         for kind in kinds:
-            servers[kind] = seeded_server(ctx, kind, plan, res[kind])
+            servers[kind] = seeded_server(ctx, kind, plan, res[kind], pg)
         for kind in kinds:
             t = time.monotonic()
             servers[kind].start(timeout=120 + plan.rows / 5000)
@@ -489,7 +504,7 @@ def archive_phase(ctx, kinds, plan, queries):
                 kind, ", ".join("%s %.1f" % (s, p[s]["p50"]) for s in SHAPES), a["heavy"]["p50"],
                 a["walk"]["seconds"], a["ping"]["idle"]["p99"], a["ping"]["heavy"]["p99"],
                 ("; PROBLEMS: %d, first: %s" % (len(a["problems"]), a["problems"][0])) if a["problems"] else ""))
-        for kind in [k for k in ("stock", "rs") if k in kinds and not ctx.skip_expiry]:
+        for kind in [k for k in ("stock", "rs", "rs-pg") if k in kinds and not ctx.skip_expiry]:
             log("[%s] expiry of %d messages ..." % (kind, plan.rows))
             e = res[kind]["expiry"] = expiry(ctx, kind, servers[kind], plan)
             log("    deleted %s in %.2f s; ping p99 before %.2f ms (n=%d), during %.2f ms (n=%d, max %.1f ms)" % (
@@ -512,7 +527,7 @@ TASK_FINISHED = re.compile(rb"bench_run_task: \S+ finished at ([\d.]+)")
 
 def expiry(ctx, kind, srv, plan):
     after = ctx.expiry_idle + 2
-    extra = [l for l in common_config(ctx) if not l.startswith("archive_expires_after")]
+    extra = [l for l in srv.extra if not l.startswith("archive_expires_after")]
     extra.append("archive_expires_after = 1800")
     if kind == "stock":
         srv.modules = ["mam", "bench_run_task"]
@@ -527,7 +542,7 @@ def expiry(ctx, kind, srv, plan):
         end_seen = None
         while time.monotonic() < deadline:
             text = srv.log_bytes(offset)
-            if (kind == "rs" and RS_DELETED.search(text)) or (kind == "stock" and TASK_FINISHED.search(text)):
+            if (kind != "stock" and RS_DELETED.search(text)) or (kind == "stock" and TASK_FINISHED.search(text)):
                 end_seen = time.time()
                 break
             time.sleep(0.02)
@@ -539,7 +554,7 @@ def expiry(ctx, kind, srv, plan):
         samples = pinger.stop()
         srv.stop()
     text = srv.log_bytes(offset)
-    if kind == "rs":
+    if kind != "stock":
         m = RS_DELETED.search(text)
         deleted, took = int(m.group(1)), float(m.group(2))
         end = end_seen
@@ -664,6 +679,29 @@ def build_rows(r):
         row("bytes per message on disk", s, x, None, ratio(x, s), "≤ 0.33× stock", "<=", 1 / 3, nd=0)
         x = g("archive", "rs", "bytes_per_message_text")
         row("bytes per message, mod_mam_rs with archive_compression = false", s, x, None, ratio(x, s), nd=0)
+    if "rs-pg" in q:
+        # The same figures with mod_mam_rs's archive on PostgreSQL (stock's column: stock on SQLite).
+        on_pg = ", mod_mam_rs on PostgreSQL"
+        for shape in SHAPES:
+            for stat in ("p50", "p99"):
+                s, x, m = (g("archive", k, "pages", shape, stat) for k in ("stock", "rs-pg", "mem"))
+                row("page '%s' %s%s, ms" % (shape, stat, on_pg), s, x, m, ratio(x, m), nd=2)
+        for stat in ("p50", "p99"):
+            s, x, m = (g("archive", k, "heavy", stat) for k in ("stock", "rs-pg", "mem"))
+            row("heavy query %s%s, ms" % (stat, on_pg), s, x, m, ratio(x, m), nd=1)
+        s, x, m = (g("archive", k, "walk", "seconds") for k in ("stock", "rs-pg", "mem"))
+        row("full walk%s, s" % on_pg, s, x, m, ratio(x, m), nd=2)
+        s, x, m = (g("archive", k, "ping", "heavy", "p99") for k in ("stock", "rs-pg", "mem"))
+        row("ping during heavy queries, p99%s, ms (ratio: vs idle p99)" % on_pg, s, x, m,
+            ratio(x, g("archive", "rs-pg", "ping", "idle", "p99")), nd=2)
+        if g("archive", "rs-pg", "expiry", "seconds") == g("archive", "rs-pg", "expiry", "seconds"):
+            s, x = g("archive", "stock", "expiry", "seconds"), g("archive", "rs-pg", "expiry", "seconds")
+            row("expiry of the whole archive%s, s" % on_pg, s, x, None, nd=2)
+            s, x = g("archive", "stock", "expiry", "during", "p99"), g("archive", "rs-pg", "expiry", "during", "p99")
+            row("ping during expiry, p99%s, ms (ratio: vs before)" % on_pg, s, x, None,
+                ratio(x, g("archive", "rs-pg", "expiry", "idle", "p99")), nd=2)
+        s, x = g("archive", "stock", "bytes_per_message"), g("archive", "rs-pg", "bytes_per_message")
+        row("bytes per message%s (tables, indexes and TOAST)" % on_pg, s, x, None, ratio(x, s), nd=0)
     return rows
 
 
@@ -680,7 +718,7 @@ def markdown(r):
     for row in build_rows(r):
         out.append("| %s |" % " | ".join(row))
     notes = []
-    for kind in ("stock", "rs", "mem"):
+    for kind in ("stock", "rs", "mem", "rs-pg"):
         a = r.get("archive", {}).get(kind, {})
         if a.get("problems"):
             notes.append("- %s: %d wrong answers, first: %s" % (LABELS[kind], len(a["problems"]), a["problems"][0]))
@@ -699,7 +737,7 @@ def markdown(r):
             split.append("%s: main loop %.0f ms%s" % (LABELS[kind], t["main_loop_ms_per_1000"], "".join(
                 ", %s %.0f ms" % (k, v) for k, v in sorted(t["threads_ms_per_1000"].items()) if v >= 0.5)))
     walk = []
-    for kind in ("stock", "rs", "mem"):
+    for kind in ("stock", "rs", "mem", "rs-pg"):
         a = r.get("archive", {}).get(kind)
         if a and "walk" in a:
             w = a["walk"]
@@ -724,7 +762,7 @@ def plot(r, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"floor": "#999999", "stock": "#d95f02", "rs": "#1b9e77", "mem": "#7570b3"}
+    colours = {"floor": "#999999", "stock": "#d95f02", "rs": "#1b9e77", "mem": "#7570b3", "rs-pg": "#66a61e"}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     axes = axes.ravel()
     m = r["meta"]
@@ -763,12 +801,13 @@ def plot(r, path):
         return cur
 
     if r.get("throughput"):
-        bars(axes[0], "archived messages/s (higher is better)", ["messages/s"], ["floor", "stock", "rs"],
+        kinds = [k for k in ("floor", "stock", "rs", "rs-pg") if k in r["throughput"]]
+        bars(axes[0], "archived messages/s (higher is better)", ["messages/s"], kinds,
              lambda k, _: get("throughput", k, "rate"), "messages/s", log_y=True)
-        bars(axes[1], "Prosody CPU per 1,000 messages", ["CPU ms"], ["floor", "stock", "rs"],
+        bars(axes[1], "Prosody CPU per 1,000 messages", ["CPU ms"], kinds,
              lambda k, _: get("throughput", k, "cpu_ms_per_1000"), "ms")
     if r.get("archive"):
-        kinds = ["stock", "rs", "mem"]
+        kinds = [k for k in ("stock", "rs", "mem", "rs-pg") if k in r["archive"]]
         bars(axes[2], "page latency p50 (max=50, with <count>)", list(SHAPES), kinds,
              lambda k, s: get("archive", k, "pages", s, "p50"), "ms")
         bars(axes[3], "page latency p99", list(SHAPES), kinds,
@@ -789,8 +828,10 @@ def plot(r, path):
             return get("archive", k, "expiry", "during", "p99")
 
         bars(axes[6], "other client's ping p99", groups, kinds, ping, "ms", log_y=True)
-        bars(axes[7], "bytes per message on disk", ["default", "compression off"], ["stock", "rs"],
-             lambda k, s: get("archive", k, "bytes_per_message" if s == "default" or k == "stock"
+        bars(axes[7], "bytes per message on disk", ["default", "compression off"],
+             [k for k in ("stock", "rs", "rs-pg") if k in kinds],
+             # Stock and PostgreSQL store text either way.
+             lambda k, s: get("archive", k, "bytes_per_message" if s == "default" or k != "rs"
                               else "bytes_per_message_text"), "bytes")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=90)
@@ -830,7 +871,7 @@ def main(argv=None):
     ap.add_argument("--only", default="floor,stock,rs,mem",
                     help="comma-separated subset of floor, stock, rs, mem (for development; ratios need all)")
     ap.add_argument("--postgres", action="store_true",
-                    help="throughput also with mod_mam_rs's archive on a throwaway PostgreSQL (Debian's package)")
+                    help="every phase also with mod_mam_rs's archive on a throwaway PostgreSQL (Debian's package)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-archive", action="store_true")
     ap.add_argument("--skip-expiry", action="store_true")
@@ -857,6 +898,7 @@ def main(argv=None):
     ctx = Ctx()
     for k, v in vars(args).items():
         setattr(ctx, k, v)
+    ctx.pg_server = None
     ctx.plugin_dir = Path(args.plugin_dir).resolve()
     if ctx.plugin_dir.name != "mod_mam_rs":
         sys.exit("--plugin-dir must be a directory named mod_mam_rs (Prosody's plugin layout): %s" % ctx.plugin_dir)
@@ -893,9 +935,12 @@ def main(argv=None):
         if not args.skip_archive:
             plan = seeding.Plan(args.rows, args.seed)
             queries = query_plan(ctx, plan)
-            kinds = [k for k in ("stock", "rs", "mem") if k in only]
+            kinds = [k for k in ("stock", "rs", "mem") if k in only] + (
+                ["rs-pg"] if args.postgres and "rs" in only else [])
             r["archive"] = archive_phase(ctx, kinds, plan, queries)
     finally:
+        if ctx.pg_server is not None:
+            ctx.pg_server.close()
         if not args.keep:
             shutil.rmtree(ctx.root, ignore_errors=True)
     r["meta"]["seconds"] = time.monotonic() - started

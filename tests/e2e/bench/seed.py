@@ -6,6 +6,7 @@ are spread evenly over five days that end an hour before seeding, so that a 30-m
 `archive_expires_after` expires all of them.
 """
 
+import os
 import random
 import sqlite3
 import time
@@ -149,6 +150,52 @@ def seed_rs(db_path, plan):
         db.executemany("INSERT INTO messages (id, aid, with_id, stanza) VALUES (?,?,?,?)", rows())
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
+
+
+PG_TABLES = ("mam_rs_archives", "mam_rs_jids", "mam_rs_messages", "mam_rs_legacy_ids", "mam_rs_imports",
+             "mam_rs_client_marks", "mam_rs_with_counts")
+
+
+def pg_archive_bytes(db, database):
+    """Bytes of mod_mam_rs's tables in PostgreSQL, indexes and TOAST included."""
+    names = ", ".join("'%s'" % t for t in PG_TABLES)
+    return int(db.sql("SELECT coalesce(sum(pg_total_relation_size(oid)), 0) FROM pg_class "
+                      "WHERE relkind = 'r' AND relname IN (%s);" % names, database)[0][0])
+
+
+def seed_rs_postgres(db, database, plan, tsv_path):
+    """The same rows as seed_rs, in mod_mam_rs's PostgreSQL schema (src/store/postgres/schema.rs),
+    with COPY; the module created the schema when it was started once on this database. Its
+    triggers keep the totals, as they do for the module's own inserts. Ends with VACUUM ANALYZE,
+    as autovacuum would have left a long-lived archive."""
+    ver = db.sql("SELECT version FROM mam_rs_schema;", database)
+    cols = {r[0]: r for r in db.sql("SELECT column_name, is_nullable, column_default FROM information_schema.columns "
+                                    "WHERE table_name = 'mam_rs_messages';", database)}
+    needed = {"id", "aid", "with_id", "stanza"}
+    extra = [c for c, r in cols.items() if c not in needed and r[1] == "NO" and r[2] is None]
+    if not ver or not needed <= set(cols) or extra:
+        raise RuntimeError("mod_mam_rs's PostgreSQL messages table changed (schema %s, columns %s): update "
+                           "tests/e2e/bench/seed.py" % (ver, sorted(cols)))
+    aid = db.sql("INSERT INTO mam_rs_archives (host, username, store) VALUES ('%s', '%s', 'archive') "
+                 "ON CONFLICT (host, username, store) DO UPDATE SET store = EXCLUDED.store RETURNING aid;"
+                 % (HOST, USER), database)[0][0]
+    jid_ids = []
+    for c in range(CONTACTS):
+        jid_ids.append(db.sql("INSERT INTO mam_rs_jids (jid) VALUES ('%s') ON CONFLICT (jid) DO UPDATE "
+                              "SET jid = EXCLUDED.jid RETURNING jid_id;" % contact_jid(c), database)[0][0])
+    last = db.sql("SELECT coalesce(max(id), 0) FROM mam_rs_messages;", database)[0][0]
+    if int(last) >= plan.rs_ints[0]:
+        raise RuntimeError("the mod_mam_rs database already has newer rows")
+    with open(tsv_path, "w") as f:
+        for i in range(plan.rows):
+            # COPY's text format: the stanzas hold no tab, newline or backslash.
+            f.write("%d\t%s\t%s\t%s\n" % (plan.rs_ints[i], aid, jid_ids[plan.contact[i]], stanza_xml(plan, i, True)))
+    try:
+        db.sql("\\copy mam_rs_messages (id, aid, with_id, stanza) FROM '%s'" % tsv_path, database,
+               timeout=600 + plan.rows / 1000)
+    finally:
+        os.unlink(tsv_path)
+    db.sql("VACUUM ANALYZE;", database, timeout=600 + plan.rows / 1000)
 
 
 def seed_memory_ref(path, plan):

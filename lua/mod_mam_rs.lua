@@ -216,7 +216,7 @@ local buckets = native.metric_buckets;
 local metrics = {
 	archived = module:metric("counter", "archived", "", "Messages archived, by direction (in: to the user, out: from the user)", { "direction" });
 	not_archived = module:metric("counter", "not_archived", "", "Messages not archived, by reason", { "reason" });
-	queries = module:metric("counter", "queries", "", "Archive queries and metadata requests answered, by outcome", { "outcome" });
+	queries = module:metric("counter", "queries", "", "Archive queries and metadata requests, by outcome", { "outcome" });
 	query = module:metric("histogram", "query", "seconds", "Time from an archive query's arrival to its answer being ready", {}, { buckets = buckets.seconds });
 	archive_messages = module:metric("gauge", "archive_messages", "", "Messages in this host's archives", {});
 	archive_users = module:metric("gauge", "archive_users", "", "Users of this host with archived messages", {});
@@ -228,6 +228,7 @@ local metrics = {
 };
 -- The reasons decided here rather than on the native side.
 local not_archived_policy = metrics.not_archived:with_labels("policy");
+local queries_refused = metrics.queries:with_labels("refused"); -- before a worker: counted here
 local not_archived_prefs = metrics.not_archived:with_labels("prefs");
 local not_archived_limit = metrics.not_archived:with_labels("limit");
 
@@ -620,6 +621,7 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	if closed then return; end -- Unhandled: the client gets service-unavailable.
 	local origin, stanza = event.origin, event.stanza;
 	if over_query_rate(origin.username) then
+		queries_refused:add(1);
 		origin.send(st.error_reply(stanza, "wait", "resource-constraint",
 			("Too many archive queries: at most %g per second"):format(settings.max_queries_per_second)));
 		return true;
@@ -629,6 +631,7 @@ module:hook("iq-set/self/" .. xmlns_mam .. ":query", function (event)
 	local start_time = time_now();
 	local ticket, refused = archive:query(stanza.tags[1], origin.username, stanza.attr.from, stanza.attr.to);
 	if not ticket then
+		queries_refused:add(1);
 		origin.send(st.error_reply(stanza, "modify", "bad-request", refused));
 		return true;
 	end

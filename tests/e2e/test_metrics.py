@@ -5,6 +5,7 @@ exactly that many. Times and the database size are checked for presence and sani
 """
 
 import re
+import time
 import urllib.request
 
 import pytest
@@ -84,7 +85,7 @@ def test_every_counter_starts_at_zero(metered, connect):
         assert m.get("archived_total", direction=direction) == 0
     for reason in ("policy", "prefs", "limit", "empty", "too-deep", "queue-full", "unavailable", "failed"):
         assert m.get("not_archived_total", reason=reason) == 0, reason
-    for outcome in ("ok", "error"):
+    for outcome in ("ok", "error", "refused"):
         assert m.get("queries_total", outcome=outcome) == 0
     assert m.get("failed_writes_total") == 0
     assert m.get("write_queue") == 0
@@ -126,6 +127,7 @@ def test_messages_queries_and_writes_are_counted_exactly(metered, connect):
         assert m.get("not_archived_total", reason=reason) == 0, reason
     assert m.get("queries_total", outcome="ok") == 4
     assert m.get("queries_total", outcome="error") == 1
+    assert m.get("queries_total", outcome="refused") == 0
 
     # Query durations: one sample per answer, each bucket counting what is at or below it.
     assert m.get("query_seconds_count") == 5
@@ -187,5 +189,30 @@ def test_messages_refused_by_the_native_side_are_counted_by_reason(connect):
         assert m.get("archived_total", direction="in") == 1
         assert m.get("not_archived_total", reason="empty") == 2
         assert m.get("not_archived_total", reason="policy") == 0
+    finally:
+        srv.stop()
+
+
+def test_queries_refused_before_a_worker_are_counted(connect):
+    """Over the rate limit, or nested too deep to copy: turned away on the loop, counted as
+    `refused`, and not as answered."""
+    srv = start_metered(["mam_rs_max_queries_per_second = 1"])
+    try:
+        alice = connect(srv, "alice")
+        time.sleep(1.1)  # the budget is full
+        ids = ["burst-%d" % i for i in range(5)]
+        futs = [alice.iq_async("set", "<query xmlns='urn:xmpp:mam:2' queryid='%s'/>" % i, iq_id=i) for i in ids]
+        replies = [f.result(15) for f in futs]
+        limited = [r for r in replies if r.type == "error"]
+        assert limited and all(r.condition == "resource-constraint" for r in limited), replies
+        time.sleep(1.1)
+        deep = "<a xmlns='urn:x:deep'>" + "<a>" * 4999 + "</a>" * 5000
+        r = alice.iq("set", "<query xmlns='urn:xmpp:mam:2'>%s</query>" % deep)
+        assert (r.type, r.condition) == ("error", "bad-request"), r
+        m = srv.scrape()
+        assert m.get("queries_total", outcome="refused") == len(limited) + 1
+        assert m.get("queries_total", outcome="ok") == len(replies) - len(limited)
+        assert m.get("queries_total", outcome="error") == 0
+        assert m.get("query_seconds_count") == len(replies) - len(limited)
     finally:
         srv.stop()

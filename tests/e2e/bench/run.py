@@ -474,8 +474,12 @@ def seeded_server(ctx, kind, plan, res, pg=None):
         res["bytes_per_message_text"] = res["bytes_per_message"]
         t = time.monotonic()
         r = srv.prosodyctl("mod_mam_rs", "optimize", timeout=3600)
-        if r.returncode != 0 or "optimize: ok" not in r.stdout or "messages compressed" not in r.stdout:
+        too_few = "fewer than" in r.stdout and "rows stay as text" in r.stdout
+        if r.returncode != 0 or "optimize: ok" not in r.stdout or not ("messages compressed" in r.stdout or too_few):
             raise RuntimeError("optimize failed: %s %s" % (r.stdout[-2000:], r.stderr[-2000:]))
+        if too_few:  # as a default installation keeps so small an archive
+            log("    too few rows to train a dictionary: the archive stays as text")
+            return srv
         res["optimize_seconds"] = time.monotonic() - t
         res["db_bytes"] = file_bytes(*files) - before
         res["bytes_per_message"] = res["db_bytes"] / plan.rows

@@ -405,3 +405,16 @@ pub(crate) fn find(
     };
     Ok(Page { items, total })
 }
+
+/// `optimize`'s index check: the report line, or an error naming the indexes queries depend on
+/// that are missing.
+pub(crate) fn indexes_checked<S: AsRef<str>>(missing: &[S]) -> Result<String, StoreError> {
+    if missing.is_empty() {
+        return Ok("indexes: all present".to_string());
+    }
+    let names: Vec<&str> = missing.iter().map(AsRef::as_ref).collect();
+    Err(StoreError::Database(format!(
+        "missing indexes: {}; the schema was changed by hand",
+        names.join(", ")
+    )))
+}

@@ -170,7 +170,8 @@ impl MysqlStore {
                     // Sessions hold nothing but the settings above: no reset (a round trip
                     // per query) when a connection goes back.
                     .with_reset_connection(false)
-                    .with_check_health(true),
+                    // Nor a ping before each use (another round trip): see MysqlStore::read.
+                    .with_check_health(false),
             ),
         )
         .map_err(|e| StoreError::Open(format!("{describe}: read pool: {e}")))?;
@@ -229,12 +230,36 @@ impl MysqlStore {
         Ok(writer)
     }
 
-    fn reader(&self) -> Result<PooledConn, StoreError> {
-        self.readers
-            .try_get_conn(self.options.connect_timeout.max(Duration::from_secs(1)))
-            .map_err(|e| {
-                StoreError::Unavailable(format!("{}: no connection: {e}", describe(&self.options)))
-            })
+    /// Runs the read `f` on a pooled connection. The pool does not ping a connection before
+    /// handing it out (a round trip per query). A read that fails on a connection that then
+    /// does not answer a ping (the server restarted, or closed it after `wait_timeout`) takes
+    /// that connection out of the pool and runs again on the next, until one is new.
+    fn read<T>(
+        &self,
+        mut f: impl FnMut(&mut PooledConn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut stale = 0;
+        loop {
+            let mut conn = self
+                .readers
+                .try_get_conn(self.options.connect_timeout.max(Duration::from_secs(1)))
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "{}: no connection: {e}",
+                        describe(&self.options)
+                    ))
+                })?;
+            match f(&mut conn) {
+                Err(_)
+                    if stale < self.options.pool_size.max(1) && conn.as_mut().ping().is_err() =>
+                {
+                    // The reset fails as it goes back to the pool, which then drops it.
+                    conn.reset_connection(true);
+                    stale += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     fn archive_for_write(
@@ -439,36 +464,39 @@ impl Store for MysqlStore {
     }
 
     fn find(&self, archive: &ArchiveRef, query: &Query) -> Result<Page, StoreError> {
-        let mut conn = self.reader()?;
-        // REPEATABLE READ (a session setting): every read below sees the snapshot of the first.
-        let mut tx = conn
-            .start_transaction(mysql::TxOpts::default())
-            .map_err(db)?;
-        rows::find(
-            &mut Snap {
-                store: self,
-                conn: &mut tx,
-            },
-            archive,
-            query,
-        )
+        self.read(|conn| {
+            // REPEATABLE READ (a session setting): every read below sees the snapshot of the first.
+            let mut tx = conn
+                .start_transaction(mysql::TxOpts::default())
+                .map_err(db)?;
+            rows::find(
+                &mut Snap {
+                    store: self,
+                    conn: &mut tx,
+                },
+                archive,
+                query,
+            )
+        })
     }
 
     fn holds(&self, id: ArchiveId) -> Result<bool, StoreError> {
-        let mut conn = self.reader()?;
-        let found: Option<i64> = first(
-            &mut conn,
-            "SELECT 1 FROM mam_rs_messages WHERE id = ?",
-            (id.as_i64(),),
-        )?;
-        Ok(found.is_some())
+        self.read(|conn| {
+            let found: Option<i64> = first(
+                &mut *conn,
+                "SELECT 1 FROM mam_rs_messages WHERE id = ?",
+                (id.as_i64(),),
+            )?;
+            Ok(found.is_some())
+        })
     }
 
     fn last_id(&self) -> Result<Option<ArchiveId>, StoreError> {
-        let mut conn = self.reader()?;
-        let max: Option<i64> =
-            first(&mut conn, "SELECT MAX(id) FROM mam_rs_messages", ())?.flatten();
-        max.map(stored_id).transpose()
+        self.read(|conn| {
+            let max: Option<i64> =
+                first(&mut *conn, "SELECT MAX(id) FROM mam_rs_messages", ())?.flatten();
+            max.map(stored_id).transpose()
+        })
     }
 
     fn expire(
@@ -547,16 +575,17 @@ impl Store for MysqlStore {
         archive: &ArchiveRef,
         source: &str,
     ) -> Result<Option<ImportCheckpoint>, StoreError> {
-        let mut conn = self.reader()?;
-        let Some(aid) = self.archive_for_read(&mut conn, archive)? else {
-            return Ok(None);
-        };
-        Ok(first::<(i64, i64)>(
-            &mut conn,
-            "SELECT position, last_id FROM mam_rs_imports WHERE aid = ? AND source = ?",
-            (aid, source),
-        )?
-        .map(|(position, last_id)| ImportCheckpoint { position, last_id }))
+        self.read(|conn| {
+            let Some(aid) = self.archive_for_read(&mut *conn, archive)? else {
+                return Ok(None);
+            };
+            Ok(first::<(i64, i64)>(
+                &mut *conn,
+                "SELECT position, last_id FROM mam_rs_imports WHERE aid = ? AND source = ?",
+                (aid, source),
+            )?
+            .map(|(position, last_id)| ImportCheckpoint { position, last_id }))
+        })
     }
 
     fn import(
@@ -622,51 +651,52 @@ impl Store for MysqlStore {
     }
 
     fn stats(&self, host: &str, store: &str, user: Option<&str>) -> Result<Stats, StoreError> {
-        let mut conn = self.reader()?;
-        let aids: Vec<(i64, i64)> = match user {
-            Some(user) => all(
-                &mut conn,
-                "SELECT aid, item_count FROM mam_rs_archives \
-                 WHERE host = ? AND username = ? AND store = ?",
-                (host, user, store),
-            )?,
-            None => all(
-                &mut conn,
-                "SELECT aid, item_count FROM mam_rs_archives WHERE host = ? AND store = ?",
-                (host, store),
-            )?,
-        };
-        let mut stats = Stats::default();
-        for &(aid, count) in &aids {
-            if count == 0 {
-                continue;
-            }
-            stats.users += 1;
-            stats.messages += non_negative(count)?;
-            let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) = first(
-                &mut conn,
-                "SELECT MIN(id), MAX(id), CAST(SUM(LENGTH(stanza)) AS SIGNED) \
-                 FROM mam_rs_messages WHERE aid = ?",
-                (aid,),
-            )?
-            .unwrap_or_default();
-            stats.add_archive(oldest, newest, non_negative(bytes.unwrap_or(0))?)?;
-        }
-        if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
-            if *count > 0 {
-                stats.contacts = all::<(String, i64)>(
-                    &mut conn,
-                    "SELECT j.jid, c.n FROM (SELECT with_id, COUNT(*) AS n FROM mam_rs_messages \
-                     WHERE aid = ? GROUP BY with_id) c JOIN mam_rs_jids j ON j.jid_id = c.with_id \
-                     ORDER BY c.n DESC, j.jid LIMIT 20",
+        self.read(|conn| {
+            let aids: Vec<(i64, i64)> = match user {
+                Some(user) => all(
+                    &mut *conn,
+                    "SELECT aid, item_count FROM mam_rs_archives \
+                     WHERE host = ? AND username = ? AND store = ?",
+                    (host, user, store),
+                )?,
+                None => all(
+                    &mut *conn,
+                    "SELECT aid, item_count FROM mam_rs_archives WHERE host = ? AND store = ?",
+                    (host, store),
+                )?,
+            };
+            let mut stats = Stats::default();
+            for &(aid, count) in &aids {
+                if count == 0 {
+                    continue;
+                }
+                stats.users += 1;
+                stats.messages += non_negative(count)?;
+                let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) = first(
+                    &mut *conn,
+                    "SELECT MIN(id), MAX(id), CAST(SUM(LENGTH(stanza)) AS SIGNED) \
+                     FROM mam_rs_messages WHERE aid = ?",
                     (aid,),
                 )?
-                .into_iter()
-                .map(|(jid, n)| Ok((jid, non_negative(n)?)))
-                .collect::<Result<_, StoreError>>()?;
+                .unwrap_or_default();
+                stats.add_archive(oldest, newest, non_negative(bytes.unwrap_or(0))?)?;
             }
-        }
-        Ok(stats)
+            if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
+                if *count > 0 {
+                    stats.contacts = all::<(String, i64)>(
+                        &mut *conn,
+                        "SELECT j.jid, c.n FROM (SELECT with_id, COUNT(*) AS n FROM mam_rs_messages \
+                         WHERE aid = ? GROUP BY with_id) c JOIN mam_rs_jids j ON j.jid_id = c.with_id \
+                         ORDER BY c.n DESC, j.jid LIMIT 20",
+                        (aid,),
+                    )?
+                    .into_iter()
+                    .map(|(jid, n)| Ok((jid, non_negative(n)?)))
+                    .collect::<Result<_, StoreError>>()?;
+                }
+            }
+            Ok(stats)
+        })
     }
 
     fn delete_archive(&self, archive: &ArchiveRef, limit: u32) -> Result<u64, StoreError> {
@@ -700,59 +730,55 @@ impl Store for MysqlStore {
     /// On a read connection: `OPTIMIZE TABLE` rebuilds InnoDB tables online, and the writer
     /// keeps committing meanwhile.
     fn optimize(&self, vacuum: bool) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.reader()?;
-        let mut report = Vec::new();
-        let mut missing = Vec::new();
-        for &(table, index) in schema::INDEXES {
-            let found: Option<i64> = first(
-                &mut conn,
-                "SELECT 1 FROM information_schema.statistics \
-                 WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ? LIMIT 1",
-                (table, index),
-            )?;
-            if found.is_none() {
-                missing.push(index);
+        self.read(|conn| {
+            let mut report = Vec::new();
+            let mut missing = Vec::new();
+            for &(table, index) in schema::INDEXES {
+                let found: Option<i64> = first(
+                    &mut *conn,
+                    "SELECT 1 FROM information_schema.statistics \
+                     WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ? LIMIT 1",
+                    (table, index),
+                )?;
+                if found.is_none() {
+                    missing.push(index);
+                }
             }
-        }
-        if !missing.is_empty() {
-            return Err(StoreError::Database(format!(
-                "missing indexes: {}; the schema was changed by hand",
-                missing.join(", ")
-            )));
-        }
-        report.push("indexes: all present".to_string());
-        let tables = "mam_rs_messages, mam_rs_archives, mam_rs_jids, mam_rs_legacy_ids";
-        if vacuum {
-            table_command(&mut conn, &format!("OPTIMIZE TABLE {tables}"))?;
-            report.push(
-                "VACUUM (OPTIMIZE TABLE: on InnoDB a rebuild and ANALYZE): tables rebuilt \
-                 without free space, statistics refreshed"
-                    .into(),
-            );
-        } else {
-            table_command(&mut conn, &format!("ANALYZE TABLE {tables}"))?;
-            report.push("ANALYZE TABLE: statistics refreshed".into());
-        }
-        Ok(report)
+            report.push(rows::indexes_checked(&missing)?);
+            let tables = "mam_rs_messages, mam_rs_archives, mam_rs_jids, mam_rs_legacy_ids";
+            if vacuum {
+                table_command(&mut *conn, &format!("OPTIMIZE TABLE {tables}"))?;
+                report.push(
+                    "VACUUM (OPTIMIZE TABLE: on InnoDB a rebuild and ANALYZE): tables rebuilt \
+                     without free space, statistics refreshed"
+                        .into(),
+                );
+            } else {
+                table_command(&mut *conn, &format!("ANALYZE TABLE {tables}"))?;
+                report.push("ANALYZE TABLE: statistics refreshed".into());
+            }
+            Ok(report)
+        })
     }
 
     fn figures(&self, host: &str, store: &str) -> Result<Figures, StoreError> {
-        let mut conn = self.reader()?;
-        let (archives, messages, bytes): (i64, i64, i64) = first(
-            &mut conn,
-            "SELECT CAST(COALESCE(SUM(item_count > 0), 0) AS SIGNED), \
-             CAST(COALESCE(SUM(item_count), 0) AS SIGNED), \
-             (SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
-              FROM information_schema.tables \
-              WHERE table_schema = DATABASE() AND table_name LIKE 'mam\\_rs\\_%') \
-             FROM mam_rs_archives WHERE host = ? AND store = ?",
-            (host, store),
-        )?
-        .unwrap_or_default();
-        Ok(Figures {
-            archives: non_negative(archives)?,
-            messages: non_negative(messages)?,
-            bytes: non_negative(bytes)?,
+        self.read(|conn| {
+            let (archives, messages, bytes): (i64, i64, i64) = first(
+                &mut *conn,
+                "SELECT CAST(COALESCE(SUM(item_count > 0), 0) AS SIGNED), \
+                 CAST(COALESCE(SUM(item_count), 0) AS SIGNED), \
+                 (SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS SIGNED) \
+                  FROM information_schema.tables \
+                  WHERE table_schema = DATABASE() AND table_name LIKE 'mam\\_rs\\_%') \
+                 FROM mam_rs_archives WHERE host = ? AND store = ?",
+                (host, store),
+            )?
+            .unwrap_or_default();
+            Ok(Figures {
+                archives: non_negative(archives)?,
+                messages: non_negative(messages)?,
+                bytes: non_negative(bytes)?,
+            })
         })
     }
 }
@@ -982,8 +1008,12 @@ fn select_page(
     reverse: bool,
 ) -> Result<Vec<Item>, StoreError> {
     let (clause, mut params) = where_clause(filter, range);
+    // STRAIGHT_JOIN: the messages first, in id order, so the page is its first `limit` rows
+    // of an index. Left to itself, MySQL/MariaDB may read the (few) JIDs first and then sort
+    // every message of the archive for each page: 3.4 ms for a page of 2,000 rows instead of
+    // 0.3 ms, and growing with the archive.
     let mut sql = format!(
-        "SELECT m.id, j.jid, m.stanza, l.legacy_key FROM mam_rs_messages m \
+        "SELECT STRAIGHT_JOIN m.id, j.jid, m.stanza, l.legacy_key FROM mam_rs_messages m \
          JOIN mam_rs_jids j ON j.jid_id = m.with_id \
          LEFT JOIN mam_rs_legacy_ids l ON l.id = m.id{clause} \
          ORDER BY m.id {}",

@@ -258,6 +258,28 @@ fn connections_that_went_away_are_replaced() {
     assert_eq!(store.last_id().unwrap(), Some(id(2)));
     store.append(&[row(&romeo(), id(3), "a@b")]).unwrap();
     assert_eq!(total(&store), Some(3));
+
+    // Several queries at once leave several connections in the pool; none is checked before
+    // use, and every one that went away is replaced.
+    let store = Arc::new(store);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    assert_eq!(total(&*store), Some(3));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    kill_connections(&options.database);
+    for _ in 0..3 {
+        assert_eq!(total(&*store), Some(3));
+    }
+    assert!(store.holds(id(3)).unwrap());
 }
 
 #[test]

@@ -704,13 +704,7 @@ impl Store for PgStore {
                     missing.push(name);
                 }
             }
-            if !missing.is_empty() {
-                return Err(StoreError::Database(format!(
-                    "missing indexes: {}; the schema was changed by hand",
-                    missing.join(", ")
-                )));
-            }
-            report.push("indexes: all present".to_string());
+            report.push(rows::indexes_checked(&missing)?);
             let tables = "mam_rs_messages, mam_rs_archives, mam_rs_jids, mam_rs_legacy_ids";
             if vacuum {
                 client

@@ -350,11 +350,12 @@ class MariaDBServer(DatabaseServer):
     _stop_signal = signal.SIGTERM  # clean shutdown
     _crash_signal = signal.SIGKILL  # InnoDB crash recovery at the next start
 
-    # Small InnoDB files: the defaults (a 96 MB redo log) only cost time and tmpfs.
-    _SIZES = ["--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M"]
-
-    def __init__(self):
+    def __init__(self, buffer_pool="32M", log_file="16M"):
+        """Small InnoDB sizes by default: for tests, the defaults (a 96 MB redo log) only cost
+        time and tmpfs. The benchmark asks for a buffer pool that holds its archive, as an
+        admin's server would have."""
         super().__init__()
+        self._sizes = ["--innodb-buffer-pool-size=%s" % buffer_pool, "--innodb-log-file-size=%s" % log_file]
         self.os_user = "mysql" if _IS_ROOT else pwd.getpwuid(os.geteuid()).pw_name
         # mariadb-install-db gives this OS user (root when we are root) socket access as itself.
         # (mariadbd runs as os_user; install-db chowns the data directory to it.)
@@ -385,14 +386,14 @@ class MariaDBServer(DatabaseServer):
             os.chown(self.dir, uid, gid)
         _run(["mariadb-install-db", "--no-defaults", "--datadir=%s" % self.data, "--user=%s" % self.os_user,
               "--auth-root-authentication-method=socket", "--auth-root-socket-user=%s" % self.superuser,
-              "--skip-test-db", "--skip-name-resolve", *self._SIZES], cwd=self.dir, timeout=180)
+              "--skip-test-db", "--skip-name-resolve", *self._sizes], cwd=self.dir, timeout=180)
 
     def _server_argv(self):
         return [MARIADBD, "--no-defaults", "--datadir=%s" % self.data,
                 "--socket=%s" % self.socket, "--pid-file=%s" % (self.dir / "mariadbd.pid"),
                 "--port=%d" % self.port, "--bind-address=127.0.0.1", "--skip-name-resolve",
                 "--character-set-server=utf8mb4",
-                "--collation-server=utf8mb4_unicode_ci", "--skip-log-bin", *self._SIZES]
+                "--collation-server=utf8mb4_unicode_ci", "--skip-log-bin", *self._sizes]
 
     def _ready(self):
         if not self.socket.exists():
@@ -513,9 +514,9 @@ class ExternalServer:
         pass
 
 
-def open_server(kind):
+def open_server(kind, **settings):
     """A started server of `kind` ("postgres" or "mariadb"), or the external one the
-    environment names. The caller closes it."""
+    environment names. The caller closes it. `settings`: for the server's constructor."""
     cls, env = {"postgres": (PostgresServer, "MAM_E2E_POSTGRES"), "mariadb": (MariaDBServer, "MAM_E2E_MYSQL")}[kind]
     if os.environ.get(env):
         return ExternalServer(cls, os.environ[env])
@@ -526,7 +527,7 @@ def open_server(kind):
     if missing:
         raise RuntimeError("no %s to start: install the Debian package(s) %s (make deps does)"
                            % (kind, ", ".join(missing)))
-    return cls().setup()
+    return cls(**settings).setup()
 
 
 @atexit.register

@@ -28,9 +28,9 @@ phase alternates between them, in short turns.
    while the module removes them. Stock 0.12 runs expiry as a daily mod_cron task;
    mod_bench_run_task runs that task at a chosen time. mod_mam_rs runs its own timer
    (archive_cleanup_interval).
-   With --postgres, every phase also runs mod_mam_rs with its archive (`mam_rs_sql`) on one
-   throwaway PostgreSQL server, seeded with the same rows by COPY; reported beside, against the
-   same references, with no target.
+   With --postgres (--mariadb), every phase also runs mod_mam_rs with its archive (`mam_rs_sql`)
+   on one throwaway PostgreSQL (MariaDB) server, seeded with the same rows; reported beside,
+   against the same references, with no target.
 4. Bytes per message: growth of the archive's database file(s) from seeding / rows. mod_mam_rs
    is seeded as text rows (as with archive_compression = false), then `prosodyctl mod_mam_rs
    optimize` compresses them as its default configuration (archive_compression on) stores
@@ -61,8 +61,14 @@ E2E = HERE.parent
 REPO = E2E.parents[1]
 
 LABELS = {"floor": "no archive module", "stock": "stock mod_mam", "rs": "mod_mam_rs", "mem": "memory reference",
-          "rs-pg": "mod_mam_rs on PostgreSQL"}
-ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam_memory_ref"], "rs-pg": ["mam_rs"]}
+          "rs-pg": "mod_mam_rs on PostgreSQL", "rs-my": "mod_mam_rs on MariaDB"}
+ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam_memory_ref"], "rs-pg": ["mam_rs"],
+                   "rs-my": ["mam_rs"]}
+# mod_mam_rs with its archive on a database server: the kind, and the server (tests/e2e/dbservers.py).
+ON_SERVER = {"rs-pg": "postgres", "rs-my": "mariadb"}
+# The benchmark's MariaDB: a buffer pool that holds a 1M-message archive, as an admin's server
+# would have (the test suite's is 32 MB), and a redo log that seeding does not keep flushing.
+MARIADB_SIZES = {"buffer_pool": "1G", "log_file": "256M"}
 SHAPES = ("newest", "oldest", "with", "window", "after-id")
 PAGE = 50
 
@@ -216,17 +222,18 @@ def median(xs):
     return pct(xs, 50)
 
 
-def postgres_archive(ctx):
-    """(the PostgreSQL server, the `mam_rs_sql` line that puts mod_mam_rs's archive in a new
-    database there, that database's name). One throwaway server for the run, started at the
-    first call in the work dir, so on the same disk as the SQLite archives, with fsync on;
-    main() closes it."""
-    if ctx.pg_server is None:
+def server_archive(ctx, kind):
+    """For mod_mam_rs on a database server (`kind` in ON_SERVER): (the server, the `mam_rs_sql`
+    line that puts the archive in a new database there, that database's name). One throwaway
+    server of each kind for the run, started at the first call in the work dir, so on the same
+    disk as the SQLite archives, with fsync on; main() closes them."""
+    which = ON_SERVER[kind]
+    if which not in ctx.db_servers:
         os.environ["MAM_E2E_WORKDIR"] = str(ctx.root)  # dbservers' work root, read on import
-        os.chmod(ctx.root, 0o755)  # the server runs as the postgres user when we are root
+        os.chmod(ctx.root, 0o755)  # the server runs as its system user when we are root
         from dbservers import open_server
-        ctx.pg_server = open_server("postgres")
-    db = ctx.pg_server
+        ctx.db_servers[which] = open_server(which, **(MARIADB_SIZES if which == "mariadb" else {}))
+    db = ctx.db_servers[which]
     database = db.create_database()
     p = db.params(database)
     line = "mam_rs_sql = { %s }" % ", ".join(
@@ -243,8 +250,8 @@ def throughput(ctx, kinds):
     try:
         for kind in kinds:
             extra = common_config(ctx)
-            if kind == "rs-pg":
-                extra = extra + [postgres_archive(ctx)[1]]
+            if kind in ON_SERVER:
+                extra = extra + [server_archive(ctx, kind)[1]]
             servers[kind] = Server(ctx.root, "tp-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir,
                                    extra, accounts_from=ctx.accounts).start()
         for r in range(ctx.rounds):
@@ -433,20 +440,22 @@ async def _archive_queries(ctx, servers, plan, queries, res):
         res[k]["problems"] = problems[k]
 
 
-def seeded_server(ctx, kind, plan, res, pg=None):
-    """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message.
-    `pg`: for rs-pg, the PostgreSQL server and the module's `mam_rs_sql` line."""
-    extra = common_config(ctx) + ([pg[1]] if kind == "rs-pg" else [])
+def seeded_server(ctx, kind, plan, res):
+    """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message."""
+    on_server = server_archive(ctx, kind) if kind in ON_SERVER else None
+    extra = common_config(ctx) + ([on_server[1]] if on_server else [])
     srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir, extra, accounts_from=ctx.accounts)
     t = time.monotonic()
-    pg_bytes = None
-    if kind == "rs-pg":
-        db, database = pg[0], pg[2]
+    server_bytes = None
+    if on_server:
+        db, _, database = on_server
         srv.start()  # creates its schema in the database
         srv.stop()
-        before = seeding.pg_archive_bytes(db, database)
-        seeding.seed_rs_postgres(db, database, plan, ctx.root / "pg-seed.tsv")
-        pg_bytes = seeding.pg_archive_bytes(db, database) - before
+        size, seed = {"rs-pg": (seeding.pg_archive_bytes, seeding.seed_rs_postgres),
+                      "rs-my": (seeding.mysql_archive_bytes, seeding.seed_rs_mysql)}[kind]
+        before = size(db, database)
+        seed(db, database, plan, ctx.root / ("seed-%s.txt" % kind))
+        server_bytes = size(db, database) - before
         files = []
     elif kind == "rs":
         srv.start()  # creates its schema in mam_rs.sqlite
@@ -464,8 +473,8 @@ def seeded_server(ctx, kind, plan, res, pg=None):
         srv.extra = extra + ['mam_memory_ref_seed = "%s"' % seed_file]
         files, before = [], 0
     res["seed_seconds"] = time.monotonic() - t
-    if files or pg_bytes is not None:
-        res["db_bytes"] = file_bytes(*files) - before if files else pg_bytes
+    if files or server_bytes is not None:
+        res["db_bytes"] = file_bytes(*files) - before if files else server_bytes
         res["bytes_per_message"] = res["db_bytes"] / plan.rows
     log("[%s] seeded %d rows in %.1f s%s" % (kind, plan.rows, res["seed_seconds"], (
         "; %.0f bytes per message" % res["bytes_per_message"]) if "bytes_per_message" in res else ""))
@@ -491,10 +500,9 @@ def seeded_server(ctx, kind, plan, res, pg=None):
 def archive_phase(ctx, kinds, plan, queries):
     res = {k: {} for k in kinds}
     servers = {}
-    pg = postgres_archive(ctx) if "rs-pg" in kinds else None
     try:
         for kind in kinds:
-            servers[kind] = seeded_server(ctx, kind, plan, res[kind], pg)
+            servers[kind] = seeded_server(ctx, kind, plan, res[kind])
         for kind in kinds:
             t = time.monotonic()
             servers[kind].start(timeout=120 + plan.rows / 5000)
@@ -508,7 +516,7 @@ def archive_phase(ctx, kinds, plan, queries):
                 kind, ", ".join("%s %.1f" % (s, p[s]["p50"]) for s in SHAPES), a["heavy"]["p50"],
                 a["walk"]["seconds"], a["ping"]["idle"]["p99"], a["ping"]["heavy"]["p99"],
                 ("; PROBLEMS: %d, first: %s" % (len(a["problems"]), a["problems"][0])) if a["problems"] else ""))
-        for kind in [k for k in ("stock", "rs", "rs-pg") if k in kinds and not ctx.skip_expiry]:
+        for kind in [k for k in ("stock", "rs", "rs-pg", "rs-my") if k in kinds and not ctx.skip_expiry]:
             log("[%s] expiry of %d messages ..." % (kind, plan.rows))
             e = res[kind]["expiry"] = expiry(ctx, kind, servers[kind], plan)
             log("    deleted %s in %.2f s; ping p99 before %.2f ms (n=%d), during %.2f ms (n=%d, max %.1f ms)" % (
@@ -639,11 +647,12 @@ def build_rows(r):
         row("archived messages/s (floor: delivered/s)", s, x, f, ratio(x, s), "≥ 20× stock", ">=", 20, nd=0, rnd=1)
         s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", "rs", "floor"))
         row("Prosody CPU per 1,000 messages, ms", s, x, f, ratio(x, f), "≤ 1.25× floor", "<=", 1.25, nd=0)
-        if "rs-pg" in tp:
-            s, x, f = g("throughput", "stock", "rate"), g("throughput", "rs-pg", "rate"), g("throughput", "floor", "rate")
-            row("archived messages/s, mod_mam_rs on PostgreSQL", s, x, f, ratio(x, s), nd=0, rnd=1)
-            s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", "rs-pg", "floor"))
-            row("Prosody CPU per 1,000 messages, mod_mam_rs on PostgreSQL, ms", s, x, f, ratio(x, f), nd=0)
+        for kind in [k for k in ON_SERVER if k in tp]:
+            on = LABELS[kind][len("mod_mam_rs"):]
+            s, x, f = g("throughput", "stock", "rate"), g("throughput", kind, "rate"), g("throughput", "floor", "rate")
+            row("archived messages/s, mod_mam_rs%s" % on, s, x, f, ratio(x, s), nd=0, rnd=1)
+            s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", kind, "floor"))
+            row("Prosody CPU per 1,000 messages, mod_mam_rs%s, ms" % on, s, x, f, ratio(x, f), nd=0)
     q = r.get("archive", {})
     if q:
         for shape in SHAPES:
@@ -683,29 +692,29 @@ def build_rows(r):
         row("bytes per message on disk", s, x, None, ratio(x, s), "≤ 0.33× stock", "<=", 1 / 3, nd=0)
         x = g("archive", "rs", "bytes_per_message_text")
         row("bytes per message, mod_mam_rs with archive_compression = false", s, x, None, ratio(x, s), nd=0)
-    if "rs-pg" in q:
-        # The same figures with mod_mam_rs's archive on PostgreSQL (stock's column: stock on SQLite).
-        on_pg = ", mod_mam_rs on PostgreSQL"
+    for kind in [k for k in ON_SERVER if k in q]:
+        # The same figures with mod_mam_rs's archive on a database server (stock's column: stock on SQLite).
+        on = LABELS[kind][len("mod_mam_rs"):]
         for shape in SHAPES:
             for stat in ("p50", "p99"):
-                s, x, m = (g("archive", k, "pages", shape, stat) for k in ("stock", "rs-pg", "mem"))
-                row("page '%s' %s%s, ms" % (shape, stat, on_pg), s, x, m, ratio(x, m), nd=2)
+                s, x, m = (g("archive", k, "pages", shape, stat) for k in ("stock", kind, "mem"))
+                row("page '%s' %s%s, ms" % (shape, stat, on), s, x, m, ratio(x, m), nd=2)
         for stat in ("p50", "p99"):
-            s, x, m = (g("archive", k, "heavy", stat) for k in ("stock", "rs-pg", "mem"))
-            row("heavy query %s%s, ms" % (stat, on_pg), s, x, m, ratio(x, m), nd=1)
-        s, x, m = (g("archive", k, "walk", "seconds") for k in ("stock", "rs-pg", "mem"))
-        row("full walk%s, s" % on_pg, s, x, m, ratio(x, m), nd=2)
-        s, x, m = (g("archive", k, "ping", "heavy", "p99") for k in ("stock", "rs-pg", "mem"))
-        row("ping during heavy queries, p99%s, ms (ratio: vs idle p99)" % on_pg, s, x, m,
-            ratio(x, g("archive", "rs-pg", "ping", "idle", "p99")), nd=2)
-        if g("archive", "rs-pg", "expiry", "seconds") == g("archive", "rs-pg", "expiry", "seconds"):
-            s, x = g("archive", "stock", "expiry", "seconds"), g("archive", "rs-pg", "expiry", "seconds")
-            row("expiry of the whole archive%s, s" % on_pg, s, x, None, nd=2)
-            s, x = g("archive", "stock", "expiry", "during", "p99"), g("archive", "rs-pg", "expiry", "during", "p99")
-            row("ping during expiry, p99%s, ms (ratio: vs before)" % on_pg, s, x, None,
-                ratio(x, g("archive", "rs-pg", "expiry", "idle", "p99")), nd=2)
-        s, x = g("archive", "stock", "bytes_per_message"), g("archive", "rs-pg", "bytes_per_message")
-        row("bytes per message%s (tables, indexes and TOAST)" % on_pg, s, x, None, ratio(x, s), nd=0)
+            s, x, m = (g("archive", k, "heavy", stat) for k in ("stock", kind, "mem"))
+            row("heavy query %s%s, ms" % (stat, on), s, x, m, ratio(x, m), nd=1)
+        s, x, m = (g("archive", k, "walk", "seconds") for k in ("stock", kind, "mem"))
+        row("full walk%s, s" % on, s, x, m, ratio(x, m), nd=2)
+        s, x, m = (g("archive", k, "ping", "heavy", "p99") for k in ("stock", kind, "mem"))
+        row("ping during heavy queries, p99%s, ms (ratio: vs idle p99)" % on, s, x, m,
+            ratio(x, g("archive", kind, "ping", "idle", "p99")), nd=2)
+        if g("archive", kind, "expiry", "seconds") == g("archive", kind, "expiry", "seconds"):
+            s, x = g("archive", "stock", "expiry", "seconds"), g("archive", kind, "expiry", "seconds")
+            row("expiry of the whole archive%s, s" % on, s, x, None, nd=2)
+            s, x = g("archive", "stock", "expiry", "during", "p99"), g("archive", kind, "expiry", "during", "p99")
+            row("ping during expiry, p99%s, ms (ratio: vs before)" % on, s, x, None,
+                ratio(x, g("archive", kind, "expiry", "idle", "p99")), nd=2)
+        s, x = g("archive", "stock", "bytes_per_message"), g("archive", kind, "bytes_per_message")
+        row("bytes per message%s (tables and indexes)" % on, s, x, None, ratio(x, s), nd=0)
     return rows
 
 
@@ -722,18 +731,18 @@ def markdown(r):
     for row in build_rows(r):
         out.append("| %s |" % " | ".join(row))
     notes = []
-    for kind in ("stock", "rs", "mem", "rs-pg"):
+    for kind in ("stock", "rs", "mem", "rs-pg", "rs-my"):
         a = r.get("archive", {}).get(kind, {})
         if a.get("problems"):
             notes.append("- %s: %d wrong answers, first: %s" % (LABELS[kind], len(a["problems"]), a["problems"][0]))
-    for kind in ("floor", "stock", "rs", "rs-pg"):
+    for kind in ("floor", "stock", "rs", "rs-pg", "rs-my"):
         t = r.get("throughput", {}).get(kind)
         if t and not t["ok"]:
             notes.append("- throughput %s: delivery or archive counts wrong (%s)" % (LABELS[kind], t))
     if notes:
         out += ["", "**Problems seen:**", ""] + notes
     cpu, split = [], []
-    for kind in ("floor", "stock", "rs", "rs-pg"):
+    for kind in ("floor", "stock", "rs", "rs-pg", "rs-my"):
         t = r.get("throughput", {}).get(kind)
         if t:
             cpu.append("throughput %s: Prosody %.0f%%, load generator %.0f%%" % (
@@ -741,7 +750,7 @@ def markdown(r):
             split.append("%s: main loop %.0f ms%s" % (LABELS[kind], t["main_loop_ms_per_1000"], "".join(
                 ", %s %.0f ms" % (k, v) for k, v in sorted(t["threads_ms_per_1000"].items()) if v >= 0.5)))
     walk = []
-    for kind in ("stock", "rs", "mem", "rs-pg"):
+    for kind in ("stock", "rs", "mem", "rs-pg", "rs-my"):
         a = r.get("archive", {}).get(kind)
         if a and "walk" in a:
             w = a["walk"]
@@ -766,7 +775,7 @@ def plot(r, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"floor": "#999999", "stock": "#d95f02", "rs": "#1b9e77", "mem": "#7570b3", "rs-pg": "#66a61e"}
+    colours = {"floor": "#999999", "stock": "#d95f02", "rs": "#1b9e77", "mem": "#7570b3", "rs-pg": "#66a61e", "rs-my": "#e6ab02"}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     axes = axes.ravel()
     m = r["meta"]
@@ -805,13 +814,13 @@ def plot(r, path):
         return cur
 
     if r.get("throughput"):
-        kinds = [k for k in ("floor", "stock", "rs", "rs-pg") if k in r["throughput"]]
+        kinds = [k for k in ("floor", "stock", "rs", "rs-pg", "rs-my") if k in r["throughput"]]
         bars(axes[0], "archived messages/s (higher is better)", ["messages/s"], kinds,
              lambda k, _: get("throughput", k, "rate"), "messages/s", log_y=True)
         bars(axes[1], "Prosody CPU per 1,000 messages", ["CPU ms"], kinds,
              lambda k, _: get("throughput", k, "cpu_ms_per_1000"), "ms")
     if r.get("archive"):
-        kinds = [k for k in ("stock", "rs", "mem", "rs-pg") if k in r["archive"]]
+        kinds = [k for k in ("stock", "rs", "mem", "rs-pg", "rs-my") if k in r["archive"]]
         bars(axes[2], "page latency p50 (max=50, with <count>)", list(SHAPES), kinds,
              lambda k, s: get("archive", k, "pages", s, "p50"), "ms")
         bars(axes[3], "page latency p99", list(SHAPES), kinds,
@@ -833,7 +842,7 @@ def plot(r, path):
 
         bars(axes[6], "other client's ping p99", groups, kinds, ping, "ms", log_y=True)
         bars(axes[7], "bytes per message on disk", ["default", "compression off"],
-             [k for k in ("stock", "rs", "rs-pg") if k in kinds],
+             [k for k in ("stock", "rs", "rs-pg", "rs-my") if k in kinds],
              # Stock and PostgreSQL store text either way.
              lambda k, s: get("archive", k, "bytes_per_message" if s == "default" or k != "rs"
                               else "bytes_per_message_text"), "bytes")
@@ -876,6 +885,8 @@ def main(argv=None):
                     help="comma-separated subset of floor, stock, rs, mem (for development; ratios need all)")
     ap.add_argument("--postgres", action="store_true",
                     help="every phase also with mod_mam_rs's archive on a throwaway PostgreSQL (Debian's package)")
+    ap.add_argument("--mariadb", action="store_true",
+                    help="every phase also with mod_mam_rs's archive on a throwaway MariaDB (Debian's package)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-archive", action="store_true")
     ap.add_argument("--skip-expiry", action="store_true")
@@ -902,7 +913,8 @@ def main(argv=None):
     ctx = Ctx()
     for k, v in vars(args).items():
         setattr(ctx, k, v)
-    ctx.pg_server = None
+    ctx.db_servers = {}
+    on_servers = (["rs-pg"] if args.postgres else []) + (["rs-my"] if args.mariadb else [])
     ctx.plugin_dir = Path(args.plugin_dir).resolve()
     if ctx.plugin_dir.name != "mod_mam_rs":
         sys.exit("--plugin-dir must be a directory named mod_mam_rs (Prosody's plugin layout): %s" % ctx.plugin_dir)
@@ -932,19 +944,18 @@ def main(argv=None):
         ctx.accounts = acc.data
 
         if not args.skip_throughput:
-            kinds = [k for k in ("floor", "stock", "rs") if k in only] + (["rs-pg"] if args.postgres else [])
+            kinds = [k for k in ("floor", "stock", "rs") if k in only] + on_servers
             log("throughput: %d clients × %d messages, %d rounds on each of %s ..." % (
                 args.clients, args.msgs, args.rounds, ", ".join(kinds)))
             r["throughput"] = throughput(ctx, kinds)
         if not args.skip_archive:
             plan = seeding.Plan(args.rows, args.seed)
             queries = query_plan(ctx, plan)
-            kinds = [k for k in ("stock", "rs", "mem") if k in only] + (
-                ["rs-pg"] if args.postgres and "rs" in only else [])
+            kinds = [k for k in ("stock", "rs", "mem") if k in only] + on_servers
             r["archive"] = archive_phase(ctx, kinds, plan, queries)
     finally:
-        if ctx.pg_server is not None:
-            ctx.pg_server.close()
+        for db in ctx.db_servers.values():
+            db.close()
         if not args.keep:
             shutil.rmtree(ctx.root, ignore_errors=True)
     r["meta"]["seconds"] = time.monotonic() - started

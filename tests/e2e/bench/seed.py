@@ -152,6 +152,18 @@ def seed_rs(db_path, plan):
     db.close()
 
 
+def check_server_schema(db, database, engine, in_this_database):
+    """Refuses a messages table that has columns this seeding does not fill."""
+    ver = db.sql("SELECT version FROM mam_rs_schema;", database)
+    cols = {r[0]: r for r in db.sql("SELECT column_name, is_nullable, column_default FROM information_schema.columns "
+                                    "WHERE %stable_name = 'mam_rs_messages';" % in_this_database, database)}
+    needed = {"id", "aid", "with_id", "stanza"}
+    extra = [c for c, r in cols.items() if c not in needed and r[1] == "NO" and r[2] is None]
+    if not ver or not needed <= set(cols) or extra:
+        raise RuntimeError("mod_mam_rs's %s messages table changed (schema %s, columns %s): update "
+                           "tests/e2e/bench/seed.py" % (engine, ver, sorted(cols)))
+
+
 PG_TABLES = ("mam_rs_archives", "mam_rs_jids", "mam_rs_messages", "mam_rs_legacy_ids", "mam_rs_imports",
              "mam_rs_client_marks", "mam_rs_with_counts")
 
@@ -168,14 +180,7 @@ def seed_rs_postgres(db, database, plan, tsv_path):
     with COPY; the module created the schema when it was started once on this database. Its
     triggers keep the totals, as they do for the module's own inserts. Ends with VACUUM ANALYZE,
     as autovacuum would have left a long-lived archive."""
-    ver = db.sql("SELECT version FROM mam_rs_schema;", database)
-    cols = {r[0]: r for r in db.sql("SELECT column_name, is_nullable, column_default FROM information_schema.columns "
-                                    "WHERE table_name = 'mam_rs_messages';", database)}
-    needed = {"id", "aid", "with_id", "stanza"}
-    extra = [c for c, r in cols.items() if c not in needed and r[1] == "NO" and r[2] is None]
-    if not ver or not needed <= set(cols) or extra:
-        raise RuntimeError("mod_mam_rs's PostgreSQL messages table changed (schema %s, columns %s): update "
-                           "tests/e2e/bench/seed.py" % (ver, sorted(cols)))
+    check_server_schema(db, database, "PostgreSQL", "")
     aid = db.sql("INSERT INTO mam_rs_archives (host, username, store) VALUES ('%s', '%s', 'archive') "
                  "ON CONFLICT (host, username, store) DO UPDATE SET store = EXCLUDED.store RETURNING aid;"
                  % (HOST, USER), database)[0][0]
@@ -196,6 +201,47 @@ def seed_rs_postgres(db, database, plan, tsv_path):
     finally:
         os.unlink(tsv_path)
     db.sql("VACUUM ANALYZE;", database, timeout=600 + plan.rows / 1000)
+
+
+def mysql_archive_bytes(db, database):
+    """Bytes of mod_mam_rs's tables in MySQL/MariaDB, indexes included (InnoDB's figures, as
+    of the last ANALYZE TABLE)."""
+    return int(db.sql("SELECT coalesce(sum(data_length + index_length), 0) FROM information_schema.tables "
+                      "WHERE table_schema = DATABASE() AND table_name LIKE 'mam\\_rs\\_%';", database)[0][0])
+
+
+def seed_rs_mysql(db, database, plan, sql_path):
+    """The same rows as seed_rs, in mod_mam_rs's MySQL/MariaDB schema (src/store/mysql/schema.rs),
+    as multi-row INSERTs; the module created the schema when it was started once on this
+    database. There the store keeps the totals itself, so they are set here as it would have
+    left them. Ends with ANALYZE TABLE."""
+    check_server_schema(db, database, "MySQL", "table_schema = DATABASE() AND ")
+    db.sql("INSERT IGNORE INTO mam_rs_archives (host, username, store) VALUES ('%s', '%s', 'archive');"
+           % (HOST, USER), database)
+    aid = db.sql("SELECT aid FROM mam_rs_archives WHERE host = '%s' AND username = '%s' AND store = 'archive';"
+                 % (HOST, USER), database)[0][0]
+    db.sql("INSERT IGNORE INTO mam_rs_jids (jid) VALUES %s;"
+           % ", ".join("('%s')" % contact_jid(c) for c in range(CONTACTS)), database)
+    by_jid = dict(db.sql("SELECT jid, jid_id FROM mam_rs_jids;", database))
+    jid_ids = [by_jid[contact_jid(c)] for c in range(CONTACTS)]
+    last = db.sql("SELECT coalesce(max(id), 0) FROM mam_rs_messages;", database)[0][0]
+    if int(last) >= plan.rs_ints[0]:
+        raise RuntimeError("the mod_mam_rs database already has newer rows")
+    with open(sql_path, "w") as f:
+        for start in range(0, plan.rows, 1000):
+            f.write("INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES %s;\n" % ",".join(
+                "(%d,%s,%s,'%s')" % (plan.rs_ints[i], aid, jid_ids[plan.contact[i]],
+                                     stanza_xml(plan, i, True).replace("\\", "\\\\").replace("'", "''"))
+                for i in range(start, min(start + 1000, plan.rows))))
+        f.write("UPDATE mam_rs_archives SET item_count = (SELECT count(*) FROM mam_rs_messages WHERE aid = %s) "
+                "WHERE aid = %s;\n" % (aid, aid))
+        f.write("REPLACE INTO mam_rs_with_counts (aid, with_id, item_count) SELECT aid, with_id, count(*) "
+                "FROM mam_rs_messages WHERE aid = %s GROUP BY aid, with_id;\n" % aid)
+        f.write("ANALYZE TABLE mam_rs_messages, mam_rs_archives, mam_rs_with_counts, mam_rs_jids;\n")
+    try:
+        db.sql("source %s" % sql_path, database, timeout=600 + plan.rows / 500)
+    finally:
+        os.unlink(sql_path)
 
 
 def seed_memory_ref(path, plan):

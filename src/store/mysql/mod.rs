@@ -978,6 +978,17 @@ fn where_clause(filter: &Filter<'_>, range: IdRange) -> (String, Vec<Value>) {
     (sql, params)
 }
 
+/// The index a read of `filter` goes through, named. Left to choose, MariaDB 10.11 took the
+/// contact index for a range of an archive's ids (its `aid` prefix matches as well) and sorted
+/// what it found: a page after an id in a 1,000,000-message archive took 36 ms instead of 5.
+fn index_hint(filter: &Filter<'_>) -> &'static str {
+    if filter.with_id.is_some() {
+        " FORCE INDEX (mam_rs_messages_by_with)"
+    } else {
+        " FORCE INDEX (mam_rs_messages_by_archive)"
+    }
+}
+
 /// Rows matching `filter` and `range` (not empty).
 fn count(
     conn: &mut impl Queryable,
@@ -993,7 +1004,10 @@ fn count(
         let (clause, params) = where_clause(filter, range);
         first(
             conn,
-            &format!("SELECT COUNT(*) FROM mam_rs_messages m{clause}"),
+            &format!(
+                "SELECT COUNT(*) FROM mam_rs_messages m{}{clause}",
+                index_hint(filter)
+            ),
             params,
         )?
     };
@@ -1013,10 +1027,11 @@ fn select_page(
     // every message of the archive for each page: 3.4 ms for a page of 2,000 rows instead of
     // 0.3 ms, and growing with the archive.
     let mut sql = format!(
-        "SELECT STRAIGHT_JOIN m.id, j.jid, m.stanza, l.legacy_key FROM mam_rs_messages m \
+        "SELECT STRAIGHT_JOIN m.id, j.jid, m.stanza, l.legacy_key FROM mam_rs_messages m{} \
          JOIN mam_rs_jids j ON j.jid_id = m.with_id \
          LEFT JOIN mam_rs_legacy_ids l ON l.id = m.id{clause} \
          ORDER BY m.id {}",
+        index_hint(filter),
         if reverse { "DESC" } else { "ASC" },
     );
     if let Some(limit) = limit {

@@ -8,10 +8,10 @@
 //!
 //! Connections: one writer connection (reconnected when the server went away) and an r2d2
 //! pool for queries (a read whose pooled connection the server closed runs again on a new
-//! one, so a restarted server is picked up again). Each
-//! keeps the statements it prepared (`conn`): a query is one round trip, not two. A batch
-//! whose archives and contacts are all known and that no quota limits is one statement,
-//! committed on its own: one round trip per commit.
+//! one, so a restarted server is picked up again). Each keeps the statements it prepared
+//! (`conn`): a statement is one round trip, not two. A batch whose archives and contacts are
+//! all known and that no quota limits is one statement, committed on its own: one round trip
+//! per commit.
 //! Not yet here (see README): compression.
 
 mod conn;

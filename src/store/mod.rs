@@ -249,14 +249,17 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Adds one archive's oldest and newest row ids and stored bytes (as the database gives
-    /// them: `NULL` for an empty archive).
+    /// Adds one archive (a user) that holds `messages`: its oldest and newest row ids and its
+    /// stored bytes, as the database gives them.
     pub(crate) fn add_archive(
         &mut self,
+        messages: u64,
         oldest: Option<i64>,
         newest: Option<i64>,
         bytes: u64,
     ) -> Result<(), StoreError> {
+        self.users += 1;
+        self.messages += messages;
         self.bytes += bytes;
         if let Some(oldest) = oldest.map(rows::stored_id).transpose()? {
             self.oldest = Some(self.oldest.map_or(oldest, |o| o.min(oldest)));

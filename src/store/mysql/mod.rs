@@ -670,8 +670,6 @@ impl Store for MysqlStore {
                 if count == 0 {
                     continue;
                 }
-                stats.users += 1;
-                stats.messages += non_negative(count)?;
                 let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) = first(
                     &mut *conn,
                     "SELECT MIN(id), MAX(id), CAST(SUM(LENGTH(stanza)) AS SIGNED) \
@@ -679,7 +677,12 @@ impl Store for MysqlStore {
                     (aid,),
                 )?
                 .unwrap_or_default();
-                stats.add_archive(oldest, newest, non_negative(bytes.unwrap_or(0))?)?;
+                stats.add_archive(
+                    non_negative(count)?,
+                    oldest,
+                    newest,
+                    non_negative(bytes.unwrap_or(0))?,
+                )?;
             }
             if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
                 if *count > 0 {

@@ -620,8 +620,6 @@ impl Store for PgStore {
                 if *count == 0 {
                     continue;
                 }
-                stats.users += 1;
-                stats.messages += *count as u64;
                 let row = conn
                     .query_one(
                         "SELECT min(id), max(id), sum(octet_length(stanza))::BIGINT \
@@ -631,7 +629,7 @@ impl Store for PgStore {
                     .map_err(db)?;
                 let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) =
                     (row.get(0), row.get(1), row.get(2));
-                stats.add_archive(oldest, newest, bytes.unwrap_or(0) as u64)?;
+                stats.add_archive(*count as u64, oldest, newest, bytes.unwrap_or(0) as u64)?;
             }
             if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
                 if *count > 0 {

@@ -549,15 +549,13 @@ impl Store for SqliteStore {
             if *count == 0 {
                 continue;
             }
-            stats.users += 1;
-            stats.messages += *count as u64;
             let (oldest, newest, bytes): (Option<i64>, Option<i64>, Option<i64>) = conn
                 .prepare_cached(SELECT_ARCHIVE_FIGURES)
                 .and_then(|mut stmt| {
                     stmt.query_row([aid], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                 })
                 .map_err(db)?;
-            stats.add_archive(oldest, newest, bytes.unwrap_or(0) as u64)?;
+            stats.add_archive(*count as u64, oldest, newest, bytes.unwrap_or(0) as u64)?;
         }
         if let (Some(_), [(aid, count)]) = (user, aids.as_slice()) {
             if *count > 0 {

@@ -66,6 +66,8 @@ ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam
                    "rs-my": ["mam_rs"]}
 # mod_mam_rs with its archive on a database server: the kind, and the server (tests/e2e/dbservers.py).
 ON_SERVER = {"rs-pg": "postgres", "rs-my": "mariadb"}
+# Every kind, in the order tables and plots show them.
+KINDS = ("floor", "stock", "rs", "mem", "rs-pg", "rs-my")
 # The benchmark's MariaDB: a buffer pool that holds a 1M-message archive, as an admin's server
 # would have (the test suite's is 32 MB), and a redo log that seeding does not keep flushing.
 MARIADB_SIZES = {"buffer_pool": "1G", "log_file": "256M"}
@@ -446,35 +448,35 @@ def seeded_server(ctx, kind, plan, res):
     extra = common_config(ctx) + ([on_server[1]] if on_server else [])
     srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir, extra, accounts_from=ctx.accounts)
     t = time.monotonic()
-    server_bytes = None
+    size = None  # the archive's bytes now (none for the in-memory reference)
     if on_server:
         db, _, database = on_server
         srv.start()  # creates its schema in the database
         srv.stop()
-        size, seed = {"rs-pg": (seeding.pg_archive_bytes, seeding.seed_rs_postgres),
-                      "rs-my": (seeding.mysql_archive_bytes, seeding.seed_rs_mysql)}[kind]
-        before = size(db, database)
+        server_size, seed = {"rs-pg": (seeding.pg_archive_bytes, seeding.seed_rs_postgres),
+                             "rs-my": (seeding.mysql_archive_bytes, seeding.seed_rs_mysql)}[kind]
+        size = lambda: server_size(db, database)  # noqa: E731
+        before = size()
         seed(db, database, plan, ctx.root / ("seed-%s.txt" % kind))
-        server_bytes = size(db, database) - before
-        files = []
     elif kind == "rs":
         srv.start()  # creates its schema in mam_rs.sqlite
         srv.stop()
         files = [srv.data / "mam_rs.sqlite", srv.data / "mam_rs.sqlite-wal"]
-        before = file_bytes(*files)
+        size = lambda: file_bytes(*files)  # noqa: E731
+        before = size()
         seeding.seed_rs(files[0], plan)
     elif kind == "stock":
         files = [srv.data / "prosody.sqlite", srv.data / "prosody.sqlite-wal"]
-        before = file_bytes(*files)
+        size = lambda: file_bytes(*files)  # noqa: E731
+        before = size()
         seeding.seed_stock(files[0], plan)
     else:
         seed_file = srv.data / "memory_ref_rows.tsv"
         seeding.seed_memory_ref(seed_file, plan)
         srv.extra = extra + ['mam_memory_ref_seed = "%s"' % seed_file]
-        files, before = [], 0
     res["seed_seconds"] = time.monotonic() - t
-    if files or server_bytes is not None:
-        res["db_bytes"] = file_bytes(*files) - before if files else server_bytes
+    if size:
+        res["db_bytes"] = size() - before
         res["bytes_per_message"] = res["db_bytes"] / plan.rows
     log("[%s] seeded %d rows in %.1f s%s" % (kind, plan.rows, res["seed_seconds"], (
         "; %.0f bytes per message" % res["bytes_per_message"]) if "bytes_per_message" in res else ""))
@@ -490,7 +492,7 @@ def seeded_server(ctx, kind, plan, res):
             log("    too few rows to train a dictionary: the archive stays as text")
             return srv
         res["optimize_seconds"] = time.monotonic() - t
-        res["db_bytes"] = file_bytes(*files) - before
+        res["db_bytes"] = size() - before
         res["bytes_per_message"] = res["db_bytes"] / plan.rows
         log("    compressed by `prosodyctl mod_mam_rs optimize` in %.1f s: %.0f bytes per message"
             % (res["optimize_seconds"], res["bytes_per_message"]))
@@ -516,7 +518,7 @@ def archive_phase(ctx, kinds, plan, queries):
                 kind, ", ".join("%s %.1f" % (s, p[s]["p50"]) for s in SHAPES), a["heavy"]["p50"],
                 a["walk"]["seconds"], a["ping"]["idle"]["p99"], a["ping"]["heavy"]["p99"],
                 ("; PROBLEMS: %d, first: %s" % (len(a["problems"]), a["problems"][0])) if a["problems"] else ""))
-        for kind in [k for k in ("stock", "rs", "rs-pg", "rs-my") if k in kinds and not ctx.skip_expiry]:
+        for kind in [k for k in kinds if k != "mem" and not ctx.skip_expiry]:
             log("[%s] expiry of %d messages ..." % (kind, plan.rows))
             e = res[kind]["expiry"] = expiry(ctx, kind, servers[kind], plan)
             log("    deleted %s in %.2f s; ping p99 before %.2f ms (n=%d), during %.2f ms (n=%d, max %.1f ms)" % (
@@ -604,6 +606,11 @@ def machine():
             "prosody": prosody, "python": platform.python_version()}
 
 
+def on_label(kind):
+    """What a database server kind adds to a figure's name: ' on PostgreSQL'."""
+    return LABELS[kind][len(LABELS["rs"]):]
+
+
 def build_rows(r):
     """(figure, stock, rs, reference, ratio, target, met) rows; values already formatted."""
     rows = []
@@ -648,7 +655,7 @@ def build_rows(r):
         s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", "rs", "floor"))
         row("Prosody CPU per 1,000 messages, ms", s, x, f, ratio(x, f), "≤ 1.25× floor", "<=", 1.25, nd=0)
         for kind in [k for k in ON_SERVER if k in tp]:
-            on = LABELS[kind][len("mod_mam_rs"):]
+            on = on_label(kind)
             s, x, f = g("throughput", "stock", "rate"), g("throughput", kind, "rate"), g("throughput", "floor", "rate")
             row("archived messages/s, mod_mam_rs%s" % on, s, x, f, ratio(x, s), nd=0, rnd=1)
             s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", kind, "floor"))
@@ -694,7 +701,7 @@ def build_rows(r):
         row("bytes per message, mod_mam_rs with archive_compression = false", s, x, None, ratio(x, s), nd=0)
     for kind in [k for k in ON_SERVER if k in q]:
         # The same figures with mod_mam_rs's archive on a database server (stock's column: stock on SQLite).
-        on = LABELS[kind][len("mod_mam_rs"):]
+        on = on_label(kind)
         for shape in SHAPES:
             for stat in ("p50", "p99"):
                 s, x, m = (g("archive", k, "pages", shape, stat) for k in ("stock", kind, "mem"))
@@ -731,18 +738,18 @@ def markdown(r):
     for row in build_rows(r):
         out.append("| %s |" % " | ".join(row))
     notes = []
-    for kind in ("stock", "rs", "mem", "rs-pg", "rs-my"):
+    for kind in KINDS:
         a = r.get("archive", {}).get(kind, {})
         if a.get("problems"):
             notes.append("- %s: %d wrong answers, first: %s" % (LABELS[kind], len(a["problems"]), a["problems"][0]))
-    for kind in ("floor", "stock", "rs", "rs-pg", "rs-my"):
+    for kind in KINDS:
         t = r.get("throughput", {}).get(kind)
         if t and not t["ok"]:
             notes.append("- throughput %s: delivery or archive counts wrong (%s)" % (LABELS[kind], t))
     if notes:
         out += ["", "**Problems seen:**", ""] + notes
     cpu, split = [], []
-    for kind in ("floor", "stock", "rs", "rs-pg", "rs-my"):
+    for kind in KINDS:
         t = r.get("throughput", {}).get(kind)
         if t:
             cpu.append("throughput %s: Prosody %.0f%%, load generator %.0f%%" % (
@@ -750,7 +757,7 @@ def markdown(r):
             split.append("%s: main loop %.0f ms%s" % (LABELS[kind], t["main_loop_ms_per_1000"], "".join(
                 ", %s %.0f ms" % (k, v) for k, v in sorted(t["threads_ms_per_1000"].items()) if v >= 0.5)))
     walk = []
-    for kind in ("stock", "rs", "mem", "rs-pg", "rs-my"):
+    for kind in KINDS:
         a = r.get("archive", {}).get(kind)
         if a and "walk" in a:
             w = a["walk"]
@@ -814,13 +821,13 @@ def plot(r, path):
         return cur
 
     if r.get("throughput"):
-        kinds = [k for k in ("floor", "stock", "rs", "rs-pg", "rs-my") if k in r["throughput"]]
+        kinds = [k for k in KINDS if k in r["throughput"]]
         bars(axes[0], "archived messages/s (higher is better)", ["messages/s"], kinds,
              lambda k, _: get("throughput", k, "rate"), "messages/s", log_y=True)
         bars(axes[1], "Prosody CPU per 1,000 messages", ["CPU ms"], kinds,
              lambda k, _: get("throughput", k, "cpu_ms_per_1000"), "ms")
     if r.get("archive"):
-        kinds = [k for k in ("stock", "rs", "mem", "rs-pg", "rs-my") if k in r["archive"]]
+        kinds = [k for k in KINDS if k in r["archive"]]
         bars(axes[2], "page latency p50 (max=50, with <count>)", list(SHAPES), kinds,
              lambda k, s: get("archive", k, "pages", s, "p50"), "ms")
         bars(axes[3], "page latency p99", list(SHAPES), kinds,
@@ -842,8 +849,8 @@ def plot(r, path):
 
         bars(axes[6], "other client's ping p99", groups, kinds, ping, "ms", log_y=True)
         bars(axes[7], "bytes per message on disk", ["default", "compression off"],
-             [k for k in ("stock", "rs", "rs-pg", "rs-my") if k in kinds],
-             # Stock and PostgreSQL store text either way.
+             [k for k in kinds if k != "mem"],
+             # Stock and the database servers store text either way.
              lambda k, s: get("archive", k, "bytes_per_message" if s == "default" or k != "rs"
                               else "bytes_per_message_text"), "bytes")
     fig.tight_layout(rect=(0, 0, 1, 0.93))

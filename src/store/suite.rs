@@ -264,6 +264,41 @@ fn find_by_ids_ignores_unknown_and_unparseable() {
 }
 
 #[test]
+fn one_batch_across_archives_adds_to_each_archives_totals() {
+    let dir = TempDir::new().unwrap();
+    let store = romeo_with_ten_rows(&dir); // juliet 7, mercutio 3
+    let benvolio = archive("example.com", "benvolio", "archive");
+    let tybalt = archive("example.com", "tybalt", "archive");
+    let batch = [
+        row(&benvolio, ArchiveId::first_at(T0 + 11 * SECOND + 1), "juliet@capulet.lit"),
+        row(&romeo(), id(11), "mercutio@example.net"),
+        row(&tybalt, ArchiveId::first_at(T0 + 11 * SECOND + 2), "juliet@capulet.lit"),
+        row(&benvolio, ArchiveId::first_at(T0 + 12 * SECOND + 1), "juliet@capulet.lit"),
+        row(&romeo(), id(12), "juliet@capulet.lit"),
+        row(&benvolio, ArchiveId::first_at(T0 + 13 * SECOND + 1), "mercutio@example.net"),
+        row(&romeo(), id(13), "mercutio@example.net"),
+    ];
+    store.append(&batch).unwrap();
+    assert_eq!(total(&store), Some(13));
+    assert_eq!(with_total(&store, "juliet@capulet.lit"), Some(8));
+    assert_eq!(with_total(&store, "mercutio@example.net"), Some(5));
+    let totals = |archive: &ArchiveRef, with: Option<&str>| {
+        let query = Query {
+            with: with.map(str::to_owned),
+            limit: Some(0),
+            total: true,
+            ..Query::default()
+        };
+        store.find(archive, &query).unwrap().total
+    };
+    assert_eq!(totals(&benvolio, None), Some(3));
+    assert_eq!(totals(&benvolio, Some("juliet@capulet.lit")), Some(2));
+    assert_eq!(totals(&benvolio, Some("mercutio@example.net")), Some(1));
+    assert_eq!(totals(&tybalt, None), Some(1));
+    assert_eq!(totals(&tybalt, Some("mercutio@example.net")), Some(0));
+}
+
+#[test]
 fn totals_ignore_before_and_after() {
     let dir = TempDir::new().unwrap();
     let store = romeo_with_ten_rows(&dir);

@@ -10,7 +10,8 @@
 //! - The counts, per archive and per archive and contact (`mam_rs_with_counts`, schema 2), are
 //!   kept here, not by triggers: MySQL triggers run once per row (a 1000-row batch would
 //!   update its archive row 1000 times), so each write that inserts or deletes adds or
-//!   subtracts its rows, in the same transaction. Every write locks the archive rows before
+//!   subtracts its rows, in the same transaction: one text query for all the batch's archives
+//!   and contacts (a round trip, not one per archive). Every write locks the archive rows before
 //!   touching their messages, in `aid` order within a batch, so that writers of several Prosody
 //!   processes do not deadlock on them. Rows deleted with SQL from outside the module are not
 //!   taken off the counts (on SQLite and PostgreSQL, triggers keep them).
@@ -122,7 +123,6 @@ const UPSERT_JID: &str = "INSERT INTO mam_rs_jids (jid) VALUES (?) \
      ON DUPLICATE KEY UPDATE jid_id = LAST_INSERT_ID(jid_id)";
 /// Locks an archive row until commit, before its messages are touched; reads its count.
 const LOCK_ARCHIVE: &str = "SELECT item_count FROM mam_rs_archives WHERE aid = ? FOR UPDATE";
-const ADD_TO_COUNT: &str = "UPDATE mam_rs_archives SET item_count = item_count + ? WHERE aid = ?";
 const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM mam_rs_archives WHERE aid = ?";
 const INSERT_MESSAGE: &str =
     "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES (?, ?, ?, ?)";
@@ -636,8 +636,7 @@ impl Store for MysqlStore {
                 last_id = id;
                 done.imported += 1;
             }
-            add_to_count(conn, aid, done.imported as i64)?;
-            add_to_with_counts(conn, &added)?;
+            add_to_counts(conn, &BTreeMap::from([(aid, done.imported as i64)]), &added)?;
             execute(
                 conn,
                 "INSERT INTO mam_rs_imports (aid, source, position, last_id) VALUES (?, ?, ?, ?) \
@@ -799,10 +798,7 @@ fn flush(w: &mut Writer, pending: &mut Vec<Pending<'_>>) -> Result<(), StoreErro
         *added.entry(row.aid).or_default() += 1;
         *with_added.entry((row.aid, row.with_id)).or_default() += 1;
     }
-    for (aid, n) in added {
-        add_to_count(&mut w.conn, aid, n)?;
-    }
-    add_to_with_counts(&mut w.conn, &with_added)?;
+    add_to_counts(&mut w.conn, &added, &with_added)?;
     let mut rest = &pending[..];
     for len in chunk_lengths(pending.iter().map(|row| row.stanza.len()), w.insert_budget) {
         let (chunk, tail) = rest.split_at(len);
@@ -864,31 +860,43 @@ fn lock_archive(conn: &mut Conn, aid: i64) -> Result<i64, StoreError> {
         .ok_or_else(|| StoreError::Database(format!("archive {aid} vanished")))
 }
 
-fn add_to_count(conn: &mut Conn, aid: i64, n: i64) -> Result<(), StoreError> {
-    if n != 0 {
-        execute(conn, ADD_TO_COUNT, (n, aid))?;
-    }
-    Ok(())
-}
-
-/// Adds each `(aid, with_id)`'s change to its per-contact count, in one statement.
-fn add_to_with_counts(
+/// Adds each archive's change to its count and each `(aid, with_id)`'s to its per-contact count,
+/// in one round trip: two statements in one text query (integers only, formatted here), not a
+/// prepared statement per archive. The `UPDATE` locks the archive rows in `aid` order.
+fn add_to_counts(
     conn: &mut Conn,
-    added: &BTreeMap<(i64, i64), i64>,
+    added: &BTreeMap<i64, i64>,
+    with_added: &BTreeMap<(i64, i64), i64>,
 ) -> Result<(), StoreError> {
-    if added.is_empty() {
+    use std::fmt::Write;
+    let mut sql = String::new();
+    let changed = || added.iter().filter(|(_, &n)| n != 0);
+    if changed().next().is_some() {
+        sql.push_str("UPDATE mam_rs_archives SET item_count = item_count + CASE aid");
+        for (aid, n) in changed() {
+            let _ = write!(sql, " WHEN {aid} THEN {n}");
+        }
+        sql.push_str(" END WHERE aid IN (");
+        for (i, (aid, _)) in changed().enumerate() {
+            let _ = write!(sql, "{}{aid}", if i == 0 { "" } else { ", " });
+        }
+        sql.push_str(");");
+    }
+    if !with_added.is_empty() {
+        sql.push_str("INSERT INTO mam_rs_with_counts (aid, with_id, item_count) VALUES ");
+        for (i, ((aid, with_id), n)) in with_added.iter().enumerate() {
+            let _ = write!(
+                sql,
+                "{}({aid}, {with_id}, {n})",
+                if i == 0 { "" } else { ", " }
+            );
+        }
+        sql.push_str(" ON DUPLICATE KEY UPDATE item_count = item_count + VALUES(item_count)");
+    }
+    if sql.is_empty() {
         return Ok(());
     }
-    let sql = format!(
-        "INSERT INTO mam_rs_with_counts (aid, with_id, item_count) VALUES {} \
-         ON DUPLICATE KEY UPDATE item_count = item_count + VALUES(item_count)",
-        value_rows(added.len(), "(?, ?, ?)")
-    );
-    let mut params = Vec::with_capacity(added.len() * 3);
-    for (&(aid, with_id), &n) in added {
-        params.extend([Value::from(aid), Value::from(with_id), Value::from(n)]);
-    }
-    conn.exec_drop(sql, params).map_err(db)
+    conn.query_drop(sql).map_err(db)
 }
 
 /// Deletes archive `aid`'s oldest rows with ids up to `upto`, at most `limit` of them, and
@@ -911,8 +919,7 @@ fn delete_oldest(conn: &mut Conn, aid: i64, upto: i64, limit: u64) -> Result<u64
     for with_id in withs {
         *gone.entry((aid, with_id)).or_default() -= 1;
     }
-    add_to_count(conn, aid, -(n as i64))?;
-    add_to_with_counts(conn, &gone)?;
+    add_to_counts(conn, &BTreeMap::from([(aid, -(n as i64))]), &gone)?;
     Ok(n)
 }
 

@@ -23,6 +23,12 @@ pub(crate) struct IdRange {
 }
 
 impl IdRange {
+    /// Every id.
+    pub const EVERYTHING: IdRange = IdRange {
+        lo: 0,
+        hi: i64::MAX,
+    };
+
     /// The ids of rows archived between `start` and `end` (inclusive, microseconds).
     pub fn from_times(start: Option<i64>, end: Option<i64>) -> IdRange {
         let lo = match start {
@@ -254,6 +260,15 @@ pub(crate) trait Snapshot {
         limit: Option<u32>,
         reverse: bool,
     ) -> Result<Vec<Item>, StoreError>;
+    /// The first and last ids of the rows `filter` matches (without `ids`), if any. As two
+    /// one-row pages here; a database server answers it in one statement (one round trip).
+    fn ends(&mut self, filter: &Filter<'_>) -> Result<Option<(i64, i64)>, StoreError> {
+        let mut end = |reverse| -> Result<Option<i64>, StoreError> {
+            let row = self.page(filter, IdRange::EVERYTHING, Some(1), reverse)?;
+            Ok(row.first().map(|item| item.id.as_i64()))
+        };
+        Ok(end(false)?.zip(end(true)?))
+    }
 }
 
 /// Rows within `range`. Without `ids`, a range that covers most of the rows `filter` matches is
@@ -273,15 +288,8 @@ fn count_window(
     {
         return snap.count(filter, range);
     }
-    let everything = IdRange {
-        lo: 0,
-        hi: i64::MAX,
-    };
-    let mut end = |reverse| -> Result<Option<i64>, StoreError> {
-        let row = snap.page(filter, everything, Some(1), reverse)?;
-        Ok(row.first().map(|item| item.id.as_i64()))
-    };
-    let (Some(first), Some(last)) = (end(false)?, end(true)?) else {
+    let everything = IdRange::EVERYTHING;
+    let Some((first, last)) = snap.ends(filter)? else {
         return Ok(0);
     };
     let (lo, hi) = (range.lo.max(first), range.hi.min(last));

@@ -135,6 +135,10 @@ const DELETE_OLDEST: &str =
     "DELETE FROM mam_rs_messages WHERE aid = ? AND id <= ? ORDER BY id LIMIT ?";
 const SELECT_WITH_COUNT: &str =
     "SELECT item_count FROM mam_rs_with_counts WHERE aid = ? AND with_id = ?";
+/// An archive's first and last ids, all or with one contact (each end read from an index).
+const SELECT_ENDS: &str = "SELECT MIN(id), MAX(id) FROM mam_rs_messages WHERE aid = ?";
+const SELECT_WITH_ENDS: &str =
+    "SELECT MIN(id), MAX(id) FROM mam_rs_messages WHERE aid = ? AND with_id = ?";
 /// Takes writer node `?` for this session, if no other session holds it: 1 when taken. Named
 /// locks are server-wide, so the database's name is part of the lock's (hashed: a name has at
 /// most 64 characters).
@@ -387,6 +391,14 @@ impl<C: Queryable> rows::Snapshot for Snap<'_, C> {
         reverse: bool,
     ) -> Result<Vec<Item>, StoreError> {
         select_page(self.conn, filter, range, limit, reverse)
+    }
+
+    fn ends(&mut self, filter: &Filter<'_>) -> Result<Option<(i64, i64)>, StoreError> {
+        let ends: Option<(Option<i64>, Option<i64>)> = match filter.with_id {
+            None => first(self.conn, SELECT_ENDS, (filter.aid,))?,
+            Some(with_id) => first(self.conn, SELECT_WITH_ENDS, (filter.aid, with_id))?,
+        };
+        Ok(ends.and_then(|(first, last)| first.zip(last)))
     }
 }
 

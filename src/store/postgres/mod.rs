@@ -92,6 +92,10 @@ const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM mam_rs_archives WHERE ai
 const SELECT_WITH_COUNT: &str = "SELECT coalesce((SELECT item_count FROM mam_rs_with_counts \
      WHERE aid = $1 AND with_id = $2), 0)";
 const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM mam_rs_messages WHERE id = $1 AND aid = $2";
+/// An archive's first and last ids, all or with one contact (each end read from an index).
+const SELECT_ENDS: &str = "SELECT min(id), max(id) FROM mam_rs_messages WHERE aid = $1";
+const SELECT_WITH_ENDS: &str =
+    "SELECT min(id), max(id) FROM mam_rs_messages WHERE aid = $1 AND with_id = $2";
 const SELECT_LEGACY: &str = "SELECT id FROM mam_rs_legacy_ids WHERE aid = $1 AND key = $2";
 const DELETE_OLDEST: &str = "DELETE FROM mam_rs_messages WHERE id IN \
      (SELECT id FROM mam_rs_messages WHERE aid = $1 ORDER BY id LIMIT $2)";
@@ -336,6 +340,24 @@ impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
         reverse: bool,
     ) -> Result<Vec<Item>, StoreError> {
         select_page(self.conn, self.statements, filter, range, limit, reverse)
+    }
+
+    fn ends(&mut self, filter: &Filter<'_>) -> Result<Option<(i64, i64)>, StoreError> {
+        let row = match filter.with_id {
+            None => {
+                let ends = self.statements.get(self.conn, SELECT_ENDS).map_err(db)?;
+                self.conn.query_one(&ends, &[&filter.aid])
+            }
+            Some(with_id) => {
+                let ends = self
+                    .statements
+                    .get(self.conn, SELECT_WITH_ENDS)
+                    .map_err(db)?;
+                self.conn.query_one(&ends, &[&filter.aid, &with_id])
+            }
+        }
+        .map_err(db)?;
+        Ok(row.get::<_, Option<i64>>(0).zip(row.get(1)))
     }
 }
 

@@ -8,6 +8,7 @@
 //! This layer knows SQL and rows. It does not know XMPP: stanzas are opaque serialised XML,
 //! and query semantics ([`Query`]) are already resolved by the protocol layer.
 
+mod codec;
 pub mod deferred;
 pub mod mysql;
 pub mod postgres;

@@ -23,6 +23,7 @@ mod tests;
 
 pub use schema::SCHEMA_VERSION;
 
+use super::codec::{self, Codec, Trained};
 use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
@@ -50,7 +51,7 @@ pub struct SqliteOptions {
     pub page_cache_kib: u32,
     /// Entries each id cache (archives, JIDs) holds; a full cache is emptied and refills.
     pub id_cache_capacity: usize,
-    /// `archive_compression`: store new stanzas zstd-compressed (see [`compress`]).
+    /// `archive_compression`: store new stanzas zstd-compressed (see [`codec`]).
     pub compression: bool,
 }
 
@@ -73,7 +74,7 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     readers: r2d2::Pool<SqliteConnectionManager>,
     ids: Mutex<IdCache>,
-    codec: compress::Codec,
+    codec: Codec,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -143,7 +144,7 @@ impl SqliteStore {
             .map_err(open_err)?;
         schema::enable_wal(&writer)?;
         schema::migrate(&mut writer)?;
-        let codec = compress::Codec::new(options.compression);
+        let codec = Codec::new(options.compression);
         codec.load(&writer).map_err(open_err)?;
 
         let (busy, kib) = (options.busy_timeout, options.page_cache_kib);
@@ -665,22 +666,22 @@ impl Store for SqliteStore {
 
 /// `optimize` with compression on: trains a dictionary if there is none yet, then compresses
 /// the rows stored as text, a batch per transaction.
-fn compress_all(conn: &Connection, codec: &compress::Codec) -> Result<String, StoreError> {
+fn compress_all(conn: &Connection, codec: &Codec) -> Result<String, StoreError> {
     let has_dictionary: bool = conn
         .query_row("SELECT EXISTS (SELECT 1 FROM dictionaries)", [], |row| {
             row.get(0)
         })
         .map_err(db)?;
     if !has_dictionary {
-        match codec.train(conn).map_err(db)? {
-            compress::Trained::Yes(_) => {}
-            compress::Trained::TooFewRows => {
+        match codec.train_from(conn).map_err(db)? {
+            Trained::Yes(_) => {}
+            Trained::TooFewRows => {
                 return Ok(format!(
                     "compression: fewer than {} messages to train a dictionary from; rows stay as text",
-                    compress::TRAIN_AFTER
+                    codec::TRAIN_AFTER
                 ))
             }
-            compress::Trained::Failed => {
+            Trained::Failed => {
                 return Ok("compression: zstd could not train a dictionary from these messages; rows stay as text".into())
             }
         }
@@ -815,7 +816,7 @@ fn count_query(filter: &Filter<'_>, range: IdRange) -> (String, Vec<i64>) {
 /// One page of rows, ascending ids or descending when `reverse`.
 fn select_page(
     conn: &Connection,
-    codec: &compress::Codec,
+    codec: &Codec,
     filter: &Filter<'_>,
     range: IdRange,
     limit: Option<u32>,

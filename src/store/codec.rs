@@ -203,6 +203,25 @@ impl Codec {
     }
 }
 
+/// What `optimize` reports when it could not train a dictionary; `None` for a new one.
+pub fn not_trained(outcome: Trained) -> Option<String> {
+    match outcome {
+        Trained::Yes(_) => None,
+        Trained::TooFewRows => Some(format!(
+            "compression: fewer than {TRAIN_AFTER} messages to train a dictionary from; rows stay as text"
+        )),
+        Trained::Failed => Some(
+            "compression: zstd could not train a dictionary from these messages; rows stay as text"
+                .into(),
+        ),
+    }
+}
+
+/// What `optimize` reports once it has compressed `done` rows of `before` bytes into `after`.
+pub fn compressed(done: u64, before: u64, after: u64) -> String {
+    format!("compression: {done} messages compressed, {before} -> {after} bytes of stanzas")
+}
+
 fn leb128(mut n: usize, out: &mut Vec<u8>) {
     loop {
         let byte = (n & 0x7f) as u8;

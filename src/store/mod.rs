@@ -96,7 +96,7 @@ fn pool_threads_named(pattern: &str) -> Arc<scheduled_thread_pool::ScheduledThre
 pub struct OpenOptions {
     /// Read connections, i.e. how many queries run at once.
     pub read_connections: u32,
-    /// `archive_compression` (SQLite only).
+    /// `archive_compression` (SQLite and PostgreSQL).
     pub compression: bool,
 }
 
@@ -125,7 +125,7 @@ fn open_store(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store
                 pool_size: options.read_connections,
                 ..pg.clone()
             };
-            Arc::new(postgres::PgStore::open(&pg)?)
+            Arc::new(postgres::PgStore::open(&pg, options.compression)?)
         }
         Location::Mysql(my) => {
             let my = mysql::MysqlOptions {

@@ -12,7 +12,10 @@
 //! (`conn`): a statement is one round trip, not two. A batch whose archives and contacts are
 //! all known and that no quota limits is one statement, committed on its own: one round trip
 //! per commit.
-//! Not yet here (see README): compression.
+//!
+//! `archive_compression` (`store::codec`): a compressed row keeps its stanza in `zstanza` and
+//! an empty `stanza`; the dictionaries are in `mam_rs_dictionaries`, shared by every process
+//! writing to the database.
 
 mod conn;
 mod schema;
@@ -21,6 +24,7 @@ mod tests;
 
 pub use schema::SCHEMA_VERSION;
 
+use super::codec::{self, Codec, Trained};
 use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
@@ -66,6 +70,7 @@ pub struct PgStore {
     node: Mutex<Option<u16>>,
     readers: r2d2::Pool<Manager>,
     ids: Mutex<IdCache>,
+    codec: Codec,
 }
 
 impl fmt::Debug for PgStore {
@@ -84,10 +89,13 @@ const UPSERT_ARCHIVE: &str =
 const SELECT_JID: &str = "SELECT jid_id FROM mam_rs_jids WHERE jid = $1";
 const UPSERT_JID: &str = "INSERT INTO mam_rs_jids (jid) VALUES ($1) \
      ON CONFLICT (jid) DO UPDATE SET jid = EXCLUDED.jid RETURNING jid_id";
-const INSERT_MESSAGES: &str = "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) \
-     SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[])";
-const INSERT_MESSAGE: &str =
-    "INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES ($1, $2, $3, $4)";
+const INSERT_MESSAGES: &str = "INSERT INTO mam_rs_messages (id, aid, with_id, stanza, zstanza) \
+     SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::BYTEA[])";
+const INSERT_MESSAGE: &str = "INSERT INTO mam_rs_messages (id, aid, with_id, stanza, zstanza) \
+     VALUES ($1, $2, $3, $4, $5)";
+const SELECT_NEWEST_DICTIONARY: &str =
+    "SELECT dict_id, dict FROM mam_rs_dictionaries ORDER BY dict_id DESC LIMIT 1";
+const SELECT_DICTIONARY: &str = "SELECT dict FROM mam_rs_dictionaries WHERE dict_id = $1";
 const SELECT_ITEM_COUNT: &str = "SELECT item_count FROM mam_rs_archives WHERE aid = $1";
 const SELECT_WITH_COUNT: &str = "SELECT coalesce((SELECT item_count FROM mam_rs_with_counts \
      WHERE aid = $1 AND with_id = $2), 0)";
@@ -115,8 +123,9 @@ fn try_node_lock(client: &mut Client, node: u16) -> Result<bool, StoreError> {
 }
 
 impl PgStore {
-    /// Connects, migrates the schema to [`SCHEMA_VERSION`] and opens the read pool.
-    pub fn open(options: &PgOptions) -> Result<PgStore, StoreError> {
+    /// Connects, migrates the schema to [`SCHEMA_VERSION`] and opens the read pool;
+    /// `compression` is `archive_compression`.
+    pub fn open(options: &PgOptions, compression: bool) -> Result<PgStore, StoreError> {
         let describe = options.describe(ENGINE);
         // A server that does not answer (or answers that it is starting or stopping) may come
         // back: Unavailable. One that refuses (password, database) is an error: Open.
@@ -134,6 +143,16 @@ impl PgStore {
         };
         let mut writer = PgConn::connect(&options.config()).map_err(open_err)?;
         schema::migrate(&mut writer.client)?;
+        let codec = Codec::new(compression);
+        if compression {
+            if let Some(row) = writer
+                .client
+                .query_opt(SELECT_NEWEST_DICTIONARY, &[])
+                .map_err(open_err)?
+            {
+                use_dictionary(&codec, row.get(0), row.get(1))?;
+            }
+        }
         let readers = r2d2::Pool::builder()
             .thread_pool(super::pool_threads())
             .max_size(options.pool_size.max(1))
@@ -148,7 +167,128 @@ impl PgStore {
             node: Mutex::new(None),
             readers,
             ids: Mutex::new(IdCache::new(ID_CACHE_CAPACITY)),
+            codec,
         })
+    }
+
+    /// Before writing `incoming` rows: trains the first dictionary once the database holds
+    /// enough rows (see `store::codec`).
+    fn prepare_codec(
+        &self,
+        client: &mut impl GenericClient,
+        incoming: usize,
+    ) -> Result<(), StoreError> {
+        if self.codec.training_due(incoming) {
+            let outcome = self.train(client)?;
+            self.codec.attempted(outcome);
+        }
+        Ok(())
+    }
+
+    /// `optimize` with compression on: trains a dictionary if there is none yet (else takes the
+    /// newest), then compresses the rows stored as text, a batch per statement. The old row
+    /// versions are left for `VACUUM`, which lets new rows reuse their space.
+    fn compress_all(&self, client: &mut Client) -> Result<String, StoreError> {
+        match client
+            .query_opt(SELECT_NEWEST_DICTIONARY, &[])
+            .map_err(db)?
+        {
+            Some(row) => use_dictionary(&self.codec, row.get(0), row.get(1))?,
+            None => {
+                if let Some(report) = codec::not_trained(self.train(client)?) {
+                    return Ok(report);
+                }
+            }
+        }
+        const BATCH: usize = 2000;
+        let (mut done, mut before, mut after) = (0u64, 0u64, 0u64);
+        let mut after_id = i64::MIN;
+        loop {
+            let rows = client
+                .query(
+                    "SELECT id, stanza FROM mam_rs_messages WHERE zstanza IS NULL AND id > $1 \
+                     ORDER BY id LIMIT $2",
+                    &[&after_id, &(BATCH as i64)],
+                )
+                .map_err(db)?;
+            let Some(last) = rows.last() else { break };
+            after_id = last.get(0);
+            let (mut ids, mut blobs) = (Vec::new(), Vec::new());
+            for row in &rows {
+                let text: &str = row.get(1);
+                if let Some(blob) = self.codec.compress(text) {
+                    before += text.len() as u64;
+                    after += blob.len() as u64;
+                    ids.push(row.get::<_, i64>(0));
+                    blobs.push(blob);
+                }
+            }
+            if !ids.is_empty() {
+                done += client
+                    .execute(
+                        "UPDATE mam_rs_messages m SET stanza = '', zstanza = x.z \
+                         FROM unnest($1::BIGINT[], $2::BYTEA[]) AS x(id, z) \
+                         WHERE m.id = x.id AND m.zstanza IS NULL",
+                        &[&ids, &blobs],
+                    )
+                    .map_err(db)?;
+            }
+            if rows.len() < BATCH {
+                break;
+            }
+        }
+        Ok(codec::compressed(done, before, after))
+    }
+
+    /// Makes the newest dictionary in the database current, training one from the newest text
+    /// rows and storing it when there is none. Every process writing to the database uses the
+    /// first one trained; two processes training at once both offer the next id, and the one
+    /// that loses takes the winner's dictionary.
+    fn train(&self, client: &mut impl GenericClient) -> Result<Trained, StoreError> {
+        if let Some(row) = client
+            .query_opt(SELECT_NEWEST_DICTIONARY, &[])
+            .map_err(db)?
+        {
+            let id: i16 = row.get(0);
+            use_dictionary(&self.codec, id, row.get(1))?;
+            return Ok(Trained::Yes(id as u8));
+        }
+        let samples: Vec<Vec<u8>> = client
+            .query(
+                "SELECT stanza FROM mam_rs_messages WHERE zstanza IS NULL ORDER BY id DESC LIMIT $1",
+                &[&codec::SAMPLES],
+            )
+            .map_err(db)?
+            .into_iter()
+            .map(|row| row.get::<_, String>(0).into_bytes())
+            .collect();
+        let dict = match Codec::train(&samples) {
+            Ok(dict) => dict,
+            Err(why) => return Ok(why),
+        };
+        let added = client
+            .query_opt(
+                "INSERT INTO mam_rs_dictionaries (dict_id, dict) \
+                 SELECT coalesce(max(dict_id), 0) + 1, $1 FROM mam_rs_dictionaries \
+                 ON CONFLICT (dict_id) DO NOTHING RETURNING dict_id",
+                &[&dict],
+            )
+            .map_err(db)?;
+        if added.is_none() {
+            // Another process just added one: use it.
+            let Some(row) = client
+                .query_opt(SELECT_NEWEST_DICTIONARY, &[])
+                .map_err(db)?
+            else {
+                return Ok(Trained::Failed);
+            };
+            let id: i16 = row.get(0);
+            use_dictionary(&self.codec, id, row.get(1))?;
+            return Ok(Trained::Yes(id as u8));
+        }
+        let id: i16 = added.expect("checked above").get(0);
+        use_dictionary(&self.codec, id, dict)?;
+        Ok(Trained::Yes(id as u8))
     }
 
     /// Runs `f` on the writer connection, connecting again first if the last one broke (and
@@ -339,7 +479,15 @@ impl<C: GenericClient> rows::Snapshot for Snap<'_, C> {
         limit: Option<u32>,
         reverse: bool,
     ) -> Result<Vec<Item>, StoreError> {
-        select_page(self.conn, self.statements, filter, range, limit, reverse)
+        select_page(
+            self.conn,
+            self.statements,
+            &self.store.codec,
+            filter,
+            range,
+            limit,
+            reverse,
+        )
     }
 
     fn ends(&mut self, filter: &Filter<'_>) -> Result<Option<(i64, i64)>, StoreError> {
@@ -387,9 +535,10 @@ impl Store for PgStore {
         let known = self.known_columns(batch);
         let fresh = self.write_prepared(|conn| {
             let PgConn { client, statements } = conn;
+            self.prepare_codec(client, batch.len())?;
             if let Some(mut columns) = known {
                 // One statement, its own transaction: one round trip.
-                columns.flush(client, statements)?;
+                columns.flush(client, statements, &self.codec)?;
                 return Ok(Fresh::default());
             }
             let mut tx = client.transaction().map_err(db)?;
@@ -400,12 +549,12 @@ impl Store for PgStore {
                 let with_id = self.jid_for_write(&mut tx, &item.with, &mut fresh)?;
                 if let Some(quota) = item.quota {
                     // Rows of this batch ahead of this one count towards the quota too.
-                    columns.flush(&mut tx, statements)?;
+                    columns.flush(&mut tx, statements, &self.codec)?;
                     make_room(&mut tx, aid, quota)?;
                 }
                 columns.push(item, aid, with_id);
             }
-            columns.flush(&mut tx, statements)?;
+            columns.flush(&mut tx, statements, &self.codec)?;
             tx.commit().map_err(db)?;
             Ok(fresh)
         })?;
@@ -577,6 +726,7 @@ impl Store for PgStore {
                 &[],
             )
             .map_err(db)?;
+            self.prepare_codec(&mut tx, rows.len())?;
             let mut fresh = Fresh::default();
             let aid = self.archive_for_write(&mut tx, archive, &mut fresh)?;
             let mut last_id: i64 = tx
@@ -596,7 +746,8 @@ impl Store for PgStore {
                 let (id, keep_key) =
                     rows::import_id(&row.key, row.micros, last_id, now, |id| taken(&mut tx, id))?;
                 let with_id = self.jid_for_write(&mut tx, &row.with, &mut fresh)?;
-                tx.execute(INSERT_MESSAGE, &[&id, &aid, &with_id, &row.stanza])
+                let (text, blob) = stored(&self.codec, &row.stanza);
+                tx.execute(INSERT_MESSAGE, &[&id, &aid, &with_id, &text, &blob])
                     .map_err(db)?;
                 if keep_key {
                     tx.execute(
@@ -644,7 +795,8 @@ impl Store for PgStore {
                 }
                 let row = conn
                     .query_one(
-                        "SELECT min(id), max(id), sum(octet_length(stanza))::BIGINT \
+                        "SELECT min(id), max(id), \
+                         sum(octet_length(stanza) + coalesce(octet_length(zstanza), 0))::BIGINT \
                          FROM mam_rs_messages WHERE aid = $1",
                         &[aid],
                     )
@@ -725,6 +877,9 @@ impl Store for PgStore {
                 }
             }
             report.push(rows::indexes_checked(&missing)?);
+            if self.codec.enabled() {
+                report.push(self.compress_all(client)?);
+            }
             let tables = "mam_rs_messages, mam_rs_archives, mam_rs_jids, mam_rs_legacy_ids";
             if vacuum {
                 client
@@ -761,7 +916,24 @@ impl Store for PgStore {
     }
 }
 
-/// Rows to insert, as the four arrays [`INSERT_MESSAGES`] takes.
+/// How `stanza` is stored: as text, or compressed (`zstanza`) beside an empty `stanza`.
+fn stored<'s>(codec: &Codec, stanza: &'s str) -> (&'s str, Option<Vec<u8>>) {
+    match codec.compress(stanza) {
+        Some(blob) => ("", Some(blob)),
+        None => (stanza, None),
+    }
+}
+
+/// Makes dictionary `id` (as the database holds it) the one new rows are compressed with.
+fn use_dictionary(codec: &Codec, id: i16, dict: Vec<u8>) -> Result<(), StoreError> {
+    let id = u8::try_from(id)
+        .map_err(|_| StoreError::Database(format!("compression dictionary id {id}")))?;
+    codec
+        .use_dictionary(id, &dict)
+        .map_err(|e| StoreError::Database(format!("compression dictionary {id}: {e}")))
+}
+
+/// Rows to insert, as the arrays [`INSERT_MESSAGES`] takes.
 struct Columns<'b> {
     ids: Vec<i64>,
     aids: Vec<i64>,
@@ -786,19 +958,26 @@ impl<'b> Columns<'b> {
         self.stanzas.push(item.stanza.as_str());
     }
 
-    /// Inserts the rows gathered so far, in one statement, and starts again.
+    /// Inserts the rows gathered so far, in one statement (each stanza compressed with
+    /// `codec`'s current dictionary, if any), and starts again.
     fn flush(
         &mut self,
         conn: &mut impl GenericClient,
         statements: &mut Statements,
+        codec: &Codec,
     ) -> Result<(), StoreError> {
         if self.ids.is_empty() {
             return Ok(());
         }
+        let (texts, blobs): (Vec<&str>, Vec<Option<Vec<u8>>>) = self
+            .stanzas
+            .iter()
+            .map(|stanza| stored(codec, stanza))
+            .unzip();
         let insert = statements.get(conn, INSERT_MESSAGES).map_err(db)?;
         conn.execute(
             &insert,
-            &[&self.ids, &self.aids, &self.withs, &self.stanzas],
+            &[&self.ids, &self.aids, &self.withs, &texts, &blobs],
         )
         .map_err(db)?;
         self.ids.clear();
@@ -925,6 +1104,7 @@ fn count(
 fn select_page(
     conn: &mut impl GenericClient,
     statements: &mut Statements,
+    codec: &Codec,
     filter: &Filter<'_>,
     range: IdRange,
     limit: Option<u32>,
@@ -934,7 +1114,7 @@ fn select_page(
     let limit = limit.map(i64::from);
     params.push(&limit);
     let sql = format!(
-        "SELECT m.id, j.jid, m.stanza, l.key FROM mam_rs_messages m \
+        "SELECT m.id, j.jid, m.stanza, m.zstanza, l.key FROM mam_rs_messages m \
          JOIN mam_rs_jids j ON j.jid_id = m.with_id \
          LEFT JOIN mam_rs_legacy_ids l ON l.id = m.id{clause} \
          ORDER BY m.id {} LIMIT ${}",
@@ -942,18 +1122,31 @@ fn select_page(
         params.len()
     );
     let page = statements.get(conn, &sql).map_err(db)?;
-    conn.query(&page, &params)
-        .map_err(db)?
-        .iter()
-        .map(|row| {
-            Ok(Item {
-                id: stored_id(row.get(0))?,
-                with: row.get(1),
-                stanza: row.get(2),
-                key: row.get(3),
-            })
-        })
-        .collect()
+    let rows = conn.query(&page, &params).map_err(db)?;
+    let mut items = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: i64 = row.get(0);
+        let stanza = match row.get::<_, Option<&[u8]>>(3) {
+            None => row.get(2),
+            Some(blob) => codec
+                .decompress(blob, |dict_id| {
+                    let dict = statements
+                        .get(conn, SELECT_DICTIONARY)
+                        .map_err(|e| e.to_string())?;
+                    conn.query_one(&dict, &[&i16::from(dict_id)])
+                        .map(|row| row.get(0))
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| StoreError::Database(format!("message {id}: {e}")))?,
+        };
+        items.push(Item {
+            id: stored_id(id)?,
+            with: row.get(1),
+            stanza,
+            key: row.get(4),
+        });
+    }
+    Ok(items)
 }
 
 /// Entries each id cache (archives, JIDs) holds, as the SQLite store's default.

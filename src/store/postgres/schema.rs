@@ -9,7 +9,7 @@ use crate::store::StoreError;
 use postgres::Client;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -121,6 +121,18 @@ BEGIN
     DELETE FROM mam_rs_legacy_ids WHERE id IN (SELECT id FROM old_rows);
     RETURN NULL;
 END $$;
+"#;
+
+/// Version 3: `archive_compression` (see `store::codec`). A compressed row has its stanza in
+/// `zstanza` and an empty `stanza`: not NULL, so that a process still running version 2 reads
+/// it as text rather than failing. Dictionaries are never changed once written. Adding a
+/// nullable column rewrites nothing.
+const V3: &str = r#"
+CREATE TABLE mam_rs_dictionaries (
+    dict_id SMALLINT PRIMARY KEY,
+    dict    BYTEA NOT NULL
+);
+ALTER TABLE mam_rs_messages ADD COLUMN zstanza BYTEA;
 "#;
 
 /// Brings the database up to [`SCHEMA_VERSION`] in one transaction, or refuses a newer one.

@@ -24,6 +24,11 @@ fn server() -> postgres::Config {
 }
 
 fn open(dir: &TempDir) -> PgStore {
+    open_with(dir, false)
+}
+
+/// [`open`], with `archive_compression` as given.
+fn open_with(dir: &TempDir, compression: bool) -> PgStore {
     let config = server();
     let name = format!(
         "mam_rs_t_{:016x}",
@@ -61,7 +66,7 @@ fn open(dir: &TempDir) -> PgStore {
         pool_size: 4,
         connect_timeout: std::time::Duration::from_secs(5),
     };
-    PgStore::open(&options).expect("open")
+    PgStore::open(&options, compression).expect("open")
 }
 
 include!("../suite.rs");
@@ -80,7 +85,8 @@ fn a_second_process_sees_committed_rows_and_migrates_once() {
 fn version_2_fills_the_contact_totals_of_an_existing_database() {
     let dir = TempDir::new().unwrap();
     let store = romeo_with_ten_rows(&dir);
-    // The database as version 1 left it: no contact totals, version 1's trigger functions.
+    // The database as version 1 left it: no contact totals, version 1's trigger functions, no
+    // compression (version 3).
     let mut admin = server()
         .dbname(&store.options.database)
         .connect(NoTls)
@@ -88,6 +94,8 @@ fn version_2_fills_the_contact_totals_of_an_existing_database() {
     admin
         .batch_execute(
             r#"
+            DROP TABLE mam_rs_dictionaries;
+            ALTER TABLE mam_rs_messages DROP COLUMN zstanza;
             DROP TABLE mam_rs_with_counts;
             CREATE OR REPLACE FUNCTION mam_rs_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
@@ -216,7 +224,7 @@ fn a_server_that_is_not_there_is_unavailable_and_one_that_refuses_is_an_open_err
         password: Some("never shown".into()),
         ..options.clone()
     };
-    let Err(err) = PgStore::open(&silent) else {
+    let Err(err) = PgStore::open(&silent, false) else {
         panic!("nothing listens there")
     };
     let text = err.to_string();
@@ -228,10 +236,75 @@ fn a_server_that_is_not_there_is_unavailable_and_one_that_refuses_is_an_open_err
         database: "mam_rs_no_such_database".into(),
         ..options
     };
-    let Err(err) = PgStore::open(&refused) else {
+    let Err(err) = PgStore::open(&refused, false) else {
         panic!("no such database")
     };
     let text = err.to_string();
     assert!(matches!(err, StoreError::Open(_)), "{text}");
     assert!(text.contains("mam_rs_no_such_database"), "{text}");
+}
+
+#[test]
+fn compression_trains_a_dictionary_and_every_row_reads_back() {
+    compression_round_trip(
+        |dir| open_with(dir, true),
+        |store| {
+            let mut guard = store.writer.lock();
+            let client = &mut guard.as_mut().unwrap().client;
+            let row = client
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE zstanza IS NULL), \
+                     count(*) FILTER (WHERE zstanza IS NOT NULL AND stanza = '') \
+                     FROM mam_rs_messages",
+                    &[],
+                )
+                .unwrap();
+            (row.get(0), row.get(1))
+        },
+    );
+}
+
+#[test]
+fn compression_takes_the_dictionary_another_process_trained() {
+    let dir = TempDir::new().unwrap();
+    let one = open_with(&dir, true);
+    let two = open_with(&dir, true);
+    let rows: Vec<NewItem> = (1..=2500)
+        .map(|n| row(&romeo(), id(n), with_of(n)))
+        .collect();
+    one.append(&rows[..1000]).unwrap(); // too few rows to train on before these
+    one.append(&rows[1000..2000]).unwrap(); // trains dictionary 1, then compresses these
+    two.append(&rows[2000..]).unwrap(); // finds dictionary 1 and compresses with it
+    let mut guard = one.writer.lock();
+    let client = &mut guard.as_mut().unwrap().client;
+    let ids: Vec<i16> = client
+        .query("SELECT dict_id FROM mam_rs_dictionaries", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let compressed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM mam_rs_messages WHERE zstanza IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    drop(guard);
+    assert_eq!(ids, vec![1]);
+    assert_eq!(compressed, 1500);
+    // Each reads what the other wrote.
+    for store in [&one, &two] {
+        let all = find(
+            store,
+            Query {
+                limit: Some(3000),
+                ..Query::default()
+            },
+        );
+        assert_eq!(all.items.len(), 2500);
+        for (n, item) in (1..).zip(&all.items) {
+            assert_eq!(item.stanza, rows[n - 1].stanza);
+        }
+    }
 }

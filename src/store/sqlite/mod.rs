@@ -23,7 +23,7 @@ mod tests;
 
 pub use schema::SCHEMA_VERSION;
 
-use super::codec::{self, Codec, Trained};
+use super::codec::{self, Codec};
 use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
@@ -673,17 +673,8 @@ fn compress_all(conn: &Connection, codec: &Codec) -> Result<String, StoreError> 
         })
         .map_err(db)?;
     if !has_dictionary {
-        match codec.train_from(conn).map_err(db)? {
-            Trained::Yes(_) => {}
-            Trained::TooFewRows => {
-                return Ok(format!(
-                    "compression: fewer than {} messages to train a dictionary from; rows stay as text",
-                    codec::TRAIN_AFTER
-                ))
-            }
-            Trained::Failed => {
-                return Ok("compression: zstd could not train a dictionary from these messages; rows stay as text".into())
-            }
+        if let Some(report) = codec::not_trained(codec.train_from(conn).map_err(db)?) {
+            return Ok(report);
         }
     }
     let (mut done, mut before, mut after) = (0u64, 0u64, 0u64);
@@ -717,9 +708,7 @@ fn compress_all(conn: &Connection, codec: &Codec) -> Result<String, StoreError> 
             _ => break,
         }
     }
-    Ok(format!(
-        "compression: {done} messages compressed, {before} -> {after} bytes of stanzas"
-    ))
+    Ok(codec::compressed(done, before, after))
 }
 
 fn file_bytes(path: &Path) -> u64 {

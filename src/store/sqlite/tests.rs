@@ -235,63 +235,25 @@ fn queries_walk_the_archive_indexes() {
 
 #[test]
 fn compression_trains_a_dictionary_and_every_row_reads_back() {
-    let dir = TempDir::new().unwrap();
-    let options = SqliteOptions {
-        compression: true,
-        ..SqliteOptions::default()
-    };
-    let store = SqliteStore::open(&db_path(&dir), &options).unwrap();
-    let text = |n: i64| {
-        format!(
-            "<message xmlns='jabber:client' from='romeo@example.com/phone' to='juliet@capulet.lit' \
-             type='chat' id='m{n}'><body>message number {n}, wherefore art thou</body></message>"
-        )
-    };
-    let rows: Vec<NewItem> = (1..=3000)
-        .map(|n| NewItem {
-            stanza: text(n),
-            ..row(&romeo(), id(n), with_of(n))
-        })
-        .collect();
-    for chunk in rows.chunks(500) {
-        store.append(chunk).unwrap();
-    }
-    let kinds = |store: &SqliteStore| -> (i64, i64) {
-        let conn = store.writer.lock();
-        conn.query_row(
-            "SELECT sum(typeof(stanza) = 'text'), sum(typeof(stanza) = 'blob') FROM messages",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
-    };
-    let (text_rows, blob_rows) = kinds(&store);
-    assert_eq!(text_rows, 1000, "rows before the dictionary stay text");
-    assert_eq!(blob_rows, 2000);
-    let all = find(&store, Query::default());
-    assert_eq!(all.items.len(), 3000);
-    for (n, item) in (1..).zip(&all.items) {
-        assert_eq!(item.stanza, text(n));
-    }
-    let report = store.optimize(false).unwrap();
-    assert!(
-        report
-            .iter()
-            .any(|l| l.starts_with("compression: 1000 messages")),
-        "{report:?}"
+    compression_round_trip(
+        |dir| {
+            let options = SqliteOptions {
+                compression: true,
+                ..SqliteOptions::default()
+            };
+            SqliteStore::open(&db_path(dir), &options).unwrap()
+        },
+        |store| {
+            store
+                .writer
+                .lock()
+                .query_row(
+                    "SELECT sum(typeof(stanza) = 'text'), sum(typeof(stanza) = 'blob') \
+                     FROM messages",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+        },
     );
-    assert_eq!(kinds(&store), (0, 3000));
-    let bytes = store.stats("example.com", "archive", None).unwrap().bytes;
-    assert!(
-        bytes < 3000 * text(1).len() as u64 / 2,
-        "{bytes} bytes stored"
-    );
-    drop(store);
-
-    // Turned off: compressed rows stay readable, new ones are text.
-    let plain = open(&dir);
-    plain.append(&[row(&romeo(), id(5000), "x@y")]).unwrap();
-    let all = plain.find(&romeo(), &Query::default()).unwrap();
-    assert_eq!(all.items.len(), 3001);
-    assert_eq!(all.items[0].stanza, text(1));
 }

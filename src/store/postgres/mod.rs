@@ -535,6 +535,8 @@ impl Store for PgStore {
         let known = self.known_columns(batch);
         let fresh = self.write_prepared(|conn| {
             let PgConn { client, statements } = conn;
+            // Outside the batch's transaction: a dictionary committed on its own is never
+            // rolled back with a failed batch while new rows are compressed with it.
             self.prepare_codec(client, batch.len())?;
             if let Some(mut columns) = known {
                 // One statement, its own transaction: one round trip.
@@ -719,6 +721,8 @@ impl Store for PgStore {
     ) -> Result<ImportBatch, StoreError> {
         let (done, fresh) = self.write_prepared(|conn| {
             let PgConn { client, statements } = conn;
+            // Outside the transaction, as in append: a dictionary is never rolled back.
+            self.prepare_codec(client, rows.len())?;
             let mut tx = client.transaction().map_err(db)?;
             // One import into one archive at a time (as SQLite's write lock gives).
             tx.execute(
@@ -726,7 +730,6 @@ impl Store for PgStore {
                 &[],
             )
             .map_err(db)?;
-            self.prepare_codec(&mut tx, rows.len())?;
             let mut fresh = Fresh::default();
             let aid = self.archive_for_write(&mut tx, archive, &mut fresh)?;
             let mut last_id: i64 = tx

@@ -308,3 +308,8 @@ fn compression_takes_the_dictionary_another_process_trained() {
         }
     }
 }
+
+#[test]
+fn compression_keeps_a_dictionary_a_failed_batch_trained() {
+    compression_keeps_a_dictionary_trained_by_a_failed_batch(|dir| open_with(dir, true));
+}

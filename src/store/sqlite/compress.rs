@@ -24,7 +24,8 @@ impl Codec {
     }
 
     /// Before writing `incoming` rows: trains the first dictionary once the archive is big
-    /// enough. Runs inside the writer's transaction.
+    /// enough. Runs outside the batch's transaction: a dictionary rolled back with a failed
+    /// batch while the codec kept using it would leave rows nobody can read.
     pub fn prepare(&self, conn: &Connection, incoming: usize) -> rusqlite::Result<()> {
         if self.training_due(incoming) {
             let outcome = self.train_from(conn)?;

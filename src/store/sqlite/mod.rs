@@ -305,13 +305,15 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut conn = self.writer.lock();
+        // Before the batch's transaction: a dictionary is committed on its own, so that it is
+        // never rolled back with a batch while new rows are compressed with it.
+        self.codec.prepare(&conn, batch.len()).map_err(db)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
         // SAFETY: only read by `with_os_error` while `conn` is locked and open.
         let handle = unsafe { tx.handle() };
         let mut fresh = Fresh::default();
-        self.codec.prepare(&tx, batch.len()).map_err(db)?;
         {
             let mut insert = tx.prepare_cached(INSERT_MESSAGE).map_err(db)?;
             for item in batch {
@@ -479,6 +481,7 @@ impl Store for SqliteStore {
         position: i64,
     ) -> Result<ImportBatch, StoreError> {
         let mut conn = self.writer.lock();
+        self.codec.prepare(&conn, rows.len()).map_err(db)?; // Before the transaction: see append.
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
@@ -493,7 +496,6 @@ impl Store for SqliteStore {
             .unwrap_or(0);
         let now = crate::id::now_micros();
         let mut done = ImportBatch::default();
-        self.codec.prepare(&tx, rows.len()).map_err(db)?;
         for row in rows {
             if lookup_id(&tx, aid, &row.key)?.is_some() {
                 done.already += 1;

@@ -257,3 +257,14 @@ fn compression_trains_a_dictionary_and_every_row_reads_back() {
         },
     );
 }
+
+#[test]
+fn compression_keeps_a_dictionary_a_failed_batch_trained() {
+    compression_keeps_a_dictionary_trained_by_a_failed_batch(|dir| {
+        let options = SqliteOptions {
+            compression: true,
+            ..SqliteOptions::default()
+        };
+        SqliteStore::open(&db_path(dir), &options).unwrap()
+    });
+}

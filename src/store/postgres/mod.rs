@@ -145,13 +145,10 @@ impl PgStore {
         schema::migrate(&mut writer.client)?;
         let codec = Codec::new(compression);
         if compression {
-            if let Some(row) = writer
-                .client
-                .query_opt(SELECT_NEWEST_DICTIONARY, &[])
-                .map_err(open_err)?
-            {
-                use_dictionary(&codec, row.get(0), row.get(1))?;
-            }
+            use_newest_dictionary(&codec, &mut writer.client).map_err(|e| match e {
+                StoreError::Database(why) => StoreError::Open(format!("{describe}: {why}")),
+                e => e,
+            })?;
         }
         let readers = r2d2::Pool::builder()
             .thread_pool(super::pool_threads())
@@ -189,16 +186,8 @@ impl PgStore {
     /// newest), then compresses the rows stored as text, a batch per statement. The old row
     /// versions are left for `VACUUM`, which lets new rows reuse their space.
     fn compress_all(&self, client: &mut Client) -> Result<String, StoreError> {
-        match client
-            .query_opt(SELECT_NEWEST_DICTIONARY, &[])
-            .map_err(db)?
-        {
-            Some(row) => use_dictionary(&self.codec, row.get(0), row.get(1))?,
-            None => {
-                if let Some(report) = codec::not_trained(self.train(client)?) {
-                    return Ok(report);
-                }
-            }
+        if let Some(report) = codec::not_trained(self.train(client)?) {
+            return Ok(report);
         }
         const BATCH: usize = 2000;
         let (mut done, mut before, mut after) = (0u64, 0u64, 0u64);
@@ -245,13 +234,8 @@ impl PgStore {
     /// first one trained; two processes training at once both offer the next id, and the one
     /// that loses takes the winner's dictionary.
     fn train(&self, client: &mut impl GenericClient) -> Result<Trained, StoreError> {
-        if let Some(row) = client
-            .query_opt(SELECT_NEWEST_DICTIONARY, &[])
-            .map_err(db)?
-        {
-            let id: i16 = row.get(0);
-            use_dictionary(&self.codec, id, row.get(1))?;
-            return Ok(Trained::Yes(id as u8));
+        if let Some(id) = use_newest_dictionary(&self.codec, client)? {
+            return Ok(Trained::Yes(id));
         }
         let samples: Vec<Vec<u8>> = client
             .query(
@@ -266,29 +250,16 @@ impl PgStore {
             Ok(dict) => dict,
             Err(why) => return Ok(why),
         };
-        let added = client
-            .query_opt(
+        // Adds nothing when another process has just added its own: then that one is used.
+        client
+            .execute(
                 "INSERT INTO mam_rs_dictionaries (dict_id, dict) \
                  SELECT coalesce(max(dict_id), 0) + 1, $1 FROM mam_rs_dictionaries \
-                 ON CONFLICT (dict_id) DO NOTHING RETURNING dict_id",
+                 ON CONFLICT (dict_id) DO NOTHING",
                 &[&dict],
             )
             .map_err(db)?;
-        if added.is_none() {
-            // Another process just added one: use it.
-            let Some(row) = client
-                .query_opt(SELECT_NEWEST_DICTIONARY, &[])
-                .map_err(db)?
-            else {
-                return Ok(Trained::Failed);
-            };
-            let id: i16 = row.get(0);
-            use_dictionary(&self.codec, id, row.get(1))?;
-            return Ok(Trained::Yes(id as u8));
-        }
-        let id: i16 = added.expect("checked above").get(0);
-        use_dictionary(&self.codec, id, dict)?;
-        Ok(Trained::Yes(id as u8))
+        Ok(use_newest_dictionary(&self.codec, client)?.map_or(Trained::Failed, Trained::Yes))
     }
 
     /// Runs `f` on the writer connection, connecting again first if the last one broke (and
@@ -927,13 +898,25 @@ fn stored<'s>(codec: &Codec, stanza: &'s str) -> (&'s str, Option<Vec<u8>>) {
     }
 }
 
-/// Makes dictionary `id` (as the database holds it) the one new rows are compressed with.
-fn use_dictionary(codec: &Codec, id: i16, dict: Vec<u8>) -> Result<(), StoreError> {
+/// Makes the newest dictionary in the database the one new rows are compressed with; its id,
+/// or `None` when there is none yet.
+fn use_newest_dictionary(
+    codec: &Codec,
+    client: &mut impl GenericClient,
+) -> Result<Option<u8>, StoreError> {
+    let Some(row) = client
+        .query_opt(SELECT_NEWEST_DICTIONARY, &[])
+        .map_err(db)?
+    else {
+        return Ok(None);
+    };
+    let id: i16 = row.get(0);
     let id = u8::try_from(id)
         .map_err(|_| StoreError::Database(format!("compression dictionary id {id}")))?;
     codec
-        .use_dictionary(id, &dict)
-        .map_err(|e| StoreError::Database(format!("compression dictionary {id}: {e}")))
+        .use_dictionary(id, row.get(1))
+        .map_err(|e| StoreError::Database(format!("compression dictionary {id}: {e}")))?;
+    Ok(Some(id))
 }
 
 /// Rows to insert, as the arrays [`INSERT_MESSAGES`] takes.

@@ -67,6 +67,8 @@ ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam
                    "rs-my": ["mam_rs"]}
 # mod_mam_rs with its archive on a database server: the kind, and the server (tests/e2e/dbservers.py).
 ON_SERVER = {"rs-pg": "postgres", "rs-my": "mariadb"}
+# The kinds whose archive is compressed by default (archive_compression); MySQL/MariaDB's is text.
+COMPRESSED = ("rs", "rs-pg")
 # Every kind, in the order tables and plots show them.
 KINDS = ("floor", "stock", "rs", "mem", "rs-pg", "rs-my")
 # The benchmark's MariaDB: a buffer pool that holds a 1M-message archive, as an admin's server
@@ -481,9 +483,8 @@ def seeded_server(ctx, kind, plan, res):
         res["bytes_per_message"] = res["db_bytes"] / plan.rows
     log("[%s] seeded %d rows in %.1f s%s" % (kind, plan.rows, res["seed_seconds"], (
         "; %.0f bytes per message" % res["bytes_per_message"]) if "bytes_per_message" in res else ""))
-    if kind in ("rs", "rs-pg") and not ctx.skip_compressed:
-        # The seeded rows are text; compressed, they are what the default configuration stores
-        # (on SQLite and PostgreSQL; MySQL/MariaDB archives are text).
+    if kind in COMPRESSED and not ctx.skip_compressed:
+        # The seeded rows are text; compressed, they are what the default configuration stores.
         res["bytes_per_message_text"] = res["bytes_per_message"]
         t = time.monotonic()
         r = srv.prosodyctl("mod_mam_rs", "optimize", timeout=3600)
@@ -861,7 +862,7 @@ def plot(r, path):
         bars(axes[7], "bytes per message on disk", ["default", "compression off"],
              [k for k in kinds if k != "mem"],
              # Stock and MySQL/MariaDB store text either way.
-             lambda k, s: get("archive", k, "bytes_per_message" if s == "default" or k not in ("rs", "rs-pg")
+             lambda k, s: get("archive", k, "bytes_per_message" if s == "default" or k not in COMPRESSED
                               else "bytes_per_message_text"), "bytes")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=90)

@@ -100,11 +100,25 @@ impl Codec {
         Ok(())
     }
 
-    /// Before writing `incoming` rows: whether to try to train the first dictionary now. With
-    /// compression on and no dictionary, an attempt is due at once, then again after
-    /// [`RETRY_EVERY`] rows while there were too few, or [`RETRY_AFTER_FAILURE`] after zstd
-    /// failed (see [`Codec::attempted`]).
-    pub fn training_due(&self, incoming: usize) -> bool {
+    /// Before writing `incoming` rows: runs `train` (the store's: sample its rows, store the
+    /// dictionary, make it current) when an attempt is due. With compression on and no
+    /// dictionary, one is due at once, then again after [`RETRY_EVERY`] rows while there were
+    /// too few, or [`RETRY_AFTER_FAILURE`] after zstd failed. The store runs this outside the
+    /// batch's transaction: a dictionary rolled back with a failed batch while the codec kept
+    /// using it would leave rows nobody can read.
+    pub fn before_write<E>(
+        &self,
+        incoming: usize,
+        train: impl FnOnce() -> Result<Trained, E>,
+    ) -> Result<(), E> {
+        if self.training_due(incoming) {
+            let outcome = train()?;
+            self.attempted(outcome);
+        }
+        Ok(())
+    }
+
+    fn training_due(&self, incoming: usize) -> bool {
         if !self.enabled {
             return false;
         }
@@ -119,7 +133,7 @@ impl Codec {
     }
 
     /// Records how a due attempt went, for the next [`Codec::training_due`].
-    pub fn attempted(&self, outcome: Trained) {
+    fn attempted(&self, outcome: Trained) {
         self.writer.lock().retry_after = match outcome {
             Trained::Yes(_) => 0,
             Trained::TooFewRows => RETRY_EVERY,

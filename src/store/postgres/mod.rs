@@ -175,11 +175,7 @@ impl PgStore {
         client: &mut impl GenericClient,
         incoming: usize,
     ) -> Result<(), StoreError> {
-        if self.codec.training_due(incoming) {
-            let outcome = self.train(client)?;
-            self.codec.attempted(outcome);
-        }
-        Ok(())
+        self.codec.before_write(incoming, || self.train(client))
     }
 
     /// `optimize` with compression on: trains a dictionary if there is none yet (else takes the

@@ -24,14 +24,9 @@ impl Codec {
     }
 
     /// Before writing `incoming` rows: trains the first dictionary once the archive is big
-    /// enough. Runs outside the batch's transaction: a dictionary rolled back with a failed
-    /// batch while the codec kept using it would leave rows nobody can read.
+    /// enough (see [`Codec::before_write`]).
     pub fn prepare(&self, conn: &Connection, incoming: usize) -> rusqlite::Result<()> {
-        if self.training_due(incoming) {
-            let outcome = self.train_from(conn)?;
-            self.attempted(outcome);
-        }
-        Ok(())
+        self.before_write(incoming, || self.train_from(conn))
     }
 
     /// Trains a dictionary from the newest text rows and makes it current.

@@ -223,8 +223,8 @@ pub struct Config {
     /// `mam_smart_enable`: archive nothing for a user until a MAM-capable client uses MAM.
     pub mam_smart_enable: bool,
     /// `archive_compression`: store stanzas zstd-compressed with a dictionary trained from the
-    /// archive (default true; SQLite and PostgreSQL; MySQL stores text). One database, one
-    /// setting: the first host to open it decides.
+    /// archive (default true; every store). One database, one setting: the first host to
+    /// open it decides.
     pub archive_compression: bool,
     /// `archive_expires_after` (default one week).
     pub archive_expires_after: Expiry,
@@ -574,17 +574,6 @@ fn read_options(
         },
     );
     config.database = read_location(raw, config.database, &mut errors);
-    // On by default, where the store has it: only an explicit `true` on a server is a mistake.
-    let asked = matches!(raw.get("archive_compression"), Some(v) if as_bool(v) == Some(true));
-    if asked && matches!(config.database, Location::Mysql(_)) {
-        warnings.push(ConfigError {
-            severity: Severity::Warning,
-            expected: Cow::Borrowed(
-                "compression applies to SQLite and PostgreSQL archives; this MySQL archive is stored as text",
-            ),
-            ..ConfigError::invalid("archive_compression", &raw["archive_compression"], "")
-        });
-    }
     (config, errors)
 }
 
@@ -970,36 +959,22 @@ mod tests {
     }
 
     #[test]
-    fn compression_on_a_mysql_archive_is_a_warning() {
-        let sql = |driver| block(&[("driver", text(driver)), ("database", text("prosody"))]);
-        let (_, errors) = from_options(&opts(&[
-            ("sql", sql("MySQL")),
-            ("archive_compression", RawValue::Bool(true)),
-        ]));
-        assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].severity, Severity::Warning);
-        assert!(errors[0]
-            .to_string()
-            .contains("this MySQL archive is stored as text"));
-        let (c, errors) = from_options(&opts(&[
-            ("sql", sql("PostgreSQL")),
-            ("archive_compression", RawValue::Bool(true)),
-        ]));
-        assert!(errors.is_empty(), "{errors:?}");
-        assert!(c.archive_compression);
-    }
-
-    #[test]
     fn compression_is_on_by_default_and_quiet_on_a_server_archive() {
         let (c, errors) = from_options(&BTreeMap::new());
         assert!(errors.is_empty());
         assert!(c.archive_compression);
-        let sql = block(&[
-            ("driver", text("PostgreSQL")),
-            ("database", text("prosody")),
-        ]);
-        let (_, errors) = from_options(&opts(&[("sql", sql)]));
-        assert!(errors.is_empty(), "{errors:?}");
+        let sql = |driver| block(&[("driver", text(driver)), ("database", text("prosody"))]);
+        for driver in ["PostgreSQL", "MySQL"] {
+            let (c, errors) = from_options(&opts(&[("sql", sql(driver))]));
+            assert!(errors.is_empty(), "{errors:?}");
+            assert!(c.archive_compression);
+            let (c, errors) = from_options(&opts(&[
+                ("sql", sql(driver)),
+                ("archive_compression", RawValue::Bool(true)),
+            ]));
+            assert!(errors.is_empty(), "{errors:?}");
+            assert!(c.archive_compression);
+        }
         let (c, errors) = from_options(&opts(&[("archive_compression", RawValue::Bool(false))]));
         assert!(errors.is_empty());
         assert!(!c.archive_compression);

@@ -96,7 +96,7 @@ fn pool_threads_named(pattern: &str) -> Arc<scheduled_thread_pool::ScheduledThre
 pub struct OpenOptions {
     /// Read connections, i.e. how many queries run at once.
     pub read_connections: u32,
-    /// `archive_compression` (SQLite and PostgreSQL).
+    /// `archive_compression`.
     pub compression: bool,
 }
 
@@ -132,7 +132,7 @@ fn open_store(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store
                 pool_size: options.read_connections,
                 ..my.clone()
             };
-            Arc::new(mysql::MysqlStore::open(&my)?)
+            Arc::new(mysql::MysqlStore::open(&my, options.compression)?)
         }
         Location::Unusable(why) => return Err(StoreError::Open(why.clone())),
     })

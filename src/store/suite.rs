@@ -1284,7 +1284,6 @@ fn with_totals_are_exact_through_windows_expiry_quota_import_and_deletion() {
 /// written before a dictionary stay text and the rest are compressed; every row reads back as
 /// written, also through another opening of the store; `optimize` compresses the text rows;
 /// with compression off, compressed rows stay readable and new ones are text.
-#[allow(dead_code)] // MySQL/MariaDB have no compression.
 fn compression_round_trip(
     compressed: impl Fn(&TempDir) -> Backend,
     kinds: impl Fn(&Backend) -> (i64, i64),
@@ -1349,7 +1348,6 @@ fn compression_round_trip(
 /// Compression, for a backend that has it: a batch that fails after training the dictionary
 /// (here on a duplicate id) does not take the dictionary with it, so the rows compressed next
 /// read back.
-#[allow(dead_code)] // MySQL/MariaDB have no compression.
 fn compression_keeps_a_dictionary_trained_by_a_failed_batch(compressed: impl Fn(&TempDir) -> Backend) {
     let dir = TempDir::new().unwrap();
     let store = compressed(&dir);
@@ -1364,5 +1362,33 @@ fn compression_keeps_a_dictionary_trained_by_a_failed_batch(compressed: impl Fn(
     assert_eq!(all.items.len(), 2500);
     for (item, want) in all.items.iter().zip(&rows) {
         assert_eq!(item.stanza, want.stanza);
+    }
+}
+
+/// Compression on a database several processes write to: the first dictionary trained is the
+/// one every process uses. `kinds` counts (text, compressed) rows, `dictionaries` lists the
+/// stored dictionaries' ids.
+#[allow(dead_code)] // Not SQLite: one process writes a file.
+fn compression_shares_the_first_dictionary(
+    compressed: impl Fn(&TempDir) -> Backend,
+    kinds: impl Fn(&Backend) -> (i64, i64),
+    dictionaries: impl Fn(&Backend) -> Vec<i64>,
+) {
+    let dir = TempDir::new().unwrap();
+    let one = compressed(&dir);
+    let two = compressed(&dir);
+    let rows: Vec<NewItem> = (1..=2500).map(|n| row(&romeo(), id(n), with_of(n))).collect();
+    one.append(&rows[..1000]).unwrap(); // too few rows to train on before these
+    one.append(&rows[1000..2000]).unwrap(); // trains dictionary 1, then compresses these
+    two.append(&rows[2000..]).unwrap(); // finds dictionary 1 and compresses with it
+    assert_eq!(dictionaries(&one), vec![1]);
+    assert_eq!(kinds(&one), (1000, 1500));
+    // Each reads what the other wrote.
+    for store in [&one, &two] {
+        let all = find(store, Query { limit: Some(3000), ..Query::default() });
+        assert_eq!(all.items.len(), 2500);
+        for (item, want) in all.items.iter().zip(&rows) {
+            assert_eq!(item.stanza, want.stanza);
+        }
     }
 }

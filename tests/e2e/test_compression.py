@@ -1,5 +1,5 @@
 """archive_compression, on by default: once the archive holds 1,000 messages a dictionary is
-trained and new rows are stored as zstd frames (in the SQLite file, or on PostgreSQL). Clients see no difference: every message comes
+trained and new rows are stored as zstd frames (in the SQLite file, or on PostgreSQL or MariaDB). Clients see no difference: every message comes
 back as it was sent, before and after `optimize` compresses the older rows, after a restart
 (the dictionary is read back from the database), and after compression is turned off again.
 """
@@ -11,8 +11,8 @@ import pytest
 from conftest import E2E_BACKEND, NS_CLIENT, backend_rows, prosodyctl, restart_server, stop_server_keep_data
 from test_lifecycle import burst, wait_delivered
 
-pytestmark = [pytest.mark.mam_rs_only,
-              pytest.mark.skipif(E2E_BACKEND == "mariadb", reason="no compression on MySQL/MariaDB")]
+pytestmark = pytest.mark.mam_rs_only
+SERVER = E2E_BACKEND in ("postgres", "mariadb")
 
 TRAIN_AFTER = 1000  # src/store/codec.rs
 NS_E2E = "urn:example:e2e:zstd"
@@ -23,8 +23,8 @@ PAYLOAD = ("<x xmlns='%s' note='a&amp;b &lt;c&gt; &quot;q&quot; ü'><y>ü &amp; 
 
 def row_types(srv):
     """{"text" or "blob": rows} of the archive: SQLite's type of the stanza column, or on
-    PostgreSQL whether the row is in zstanza (beside an empty stanza)."""
-    if E2E_BACKEND == "postgres":
+    a database server whether the row is in zstanza (beside an empty stanza)."""
+    if SERVER:
         sql = ("SELECT CASE WHEN zstanza IS NULL THEN 'text' WHEN stanza = '' THEN 'blob' "
                "ELSE 'both' END, count(*) FROM mam_rs_messages GROUP BY 1")
     else:
@@ -33,7 +33,7 @@ def row_types(srv):
 
 
 def dictionaries(srv):
-    table = "mam_rs_dictionaries" if E2E_BACKEND == "postgres" else "dictionaries"
+    table = "mam_rs_dictionaries" if SERVER else "dictionaries"
     return int(backend_rows(srv, "SELECT count(*) FROM %s" % table, "mam_rs.sqlite")[0][0])
 
 

@@ -8,6 +8,8 @@
 //! run again (`IF NOT EXISTS`), the version is written after each step, and the whole run holds
 //! a named lock (`GET_LOCK`), so several Prosody processes starting together migrate once and a
 //! run cut short is finished by the next one. A newer database is refused, never touched.
+//! MySQL has no `ADD COLUMN IF NOT EXISTS` (MariaDB has), so a step adds a column as a
+//! [`Step::AddColumn`], which looks first.
 //! This module does not read or write archive rows.
 
 use crate::store::StoreError;
@@ -15,7 +17,19 @@ use mysql::prelude::Queryable;
 use mysql::Conn;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[&[&str]] = &[V1, V2];
+const MIGRATIONS: &[&[Step]] = &[V1, V2, V3];
+
+/// One statement of a migration step, safe to run again.
+enum Step {
+    /// SQL that is itself safe to run again (`IF NOT EXISTS`, `REPLACE`).
+    Sql(&'static str),
+    /// `ALTER TABLE table ADD COLUMN column definition`, unless the table has the column.
+    AddColumn {
+        table: &'static str,
+        column: &'static str,
+        definition: &'static str,
+    },
+}
 
 /// The schema version this code writes and understands.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -58,8 +72,9 @@ const MIGRATION_LOCK: &str = "CONCAT('mam_rs:', MD5(DATABASE()), ':migrate')";
 ///   their rows (`ON DELETE CASCADE`).
 /// - `with_id` has no foreign key: InnoDB would add an index on it alone, a cost on every
 ///   insert for no query, and JIDs are never deleted.
-const V1: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS mam_rs_archives (
+const V1: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_archives (
         aid        BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
         host       VARBINARY(1023) NOT NULL,
         username   VARBINARY(1023) NOT NULL,
@@ -67,12 +82,16 @@ const V1: &[&str] = &[
         item_count BIGINT NOT NULL DEFAULT 0,
         UNIQUE KEY mam_rs_archives_name (host, username, store)
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS mam_rs_jids (
+    ),
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_jids (
         jid_id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
         jid    VARBINARY(3071) NOT NULL,
         UNIQUE KEY mam_rs_jids_jid (jid)
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS mam_rs_messages (
+    ),
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_messages (
         id      BIGINT NOT NULL PRIMARY KEY,
         aid     BIGINT NOT NULL,
         with_id BIGINT NOT NULL,
@@ -81,7 +100,9 @@ const V1: &[&str] = &[
         KEY mam_rs_messages_by_with (aid, with_id, id),
         CONSTRAINT mam_rs_messages_archive FOREIGN KEY (aid) REFERENCES mam_rs_archives (aid)
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS mam_rs_legacy_ids (
+    ),
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_legacy_ids (
         id         BIGINT NOT NULL PRIMARY KEY,
         aid        BIGINT NOT NULL,
         legacy_key VARBINARY(1023) NOT NULL,
@@ -89,7 +110,9 @@ const V1: &[&str] = &[
         CONSTRAINT mam_rs_legacy_ids_message FOREIGN KEY (id) REFERENCES mam_rs_messages (id)
             ON DELETE CASCADE
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS mam_rs_imports (
+    ),
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_imports (
         aid      BIGINT NOT NULL,
         source   VARBINARY(255) NOT NULL,
         position BIGINT NOT NULL,
@@ -97,7 +120,9 @@ const V1: &[&str] = &[
         PRIMARY KEY (aid, source),
         CONSTRAINT mam_rs_imports_archive FOREIGN KEY (aid) REFERENCES mam_rs_archives (aid)
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-    "CREATE TABLE IF NOT EXISTS mam_rs_client_marks (
+    ),
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_client_marks (
         aid     BIGINT NOT NULL,
         client  VARBINARY(1023) NOT NULL,
         last_id BIGINT NOT NULL,
@@ -105,22 +130,46 @@ const V1: &[&str] = &[
         PRIMARY KEY (aid, client),
         CONSTRAINT mam_rs_client_marks_archive FOREIGN KEY (aid) REFERENCES mam_rs_archives (aid)
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+    ),
 ];
 
 /// Version 2: per-contact totals, so that a `with` query's `<count>` reads one row (as on
 /// SQLite and PostgreSQL). Kept by the store in the transactions that insert or delete, as
 /// `item_count`; filled here from the rows already stored (`REPLACE`: a step cut short runs
 /// again whole).
-const V2: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS mam_rs_with_counts (
+const V2: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_with_counts (
         aid        BIGINT NOT NULL,
         with_id    BIGINT NOT NULL,
         item_count BIGINT NOT NULL,
         PRIMARY KEY (aid, with_id),
         CONSTRAINT mam_rs_with_counts_archive FOREIGN KEY (aid) REFERENCES mam_rs_archives (aid)
     ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
-    "REPLACE INTO mam_rs_with_counts (aid, with_id, item_count)
+    ),
+    Step::Sql(
+        "REPLACE INTO mam_rs_with_counts (aid, with_id, item_count)
         SELECT aid, with_id, COUNT(*) FROM mam_rs_messages GROUP BY aid, with_id",
+    ),
+];
+
+/// Version 3: `archive_compression` (see `store::codec`), as on PostgreSQL: a compressed row
+/// has its stanza in `zstanza` and an empty `stanza` (not NULL, so that a process still running
+/// version 2 reads text rather than failing); dictionaries are never changed once written.
+/// InnoDB adds a nullable last column in place (`INSTANT` on MySQL 8.0.12+ and MariaDB 10.3+):
+/// no rows are rewritten.
+const V3: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_dictionaries (
+        dict_id SMALLINT NOT NULL PRIMARY KEY,
+        dict    LONGBLOB NOT NULL
+    ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC",
+    ),
+    Step::AddColumn {
+        table: "mam_rs_messages",
+        column: "zstanza",
+        definition: "LONGBLOB NULL",
+    },
 ];
 
 /// The indexes queries depend on, for `optimize` to check.
@@ -178,7 +227,7 @@ fn migrate_locked(conn: &mut Conn) -> Result<i32, StoreError> {
     }
     for (done, step) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
         for statement in *step {
-            conn.query_drop(statement).map_err(super::db)?;
+            statement.run(conn)?;
         }
         let version = done as i32 + 1;
         let mut tx = conn
@@ -191,4 +240,31 @@ fn migrate_locked(conn: &mut Conn) -> Result<i32, StoreError> {
         tx.commit().map_err(super::db)?;
     }
     Ok(found)
+}
+
+impl Step {
+    fn run(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        match *self {
+            Step::Sql(sql) => conn.query_drop(sql).map_err(super::db),
+            Step::AddColumn {
+                table,
+                column,
+                definition,
+            } => {
+                let found = super::first::<i64>(
+                    conn,
+                    "SELECT 1 FROM information_schema.columns \
+                     WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?",
+                    (table, column),
+                )?;
+                if found.is_some() {
+                    return Ok(());
+                }
+                conn.query_drop(format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                ))
+                .map_err(super::db)
+            }
+        }
+    }
 }

@@ -72,7 +72,12 @@ fn options(dir: &TempDir) -> MysqlOptions {
 }
 
 fn open(dir: &TempDir) -> MysqlStore {
-    MysqlStore::open(&options(dir)).expect("open")
+    open_with(dir, false)
+}
+
+/// [`open`], with `archive_compression` as given.
+fn open_with(dir: &TempDir, compression: bool) -> MysqlStore {
+    MysqlStore::open(&options(dir), compression).expect("open")
 }
 
 include!("../suite.rs");
@@ -94,7 +99,7 @@ fn many_processes_opening_at_once_migrate_once() {
     let opened: Vec<_> = (0..6)
         .map(|_| {
             let options = options.clone();
-            std::thread::spawn(move || MysqlStore::open(&options).map(|_| ()))
+            std::thread::spawn(move || MysqlStore::open(&options, false).map(|_| ()))
         })
         .collect();
     for one in opened {
@@ -109,11 +114,11 @@ fn many_processes_opening_at_once_migrate_once() {
 fn a_newer_schema_is_refused() {
     let dir = TempDir::new().unwrap();
     let options = options(&dir);
-    drop(MysqlStore::open(&options).unwrap());
+    drop(MysqlStore::open(&options, false).unwrap());
     let mut conn = Conn::new(options.opts()).unwrap();
     conn.query_drop("UPDATE mam_rs_schema SET version = version + 1")
         .unwrap();
-    let err = MysqlStore::open(&options).unwrap_err();
+    let err = MysqlStore::open(&options, false).unwrap_err();
     assert!(
         matches!(&err, StoreError::Open(m) if m.contains("newer")),
         "{err:?}"
@@ -238,7 +243,7 @@ fn kill_connections(database: &str) -> usize {
 fn connections_that_went_away_are_replaced() {
     let dir = TempDir::new().unwrap();
     let options = options(&dir);
-    let store = MysqlStore::open(&options).unwrap();
+    let store = MysqlStore::open(&options, false).unwrap();
     store.append(&[row(&romeo(), id(1), "a@b")]).unwrap();
     assert_eq!(total(&store), Some(1));
 
@@ -295,7 +300,7 @@ fn a_unix_socket_is_a_host_starting_with_a_slash() {
         port: None,
         ..options(&dir)
     };
-    let local = MysqlStore::open(&options).unwrap();
+    let local = MysqlStore::open(&options, false).unwrap();
     assert_eq!(total(&local), Some(10));
     local.append(&[row(&romeo(), id(11), "a@b")]).unwrap();
     assert_eq!(total(&tcp), Some(11));
@@ -313,7 +318,7 @@ fn a_server_that_is_not_there_is_unavailable() {
         password: Some("never shown".into()),
         ..options(&dir)
     };
-    let err = MysqlStore::open(&options).unwrap_err();
+    let err = MysqlStore::open(&options, false).unwrap_err();
     let text = err.to_string();
     // Not a refusal: the running module waits for it (store::open_or_defer).
     assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
@@ -327,7 +332,7 @@ fn an_archive_or_jid_another_process_created_is_found_by_the_upsert() {
     // INSERT instead, whose LAST_INSERT_ID(…) names the existing row.
     let dir = TempDir::new().unwrap();
     let options = options(&dir);
-    let store = MysqlStore::open(&options).unwrap();
+    let store = MysqlStore::open(&options, false).unwrap();
     store.append(&[row(&romeo(), id(1), "a@b")]).unwrap();
     let mut conn = Conn::new(options.opts()).unwrap();
     let name = ("example.com", "romeo", "archive");
@@ -391,7 +396,7 @@ fn processes_on_one_database_claim_different_writer_nodes_and_free_them_on_close
 fn a_writer_that_lost_its_node_while_disconnected_refuses_to_write() {
     let dir = TempDir::new().unwrap();
     let options = options(&dir);
-    let one = MysqlStore::open(&options).unwrap();
+    let one = MysqlStore::open(&options, false).unwrap();
     let node = one.claim_node().unwrap();
     // The server drops the writer's session (as a restart would) and, before this store
     // reconnects, another process takes the node.
@@ -407,7 +412,7 @@ fn a_writer_that_lost_its_node_while_disconnected_refuses_to_write() {
         .query_drop(format!("KILL CONNECTION {}", holder.expect("held")))
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let two = MysqlStore::open(&options).unwrap();
+    let two = MysqlStore::open(&options, false).unwrap();
     assert_eq!(two.claim_node().unwrap(), node);
     // The write finds the connection gone, reconnects, and refuses.
     let err = one.append(&[row(&romeo(), id(1), "x@y")]).unwrap_err();
@@ -491,7 +496,7 @@ fn a_server_that_refuses_is_an_open_error() {
         database: "mam_rs_no_such_database".into(),
         ..options(&dir)
     };
-    let Err(err) = MysqlStore::open(&options) else {
+    let Err(err) = MysqlStore::open(&options, false) else {
         panic!("no such database")
     };
     let text = err.to_string();
@@ -504,8 +509,11 @@ fn version_2_fills_the_contact_totals_of_an_existing_database() {
     let dir = TempDir::new().unwrap();
     let options = options(&dir);
     drop(romeo_with_ten_rows(&dir));
-    // The database as version 1 left it: no contact totals.
+    // The database as version 1 left it: no contact totals, no compression (version 3).
     let mut conn = Conn::new(options.opts()).unwrap();
+    conn.query_drop("DROP TABLE mam_rs_dictionaries").unwrap();
+    conn.query_drop("ALTER TABLE mam_rs_messages DROP COLUMN zstanza")
+        .unwrap();
     conn.query_drop("DROP TABLE mam_rs_with_counts").unwrap();
     conn.query_drop("UPDATE mam_rs_schema SET version = 1")
         .unwrap();
@@ -520,4 +528,59 @@ fn version_2_fills_the_contact_totals_of_an_existing_database() {
     assert_eq!(with_total(&store, "mercutio@example.net"), Some(4));
     let versions: Vec<i32> = conn.query("SELECT version FROM mam_rs_schema").unwrap();
     assert_eq!(versions, vec![SCHEMA_VERSION]);
+}
+
+#[test]
+fn a_migration_cut_short_after_adding_a_column_runs_again() {
+    let dir = TempDir::new().unwrap();
+    let options = options(&dir);
+    drop(romeo_with_ten_rows(&dir));
+    // Version 3 added its table and column, then the process stopped before writing the
+    // version: the next one runs the step again, which must not try to add them twice.
+    let mut conn = Conn::new(options.opts()).unwrap();
+    conn.query_drop("UPDATE mam_rs_schema SET version = 2")
+        .unwrap();
+    let store = open_with(&dir, true);
+    assert_eq!(total(&store), Some(10));
+    let versions: Vec<i32> = conn.query("SELECT version FROM mam_rs_schema").unwrap();
+    assert_eq!(versions, vec![SCHEMA_VERSION]);
+}
+
+/// (rows stored as text, rows compressed)
+fn kinds(store: &MysqlStore) -> (i64, i64) {
+    let mut guard = store.writer.lock();
+    let conn = &mut guard.as_mut().unwrap().conn;
+    first::<(i64, i64)>(
+        conn,
+        "SELECT CAST(COALESCE(SUM(zstanza IS NULL), 0) AS SIGNED), \
+         CAST(COALESCE(SUM(zstanza IS NOT NULL AND stanza = ''), 0) AS SIGNED) \
+         FROM mam_rs_messages",
+        (),
+    )
+    .unwrap()
+    .unwrap()
+}
+
+#[test]
+fn compression_trains_a_dictionary_and_every_row_reads_back() {
+    compression_round_trip(|dir| open_with(dir, true), kinds);
+}
+
+#[test]
+fn compression_takes_the_dictionary_another_process_trained() {
+    compression_shares_the_first_dictionary(
+        |dir| open_with(dir, true),
+        kinds,
+        |store| {
+            let mut guard = store.writer.lock();
+            let conn = &mut guard.as_mut().unwrap().conn;
+            conn.query("SELECT dict_id FROM mam_rs_dictionaries ORDER BY dict_id")
+                .unwrap()
+        },
+    );
+}
+
+#[test]
+fn compression_keeps_a_dictionary_a_failed_batch_trained() {
+    compression_keeps_a_dictionary_trained_by_a_failed_batch(|dir| open_with(dir, true));
 }

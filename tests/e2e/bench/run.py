@@ -67,8 +67,8 @@ ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam
                    "rs-my": ["mam_rs"]}
 # mod_mam_rs with its archive on a database server: the kind, and the server (tests/e2e/dbservers.py).
 ON_SERVER = {"rs-pg": "postgres", "rs-my": "mariadb"}
-# The kinds whose archive is compressed by default (archive_compression); MySQL/MariaDB's is text.
-COMPRESSED = ("rs", "rs-pg")
+# The kinds whose archive is compressed by default (archive_compression).
+COMPRESSED = ("rs", "rs-pg", "rs-my")
 # Every kind, in the order tables and plots show them.
 KINDS = ("floor", "stock", "rs", "mem", "rs-pg", "rs-my")
 # The benchmark's MariaDB: a buffer pool that holds a 1M-message archive, as an admin's server

@@ -584,3 +584,76 @@ fn compression_takes_the_dictionary_another_process_trained() {
 fn compression_keeps_a_dictionary_a_failed_batch_trained() {
     compression_keeps_a_dictionary_trained_by_a_failed_batch(|dir| open_with(dir, true));
 }
+
+/// `EXPLAIN` of `sql`: each table read, in join order, as (table, index, Extra).
+fn plan(conn: &mut Conn, sql: &str, params: Vec<Value>) -> Vec<(String, String, String)> {
+    let rows: Vec<Row> = conn.exec(format!("EXPLAIN {sql}"), params).unwrap();
+    rows.into_iter()
+        .map(|row| {
+            let text = |name: &str| {
+                row.get::<Option<String>, _>(name)
+                    .flatten()
+                    .unwrap_or_default()
+            };
+            (text("table"), text("key"), text("Extra"))
+        })
+        .collect()
+}
+
+#[test]
+fn queries_walk_the_archive_indexes() {
+    let dir = TempDir::new().unwrap();
+    drop(romeo_with_ten_rows(&dir));
+    let mut conn = Conn::new(options(&dir).opts()).unwrap();
+    let aid: i64 = conn
+        .query_first("SELECT aid FROM mam_rs_archives")
+        .unwrap()
+        .unwrap();
+    let with_id: i64 = conn
+        .query_first("SELECT jid_id FROM mam_rs_jids WHERE jid = 'mercutio@example.net'")
+        .unwrap()
+        .unwrap();
+    let everything = IdRange::from_times(None, None);
+    let bounded = IdRange::from_times(Some(T0), Some(T0 + 5 * SECOND));
+    let ids = [id(3).as_i64(), id(6).as_i64()];
+    let unsorted = |extra: &str| !extra.contains("filesort") && !extra.contains("temporary");
+    for (with_id, index) in [
+        (None, "mam_rs_messages_by_archive"),
+        (Some(with_id), "mam_rs_messages_by_with"),
+    ] {
+        for listed in [None, Some(&ids[..])] {
+            let filter = Filter {
+                aid,
+                with_id,
+                ids: listed,
+            };
+            for range in [everything, bounded] {
+                // A page: the messages first, from the index in id order (no sort), then one
+                // JID and one stock id each, by primary key.
+                for reverse in [false, true] {
+                    let (sql, params) = page_query(&filter, range, Some(51), reverse);
+                    let lines = plan(&mut conn, &sql, params);
+                    let tables: Vec<(&str, &str)> = lines
+                        .iter()
+                        .map(|(t, k, _)| (t.as_str(), k.as_str()))
+                        .collect();
+                    assert_eq!(
+                        tables,
+                        [("m", index), ("j", "PRIMARY"), ("l", "PRIMARY")],
+                        "{sql}: {lines:?}"
+                    );
+                    assert!(
+                        lines.iter().all(|(_, _, x)| unsorted(x)),
+                        "{sql}: {lines:?}"
+                    );
+                }
+                // A total: from the index alone, no row read.
+                let (sql, params) = count_query(&filter, range);
+                let lines = plan(&mut conn, &sql, params);
+                assert_eq!(lines.len(), 1, "{sql}: {lines:?}");
+                assert_eq!(lines[0].1, index, "{sql}: {lines:?}");
+                assert!(lines[0].2.contains("Using index"), "{sql}: {lines:?}");
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@ TEST_APT_PACKAGES := lua-busted postgresql mariadb-server mariadb-client lua-dbi
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-micro bench-lua deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-alloc bench-micro bench-lua deps deps-python lint clean dist
 
 all: build
 
@@ -122,6 +122,11 @@ bench: deps-python build
 ## the archive path timed from Lua (bench-lua).
 bench-micro: bench-lua
 	$(CARGO) bench --no-default-features --locked
+
+## Lua heap allocated per archived message (the collector stopped): no archive module, stock
+## mod_mam, mod_mam_rs. Deterministic, unlike timings: see tests/e2e/bench/alloc.py.
+bench-alloc: deps-python build
+	$(VENV)/bin/python tests/e2e/bench_alloc.py --plugin-dir $(or $(PLUGIN_DIR_BENCH),$(PLUGIN))
 
 ## The native calls the archive path makes on Prosody's loop, per call: time and Lua garbage.
 bench-lua: build

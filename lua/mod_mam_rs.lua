@@ -113,18 +113,19 @@ end
 
 -- Completions: the native side wakes us through an eventfd.
 local pending = {}; -- ticket -> callback(completion), for queries and expiry runs
-local waiting, waiting_head, waiting_tail = {}, 1, 0; -- { release_at, done }, in release order
+-- Held deliveries, in release order: waiting_at[i] is the release mark waiting_done[i] waits for.
+local waiting_at, waiting_done, waiting_head, waiting_tail = {}, {}, 1, 0;
 local released = 0;
 -- Set when unloading starts. Prosody removes a module's hooks only after module.unload has
 -- run, and the deliveries released during unload go on to their sessions' next stanzas.
 local closed = false;
 
 local function release_waiting()
-	while waiting[waiting_head] and waiting[waiting_head][1] <= released do
-		local entry = waiting[waiting_head];
-		waiting[waiting_head] = nil;
+	while waiting_head <= waiting_tail and waiting_at[waiting_head] <= released do
+		local done = waiting_done[waiting_head];
+		waiting_at[waiting_head], waiting_done[waiting_head] = nil, nil;
 		waiting_head = waiting_head + 1;
-		entry[2]();
+		done();
 	end
 end
 
@@ -203,7 +204,7 @@ local function wait_committed(release_at, session)
 	if release_at <= released or not async.ready() then return; end
 	local wait, done = async.waiter();
 	waiting_tail = waiting_tail + 1;
-	waiting[waiting_tail] = { release_at, done };
+	waiting_at[waiting_tail], waiting_done[waiting_tail] = release_at, done;
 	wait();
 	read_buffered(session);
 end
@@ -269,9 +270,9 @@ local function is_our_stanza_id(tag, user)
 end
 
 -- A new top element holding the same children, but the child elements `drop(child, user)`
--- picks; and how many children it holds. Nothing changes a message's child elements in place,
--- so they need no copy: the deep clones stock makes for the delivered copy and the sender's
--- stripped copy were the largest pieces of garbage of the archive path.
+-- picks. Nothing changes a message's child elements in place, so they need no copy: the deep
+-- clones stock makes for the delivered copy and the sender's stripped copy were the largest
+-- pieces of garbage of the archive path.
 local function shallow_copy(stanza, drop, user)
 	local copy = st.clone(stanza, true);
 	local tags, n = copy.tags, 0;
@@ -286,14 +287,14 @@ local function shallow_copy(stanza, drop, user)
 			tags[#tags + 1] = child;
 		end
 	end
-	return copy, n;
+	return copy;
 end
 
 -- A copy without the stanza-ids claiming to be ours (the stanza itself is left as it is, for
 -- whoever holds it).
 local function strip_stanza_id(stanza, user)
 	if not stanza:get_child("stanza-id", xmlns_st_id) then return stanza; end
-	return (shallow_copy(stanza, is_our_stanza_id, user));
+	return shallow_copy(stanza, is_our_stanza_id, user);
 end
 
 local function user_exists(user)
@@ -405,13 +406,31 @@ local function not_archived(stanza, why, kind, log)
 	end
 end
 
--- The copy that goes on: the message (sharing its child elements) plus our stanza-id.
-local function tagged_copy(stanza, by, id)
-	local copy, n = shallow_copy(stanza);
+-- Appends our stanza-id to `stanza`, a top element this module made.
+local function add_stanza_id(stanza, by, id)
 	local stanza_id = st.stanza("stanza-id", { xmlns = xmlns_st_id, by = by, id = id });
-	copy[n + 1] = stanza_id;
-	copy.tags[#copy.tags + 1] = stanza_id;
-	return copy;
+	stanza[#stanza + 1] = stanza_id;
+	stanza.tags[#stanza.tags + 1] = stanza_id;
+end
+
+-- Takes `user`'s stanza-ids out of `list` (an element's children, or its tags), in place.
+local function drop_stanza_ids(list, user)
+	local len, n = #list, 0;
+	for i = 1, len do
+		local child = list[i];
+		if not (type(child) == "table" and is_our_stanza_id(child, user)) then
+			n = n + 1;
+			list[n] = child;
+		end
+	end
+	for i = n + 1, len do list[i] = nil; end
+end
+
+-- Takes our stanza-ids out of `stanza`, a top element this module made, in place.
+local function strip_own_stanza_id(stanza, user)
+	drop_stanza_ids(stanza, user);
+	drop_stanza_ids(stanza.tags, user);
+	if stanza.set_meta then stanza:set_meta("archive-id", nil); end
 end
 
 -- Archives the message for the sender (c2s) or the recipient and puts the tagged copy in the
@@ -457,7 +476,15 @@ local function archive_message(event, c2s)
 		queue_full = false;
 		module:log("info", "The archive caught up: archiving again");
 	end
-	local delivered = tagged_copy(stanza, store_user .. "@" .. host, id);
+	-- The message goes on as a copy with our stanza-id (other handlers may hold the original),
+	-- made once per event: the sender's copy, stripped in place at -1, comes to the recipient's
+	-- handler of a local recipient with the same event, and takes the recipient's stanza-id.
+	local delivered = stanza;
+	if stanza ~= event.mam_rs_own then
+		delivered = shallow_copy(stanza);
+		event.mam_rs_own = delivered;
+	end
+	add_stanza_id(delivered, store_user .. "@" .. host, id);
 	if delivered.set_meta then -- Prosody 13+; modules such as mod_mam_smart_retention read it.
 		delivered:set_meta("archive-id", id);
 	end
@@ -511,9 +538,15 @@ local function c2s_message_handler(event)
 	return message_handler(event, true);
 end
 
--- Our stanza-id must not leave the server on the sender's outgoing copy.
+-- Our stanza-id must not leave the server on the sender's outgoing copy. Our own copy only this
+-- event holds (mod_carbons, at -0.5, sends clones of it) loses it in place; another is copied.
 local function strip_stanza_id_after_other_events(event)
-	event.stanza = strip_stanza_id(event.stanza, event.origin.username);
+	local stanza, user = event.stanza, event.origin.username;
+	if stanza == event.mam_rs_own then
+		strip_own_stanza_id(stanza, user);
+	else
+		event.stanza = strip_stanza_id(stanza, user);
+	end
 end
 
 module:hook("archive-should-store", function (event)

@@ -348,6 +348,46 @@ describe("mod_mam_rs shim", function ()
 			assert.equal("hello", event.stanza:get_child_text("body"));
 		end);
 
+		it("a local message is copied once: the sender's copy, stripped at -1, takes the recipient's stanza-id", function ()
+			local m = load();
+			local original = chat("alice@localhost/res", "bob@localhost", "hello");
+			local before = tostring(original);
+			local event = { origin = fake.session("alice"), stanza = original };
+			-- What mod_carbons does at -0.5: it sends a clone, with the sender's stanza-id.
+			local carbon;
+			m.events.add_handler("pre-message/bare", function (e) carbon = st.clone(e.stanza); end, -0.5);
+			m.fire("pre-message/bare", event);
+			local sent = event.stanza;
+			assert.are_not.equal(original, sent);
+			assert.same({}, stanza_ids(sent));
+			assert.equal(1, #sent.tags);
+			assert.equal("alice@localhost", stanza_ids(carbon)[1].attr.by);
+
+			m.handler("message/bare", 0)(event); -- the same event, for a local recipient
+			assert.equal(sent, event.stanza);
+			local ids = stanza_ids(event.stanza);
+			assert.equal(1, #ids);
+			assert.equal("bob@localhost", ids[1].attr.by);
+			assert.equal(event.stanza.tags[#event.stanza.tags], event.stanza[#event.stanza]);
+			assert.equal("hello", event.stanza:get_child_text("body"));
+			assert.equal(before, tostring(original));
+			assert.equal(1, #stanza_ids(carbon), "the carbon is not changed afterwards");
+		end);
+
+		it("at -1, a stanza another handler put in the event is copied, not changed", function ()
+			local m = load();
+			local foreign;
+			m.events.add_handler("pre-message/bare", function (e)
+				foreign = st.clone(e.stanza);
+				e.stanza = foreign;
+			end, -0.5);
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			m.fire("pre-message/bare", event);
+			assert.same({}, stanza_ids(event.stanza));
+			assert.are_not.equal(foreign, event.stanza);
+			assert.equal(1, #stanza_ids(foreign));
+		end);
+
 		it("a chat state alone gets no stanza-id", function ()
 			local m = load();
 			local original = chat_state("alice@localhost/res", "bob@localhost");

@@ -166,20 +166,27 @@ def rotated(kinds, r):
     return list(kinds[r:]) + list(kinds[:r])
 
 
-async def _throughput(srv, k, m, burst, round_no):
-    users = ["u%d" % i for i in range(k)]
-    conns = [await Conn(srv.port, u, password(u), "bench%d" % round_no).connect() for u in users]
+def chat_messages(users, m, tag):
+    """The throughput workload: each user's `m` chat messages (XML), to the other users in turn,
+    and how many each user receives. `tag` makes the message ids unique."""
     expected = {u: 0 for u in users}
     plans = []
-    for i, u in enumerate(users):
+    for u in users:
         others = [x for x in users if x != u]
         msgs = []
         for j in range(m):
             to = others[j % len(others)]
             expected[to] += 1
-            msgs.append("<message to='%s@localhost' id='%s-%d-%d' type='chat'><body>bench %s %d: "
-                        "the quick brown fox jumps over the lazy dog</body></message>" % (to, u, round_no, j, u, j))
+            msgs.append("<message to='%s@localhost' id='%s-%s-%d' type='chat'><body>bench %s %d: "
+                        "the quick brown fox jumps over the lazy dog</body></message>" % (to, u, tag, j, u, j))
         plans.append(msgs)
+    return plans, expected
+
+
+async def _throughput(srv, k, m, burst, round_no):
+    users = ["u%d" % i for i in range(k)]
+    conns = [await Conn(srv.port, u, password(u), "bench%d" % round_no).connect() for u in users]
+    plans, expected = chat_messages(users, m, round_no)
     total = k * m
     counts0 = [(await c.mam(max_=0))[1].count for c in conns] if srv.modules else None
     loop = asyncio.get_running_loop()

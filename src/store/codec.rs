@@ -202,6 +202,37 @@ impl Codec {
         String::from_utf8(bytes).map_err(|e| format!("a decompressed stanza is not UTF-8: {e}"))
     }
 
+    /// Makes dictionary `id`, as a database server's `mam_rs_dictionaries` holds it, the one
+    /// new rows are compressed with; its id as rows record it.
+    pub fn use_stored_dictionary(&self, id: i64, dict: &[u8]) -> Result<u8, String> {
+        let id = u8::try_from(id).map_err(|_| format!("compression dictionary id {id}"))?;
+        self.use_dictionary(id, dict)
+            .map_err(|e| format!("compression dictionary {id}: {e}"))?;
+        Ok(id)
+    }
+
+    /// How a database server's store keeps `stanza` (PostgreSQL, MySQL): as text, or
+    /// compressed in `zstanza` beside an empty `stanza`.
+    pub fn to_columns<'s>(&self, stanza: &'s str) -> (&'s str, Option<Vec<u8>>) {
+        match self.compress(stanza) {
+            Some(blob) => ("", Some(blob)),
+            None => (stanza, None),
+        }
+    }
+
+    /// The stanza a database server's store kept as [`Codec::to_columns`] gave it.
+    pub fn stanza_of_columns(
+        &self,
+        text: String,
+        blob: Option<&[u8]>,
+        load: impl FnOnce(u8) -> Result<Vec<u8>, String>,
+    ) -> Result<String, String> {
+        match blob {
+            None => Ok(text),
+            Some(blob) => self.decompress(blob, load),
+        }
+    }
+
     fn dictionary(
         &self,
         id: u8,

@@ -758,7 +758,7 @@ impl Store for MysqlStore {
                 let (id, keep_key) =
                     rows::import_id(&row.key, row.micros, last_id, now, |id| taken(conn, id))?;
                 let with_id = self.jid_for_write(conn, &row.with, &mut fresh)?;
-                let (text, blob) = stored(&self.codec, &row.stanza);
+                let (text, blob) = self.codec.to_columns(&row.stanza);
                 execute(conn, INSERT_MESSAGE, (id, aid, with_id, text, blob))?;
                 *added.entry((aid, with_id)).or_default() += 1;
                 if keep_key {
@@ -931,10 +931,10 @@ fn flush(w: &mut Writer, codec: &Codec, pending: &mut Vec<Pending<'_>>) -> Resul
     if pending.is_empty() {
         return Ok(());
     }
-    // Before any row is locked.
-    let stored: Vec<(&str, Option<Vec<u8>>)> = pending
+    // Compressed before any row is locked.
+    let rows: Vec<_> = pending
         .iter()
-        .map(|row| stored(codec, row.stanza))
+        .map(|row| (row, codec.to_columns(row.stanza)))
         .collect();
     // The counts first: archive rows are locked before message rows, in `aid` order.
     let mut added: BTreeMap<i64, i64> = BTreeMap::new();
@@ -944,10 +944,10 @@ fn flush(w: &mut Writer, codec: &Codec, pending: &mut Vec<Pending<'_>>) -> Resul
         *with_added.entry((row.aid, row.with_id)).or_default() += 1;
     }
     add_to_counts(&mut w.conn, &added, &with_added)?;
-    let mut rest = &pending.iter().zip(&stored).collect::<Vec<_>>()[..];
-    let lengths = stored
+    let mut rest = &rows[..];
+    let lengths = rows
         .iter()
-        .map(|(text, blob)| text.len() + blob.as_ref().map_or(0, Vec::len));
+        .map(|(_, (text, blob))| text.len() + blob.as_ref().map_or(0, Vec::len));
     for len in chunk_lengths(lengths, w.insert_budget) {
         let (chunk, tail) = rest.split_at(len);
         rest = tail;
@@ -977,26 +977,16 @@ fn insert_messages(rows: usize) -> String {
     )
 }
 
-/// How `stanza` is stored: as text, or compressed (`zstanza`) beside an empty `stanza`.
-fn stored<'s>(codec: &Codec, stanza: &'s str) -> (&'s str, Option<Vec<u8>>) {
-    match codec.compress(stanza) {
-        Some(blob) => ("", Some(blob)),
-        None => (stanza, None),
-    }
-}
-
 /// Makes the newest dictionary in the database the one new rows are compressed with; its id,
 /// or `None` when there is none yet.
 fn use_newest_dictionary(codec: &Codec, conn: &mut Conn) -> Result<Option<u8>, StoreError> {
     let Some((id, dict)) = first::<(i64, Vec<u8>)>(conn, SELECT_NEWEST_DICTIONARY, ())? else {
         return Ok(None);
     };
-    let id = u8::try_from(id)
-        .map_err(|_| StoreError::Database(format!("compression dictionary id {id}")))?;
     codec
-        .use_dictionary(id, &dict)
-        .map_err(|e| StoreError::Database(format!("compression dictionary {id}: {e}")))?;
-    Ok(Some(id))
+        .use_stored_dictionary(id, &dict)
+        .map(Some)
+        .map_err(StoreError::Database)
 }
 
 /// `row` `rows` times, separated by commas: the values list of a multi-row `INSERT`.
@@ -1212,16 +1202,13 @@ fn select_page(
     let rows: Vec<PageRow> = all(&mut *conn, &sql, params)?;
     let mut items = Vec::with_capacity(rows.len());
     for (id, with, text, blob, key) in rows {
-        let stanza = match blob {
-            None => text,
-            Some(blob) => codec
-                .decompress(&blob, |dict_id| {
-                    first::<Vec<u8>>(&mut *conn, SELECT_DICTIONARY, (dict_id,))
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| "not in mam_rs_dictionaries".to_owned())
-                })
-                .map_err(|e| StoreError::Database(format!("message {id}: {e}")))?,
-        };
+        let stanza = codec
+            .stanza_of_columns(text, blob.as_deref(), |dict_id| {
+                first::<Vec<u8>>(&mut *conn, SELECT_DICTIONARY, (dict_id,))
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "not in mam_rs_dictionaries".to_owned())
+            })
+            .map_err(|e| StoreError::Database(format!("message {id}: {e}")))?;
         items.push(Item {
             id: stored_id(id)?,
             key,

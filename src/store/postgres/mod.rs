@@ -716,7 +716,7 @@ impl Store for PgStore {
                 let (id, keep_key) =
                     rows::import_id(&row.key, row.micros, last_id, now, |id| taken(&mut tx, id))?;
                 let with_id = self.jid_for_write(&mut tx, &row.with, &mut fresh)?;
-                let (text, blob) = stored(&self.codec, &row.stanza);
+                let (text, blob) = self.codec.to_columns(&row.stanza);
                 tx.execute(INSERT_MESSAGE, &[&id, &aid, &with_id, &text, &blob])
                     .map_err(db)?;
                 if keep_key {
@@ -886,14 +886,6 @@ impl Store for PgStore {
     }
 }
 
-/// How `stanza` is stored: as text, or compressed (`zstanza`) beside an empty `stanza`.
-fn stored<'s>(codec: &Codec, stanza: &'s str) -> (&'s str, Option<Vec<u8>>) {
-    match codec.compress(stanza) {
-        Some(blob) => ("", Some(blob)),
-        None => (stanza, None),
-    }
-}
-
 /// Makes the newest dictionary in the database the one new rows are compressed with; its id,
 /// or `None` when there is none yet.
 fn use_newest_dictionary(
@@ -906,13 +898,10 @@ fn use_newest_dictionary(
     else {
         return Ok(None);
     };
-    let id: i16 = row.get(0);
-    let id = u8::try_from(id)
-        .map_err(|_| StoreError::Database(format!("compression dictionary id {id}")))?;
     codec
-        .use_dictionary(id, row.get(1))
-        .map_err(|e| StoreError::Database(format!("compression dictionary {id}: {e}")))?;
-    Ok(Some(id))
+        .use_stored_dictionary(row.get::<_, i16>(0).into(), row.get(1))
+        .map(Some)
+        .map_err(StoreError::Database)
 }
 
 /// Rows to insert, as the arrays [`INSERT_MESSAGES`] takes.
@@ -954,7 +943,7 @@ impl<'b> Columns<'b> {
         let (texts, blobs): (Vec<&str>, Vec<Option<Vec<u8>>>) = self
             .stanzas
             .iter()
-            .map(|stanza| stored(codec, stanza))
+            .map(|stanza| codec.to_columns(stanza))
             .unzip();
         let insert = statements.get(conn, INSERT_MESSAGES).map_err(db)?;
         conn.execute(
@@ -1108,19 +1097,16 @@ fn select_page(
     let mut items = Vec::with_capacity(rows.len());
     for row in rows {
         let id: i64 = row.get(0);
-        let stanza = match row.get::<_, Option<&[u8]>>(3) {
-            None => row.get(2),
-            Some(blob) => codec
-                .decompress(blob, |dict_id| {
-                    let dict = statements
-                        .get(conn, SELECT_DICTIONARY)
-                        .map_err(|e| e.to_string())?;
-                    conn.query_one(&dict, &[&i16::from(dict_id)])
-                        .map(|row| row.get(0))
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| StoreError::Database(format!("message {id}: {e}")))?,
-        };
+        let stanza = codec
+            .stanza_of_columns(row.get(2), row.get(3), |dict_id| {
+                let dict = statements
+                    .get(conn, SELECT_DICTIONARY)
+                    .map_err(|e| e.to_string())?;
+                conn.query_one(&dict, &[&i16::from(dict_id)])
+                    .map(|row| row.get(0))
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| StoreError::Database(format!("message {id}: {e}")))?;
         items.push(Item {
             id: stored_id(id)?,
             with: row.get(1),

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .run import ARCHIVE_MODULES, chat_messages, log
+from .run import ARCHIVE_MODULES, chat_messages, log, send_in_bursts
 from .server import Server, password
 from .xmpp import Conn
 
@@ -56,13 +56,8 @@ async def measure(srv, msgs):
     for c in conns:
         c.on_message = on_message
 
-    async def sender(c, plan):
-        for i in range(0, len(plan), 10):
-            c.send("".join(plan[i:i + 10]))
-            await c.ping()
-
     before = await heap_bytes(srv, conns[0], 0)
-    await asyncio.gather(*(sender(c, plan) for c, plan in zip(conns, plans)))
+    await asyncio.gather(*(send_in_bursts(c, plan, 10) for c, plan in zip(conns, plans)))
     await asyncio.wait_for(delivered, 600)
     await asyncio.sleep(0.5)  # the last commits and drains
     after = await heap_bytes(srv, conns[0], 1)

@@ -183,6 +183,13 @@ def chat_messages(users, m, tag):
     return plans, expected
 
 
+async def send_in_bursts(c, msgs, burst):
+    """Sends `msgs` on `c`, `burst` at a time, each burst followed by a ping answered."""
+    for i in range(0, len(msgs), burst):
+        c.send("".join(msgs[i:i + burst]))
+        await c.ping()
+
+
 async def _throughput(srv, k, m, burst, round_no):
     users = ["u%d" % i for i in range(k)]
     conns = [await Conn(srv.port, u, password(u), "bench%d" % round_no).connect() for u in users]
@@ -202,14 +209,9 @@ async def _throughput(srv, k, m, burst, round_no):
     for c in conns:
         c.on_message = on_message
 
-    async def sender(c, msgs):
-        for i in range(0, len(msgs), burst):
-            c.send("".join(msgs[i:i + burst]))
-            await c.ping()
-
     meter = CpuMeter(srv)
     t0 = time.perf_counter()
-    await asyncio.gather(*(sender(c, msgs) for c, msgs in zip(conns, plans)))
+    await asyncio.gather(*(send_in_bursts(c, msgs, burst) for c, msgs in zip(conns, plans)))
     await asyncio.wait_for(all_in, 1800)
     wall = state["last"] - t0
     usage = meter.done()

@@ -19,7 +19,9 @@ NATIVE := mam_rs_native
 SO_BUILT := target/release/lib$(NATIVE).so
 PLUGIN := build/plugins/mod_mam_rs
 VENV := .venv
-APT_PACKAGES := prosody lua5.4 lua-dbi-sqlite3
+# lua-unbound is one of Prosody's Recommends, which apt installs by default: without it every
+# prosodyctl command starts with a banner asking for it.
+APT_PACKAGES := prosody lua-unbound lua5.4 lua-dbi-sqlite3
 # The tests also start their own PostgreSQL and MariaDB (tools/with-postgres.sh,
 # tests/e2e/dbservers.py; no system service is used), and Prosody reaches them through
 # LuaDBI's drivers. `make run` does not need these.

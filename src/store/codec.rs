@@ -118,18 +118,21 @@ impl Codec {
         Ok(())
     }
 
+    /// Counts rows written since the last attempt, up to but not including `incoming`: the
+    /// attempt samples what is already stored, so a retry comes once [`RETRY_EVERY`] rows are
+    /// in the archive since the last one, however large the batches that brought them.
     fn training_due(&self, incoming: usize) -> bool {
         if !self.enabled {
             return false;
         }
         let mut w = self.writer.lock();
-        w.since_attempt += incoming as u64;
-        if w.current.is_some() || (w.attempted && w.since_attempt < w.retry_after) {
-            return false;
+        let due = w.current.is_none() && (!w.attempted || w.since_attempt >= w.retry_after);
+        if due {
+            w.attempted = true;
+            w.since_attempt = 0;
         }
-        w.attempted = true;
-        w.since_attempt = 0;
-        true
+        w.since_attempt += incoming as u64;
+        due
     }
 
     /// Records how a due attempt went, for the next [`Codec::training_due`].
@@ -303,5 +306,39 @@ mod tests {
             assert_eq!(read_leb128(&v), Some((n, &[0xAA][..])));
         }
         assert_eq!(read_leb128(&[0x80, 0x80]), None);
+    }
+
+    /// The batches' sizes, and which of them start with a training attempt (each finding too
+    /// few rows).
+    fn attempts(batches: &[usize]) -> Vec<bool> {
+        let codec = Codec::new(true);
+        batches
+            .iter()
+            .map(|&n| {
+                let mut tried = false;
+                codec
+                    .before_write::<()>(n, || {
+                        tried = true;
+                        Ok(Trained::TooFewRows)
+                    })
+                    .unwrap();
+                tried
+            })
+            .collect()
+    }
+
+    #[test]
+    fn training_is_retried_once_enough_rows_are_stored_since_the_last_attempt() {
+        let every = RETRY_EVERY as usize;
+        // The first batch tries at once. The next try comes with the first batch that starts
+        // with `every` rows stored since the last try: the 80 rows bringing the count past
+        // the mark are not stored yet when their batch starts, so the try is the next batch's.
+        assert_eq!(
+            attempts(&[2, every - 10, 80, 5]),
+            vec![true, false, false, true],
+            "the retry waits for the rows written, not for the batch being written"
+        );
+        assert_eq!(attempts(&[1, every, 1]), vec![true, false, true]);
+        assert_eq!(attempts(&[every, 1]), vec![true, true]);
     }
 }

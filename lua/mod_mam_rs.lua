@@ -10,6 +10,7 @@ local jid = require "util.jid";
 local async = require "util.async";
 local server = require "net.server";
 local timer = require "util.timer";
+local filters = require "util.filters";
 local um = require "core.usermanager";
 local rm_load_roster = require "core.rostermanager".load_roster;
 local new_cache = require "util.cache".new;
@@ -113,20 +114,34 @@ end
 
 -- Completions: the native side wakes us through an eventfd.
 local pending = {}; -- ticket -> callback(completion), for queries and expiry runs
--- Held deliveries, in release order: waiting_at[i] is the release mark waiting_done[i] waits for.
-local waiting_at, waiting_done, waiting_head, waiting_tail = {}, {}, 1, 0;
-local released = 0;
+-- What waits for a commit, in release order: waiting_at[i] is the release mark waiting_for[i]
+-- waits for: a handler's async waiter (a function to call), or a session whose held stanzas go
+-- out then (see hold_until_committed). Marks are pushed in increasing order.
+local waiting_at, waiting_for, waiting_head, waiting_tail = {}, {}, 1, 0;
+local released = 0; -- rows handed out up to this mark are committed (or given up as failing)
+local issued = 0; -- the last release mark this module handed out
 -- Set when unloading starts. Prosody removes a module's hooks only after module.unload has
 -- run, and the deliveries released during unload go on to their sessions' next stanzas.
 local closed = false;
 
+local flush_held; -- defined with the filter below
+
 local function release_waiting()
 	while waiting_head <= waiting_tail and waiting_at[waiting_head] <= released do
-		local done = waiting_done[waiting_head];
-		waiting_at[waiting_head], waiting_done[waiting_head] = nil, nil;
+		local what = waiting_for[waiting_head];
+		waiting_at[waiting_head], waiting_for[waiting_head] = nil, nil;
 		waiting_head = waiting_head + 1;
-		done();
+		if type(what) == "function" then
+			what();
+		else
+			flush_held(what);
+		end
 	end
+end
+
+local function wait_for_mark(mark, what)
+	waiting_tail = waiting_tail + 1;
+	waiting_at[waiting_tail], waiting_for[waiting_tail] = mark, what;
 end
 
 -- Answers still going out, a chunk per loop turn (see send_answer); finished at once on unload.
@@ -198,16 +213,93 @@ local function read_buffered(session)
 	end);
 end
 
--- Holds the calling session's handler until the row is committed, so that a stanza-id a
--- client has seen survives a crash. Outside an async runner there is nothing to pause.
+-- Holds the calling session's handler until the row is committed: only when the writer falls
+-- behind (archive:backlogged()), so that a fast sender cannot fill the queue. Outside an async
+-- runner there is nothing to pause.
 local function wait_committed(release_at, session)
 	if release_at <= released or not async.ready() then return; end
 	local wait, done = async.waiter();
-	waiting_tail = waiting_tail + 1;
-	waiting_at[waiting_tail], waiting_done[waiting_tail] = release_at, done;
+	wait_for_mark(release_at, done);
 	wait();
 	read_buffered(session);
 end
+
+-- Held deliveries. A stanza-id reaches a client only once its row is committed, so that an id
+-- a client has seen survives a crash. The message goes on through the server at once (the
+-- sender's session is not paused); what waits is its way out to the client: while rows this
+-- module handed out are not yet committed, a message sent to a client session of this host is
+-- held, with everything sent to that session after it, in order, and sent on once the rows
+-- handed out before it are committed. The filter comes before every other (mod_stanza_debug's
+-- is 10000, mod_smacks' -999), so each of them sees a held stanza once, when it goes out.
+local HOLD_PRIORITY = 100000;
+local sending_on; -- the held stanza flush_held is sending: it passes the filter
+local answering = false; -- query results are going out: their rows are committed
+
+-- Sends on `session`'s held stanzas whose rows are committed (all of them with `everything`).
+function flush_held(session, everything)
+	local held = session.mam_rs_held;
+	if not held then return; end
+	local at = held.at;
+	while held.head <= held.tail and (everything or at[held.head] <= released) do
+		local i = held.head;
+		local stanza = held[i];
+		held[i], at[i] = nil, nil;
+		held.head = i + 1;
+		sending_on = stanza;
+		session.send(stanza);
+	end
+	sending_on = nil;
+end
+
+local function hold_until_committed(stanza, session)
+	if stanza == sending_on or session.host ~= host or session.type ~= "c2s" then
+		return stanza;
+	end
+	local held = session.mam_rs_held;
+	local mark;
+	if held and held.head <= held.tail then
+		mark = held.at[held.tail]; -- Behind what is held already, whatever it is.
+	elseif stanza.name ~= "message" or answering or issued <= released then
+		return stanza;
+	end
+	if stanza.name == "message" and not answering and (mark == nil or issued > mark) then
+		mark = issued;
+		wait_for_mark(mark, session);
+	end
+	if not held then
+		held = { head = 1, tail = 0, at = {} };
+		session.mam_rs_held = held;
+	elseif held.head > held.tail then
+		held.head, held.tail = 1, 0;
+	end
+	local i = held.tail + 1;
+	held[i], held.at[i], held.tail = stanza, mark, i;
+	return nil;
+end
+
+local function hold_for(session)
+	local kind = session.type;
+	if type(kind) == "string" and kind:sub(1, 3) == "c2s" then
+		filters.add_filter(session, "stanzas/out", hold_until_committed, HOLD_PRIORITY);
+	end
+end
+-- Client sessions from now on (the filter looks at the host: it is not known yet), and those
+-- already open. A session resumed by mod_smacks takes the new connection's filters, so every
+-- client session has it, not only those bound on this host.
+filters.add_filter_hook(hold_for);
+local c2s_sessions = module:shared("/*/c2s/sessions");
+for _, session in pairs(c2s_sessions) do
+	hold_for(session);
+end
+
+-- A closing session's held stanzas go out before the stream ends, and those of a session going
+-- away before mod_smacks looks at what it did not acknowledge, rather than not at all: their
+-- rows are queued and committed within a batch.
+local function flush_all_held(event)
+	flush_held(event.session, true);
+end
+module:hook("pre-session-close", flush_all_held, 1000);
+module:hook("pre-resource-unbind", flush_all_held, 1000);
 
 -- Metrics (served by mod_http_openmetrics where it is loaded; README.md, Metrics). The native
 -- side counts and times; update_metrics() adds what changed to these families, on each
@@ -492,42 +584,16 @@ local function archive_message(event, c2s)
 	return id, release_at, listened and stored, store_user;
 end
 
--- Whether the sender's copy may go on before its row is committed, the wait deferred to the
--- recipient's copy: rows are committed in id order, so when the recipient's handler waits for
--- its own row, the sender's row is committed too. That holds when the message goes to a user
--- of a host where this module runs (its message/bare or message/full handler comes next, in
--- the same async runner) and nothing shows the sender's id to a client meanwhile: the id is on
--- the copy only until the strip at -1, and what copies it onwards at -0.5 is mod_carbons, to
--- the sender's other sessions. So: only for a sender with a single session.
-local function wait_deferrable(origin, to)
-	local node, to_host = jid_split(to);
-	local dest = node and prosody.hosts[to_host];
-	if not (dest and dest.modules and dest.modules.mam_rs) then return false; end
-	local own = user_sessions[origin.username];
-	local sessions = own and own.sessions;
-	return sessions ~= nil and next(sessions, next(sessions)) == nil;
-end
-
--- The delivery waits for the row's commit (and for a commit deferred by the sender's copy).
+-- Archives the message; its delivery to clients is held until the row is committed (see
+-- hold_until_committed). The handler itself waits only when the writer falls behind.
 local function message_handler(event, c2s)
 	if closed then return; end
 	local origin = event.origin;
 	local id, release_at, stored, store_user = archive_message(event, c2s);
-	if c2s then
-		if not id then return; end
-		if async.ready() and wait_deferrable(origin, event.stanza.attr.to) then
-			origin.mam_rs_owed = release_at;
-		else
-			origin.mam_rs_owed = nil; -- This wait covers it.
-			wait_committed(release_at, origin);
-		end
-	else
-		local owed = origin and origin.mam_rs_owed;
-		if owed then
-			origin.mam_rs_owed = nil;
-			if not release_at or owed > release_at then release_at = owed; end
-		end
-		if release_at then wait_committed(release_at, origin); end
+	if not id then return; end
+	if release_at > issued then issued = release_at; end
+	if archive:backlogged() then
+		wait_committed(release_at, origin);
 	end
 	if stored then
 		module:fire_event("archive-message-added", { origin = origin, stanza = stored, for_user = store_user, id = id });
@@ -586,6 +652,11 @@ end);
 -- (archive:poke), not a timer: a zero timer waits for server_epoll's minimum of a millisecond
 -- when no socket is ready. `done` runs after the reply.
 local SEND_CHUNK = 10;
+local function send_all(origin, stanzas)
+	for i = 1, #stanzas do
+		origin.send(stanzas[i]);
+	end
+end
 local function send_answer(origin, stanza, c, done)
 	if not c.results then
 		origin.send(st.error_reply(stanza, c.error_type, c.condition, c.text));
@@ -594,9 +665,10 @@ local function send_answer(origin, stanza, c, done)
 	local results = c.results;
 	local function send_some()
 		local chunk, remaining = results:take(SEND_CHUNK);
-		for i = 1, #chunk do
-			origin.send(chunk[i]);
-		end
+		answering = true; -- Archived results: not held, unless behind what is.
+		local ok, err = pcall(send_all, origin, chunk);
+		answering = false;
+		if not ok then error(err, 0); end
 		if remaining > 0 then
 			return 0; -- The rest on the next loop turn.
 		end
@@ -764,5 +836,9 @@ function module.unload()
 		while send_some() do end
 	end
 	released = math.huge;
-	release_waiting();
+	release_waiting(); -- Every held stanza goes out.
+	filters.remove_filter_hook(hold_for);
+	for _, session in pairs(c2s_sessions) do
+		filters.remove_filter(session, "stanzas/out", hold_until_committed);
+	end
 end

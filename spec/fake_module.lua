@@ -179,6 +179,12 @@ function M.load(opts)
 			return function () m.measures[name] = m.measures[name] + 1; end;
 		end;
 	end
+	-- module:shared("/*/c2s/sessions"): mod_c2s's open sessions (opts.c2s_sessions).
+	m.c2s_sessions = opts.c2s_sessions or {};
+	function mod:shared(path)
+		assert(path == "/*/c2s/sessions", "module:shared: unexpected " .. path);
+		return m.c2s_sessions;
+	end
 	function mod:add_timer(delay, fn)
 		table.insert(m.timers, { delay = delay, fn = fn });
 	end

@@ -184,6 +184,9 @@ describe("mod_mam_rs shim", function ()
 				["account-disco-info @ 0"] = 1,
 				-- Ours: forget cached prefs when a session goes (mod_mam_adhoc writes the store).
 				["pre-resource-unbind @ 0"] = 1,
+				-- Ours: a closing or departing session's held deliveries go out first.
+				["pre-session-close @ 1000"] = 1,
+				["pre-resource-unbind @ 1000"] = 1,
 				-- Ours: an account deleted takes its archive and prefs with it.
 				["user-deleted @ 0"] = 1,
 				-- Ours: metrics brought up to date when Prosody collects statistics.
@@ -548,65 +551,147 @@ describe("mod_mam_rs shim", function ()
 			assert.is_nil(stored_copy(m, emptied));
 		end);
 
-		it("inside an async runner, the handler waits until the row is committed", function ()
-			local async = require "util.async";
-			local m = load();
-			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
-			local finished = false;
-			local runner = async.runner(function (e)
-				m.handler("pre-message/bare", 0)(e);
-				finished = true;
-			end);
-			runner:run(event);
-			assert.is_false(finished); -- Nothing is released before the watcher drains.
-			assert.is_true(m.wait_for(function () return finished; end));
-			assert.equal(1, #stanza_ids(event.stanza));
-		end);
 	end);
 
-	describe("commit waits", function ()
+	describe("held deliveries", function ()
 		local async = require "util.async";
+		local filters = require "util.filters";
 
-		-- alice sends bob a message in one runner, as Prosody routes it: the sender's copy
-		-- (pre-message/bare), then the recipient's (message/bare). Returns the steps done
-		-- before anything was committed, and a function telling whether all are done.
-		local function send_in_runner(m, alice)
-			local steps = {};
-			local out = { origin = alice, stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
-			async.runner(function ()
-				m.handler("pre-message/bare", 0)(out);
-				table.insert(steps, "sender's copy");
-				m.handler("message/bare", 0)({ origin = alice, stanza = out.stanza });
-				table.insert(steps, "recipient's copy");
-			end):run(true);
-			local before = { table.unpack(steps) };
-			return before, function () return #steps == 2; end;
+		-- A client session whose send goes through Prosody's stanzas/out filters, as
+		-- sessionmanager's does; what reaches the connection is in session.sent.
+		local function client(user, resource, host)
+			local session = fake.session(user, host, resource);
+			session.type = "c2s_unauthed"; -- As mod_c2s makes it: the filter hooks run now.
+			local filter = filters.initialize(session);
+			session.type = "c2s";
+			function session.send(stanza)
+				stanza = filter("stanzas/out", stanza);
+				if stanza then table.insert(session.sent, stanza); end
+				return true;
+			end
+			return session;
 		end
 
-		it("a sender with one session: the recipient's copy waits for both rows", function ()
-			local alice = fake.session("alice");
-			local m = load({ host_modules = { mam_rs = true }, user_sessions = { alice = { sessions = { res = alice } } } });
-			local before, done = send_in_runner(m, alice);
-			assert.same({ "sender's copy" }, before);
-			assert.is_true(m.wait_for(done));
-			assert.is_nil(alice.mam_rs_owed);
+		-- alice sends bob a message in one runner, as Prosody routes it: the sender's copy
+		-- (pre-message/bare), then the recipient's (message/bare), delivered to bob's session.
+		-- Returns whether the runner got to the end without waiting.
+		local function send(m, alice, bob, body)
+			local out = { origin = alice, stanza = chat("alice@localhost/res", "bob@localhost", body or "hello") };
+			local finished = false;
+			async.runner(function ()
+				m.handler("pre-message/bare", 0)(out);
+				m.handler("pre-message/bare", -1)(out);
+				local inbound = { origin = alice, stanza = out.stanza };
+				m.handler("message/bare", 0)(inbound);
+				bob.send(inbound.stanza);
+				finished = true;
+			end):run(true);
+			return finished;
+		end
+
+		it("the sender goes on at once; the recipient gets the message once its row is committed", function ()
+			local m = load();
+			local alice, bob = client("alice"), client("bob");
+			assert.is_true(send(m, alice, bob), "the sender's handler waited");
+			assert.same({}, bob.sent, "delivered before the commit");
+			assert.is_true(m.wait_for(function () return #bob.sent == 1; end));
+			local ids = stanza_ids(bob.sent[1]);
+			assert.equal(1, #ids);
+			assert.equal("bob@localhost", ids[1].attr.by);
+			-- Committed: the id is in bob's archive.
+			local iq = st.iq({ type = "set", id = "q1", from = "bob@localhost/res", to = "bob@localhost" })
+				:tag("query", { xmlns = XMLNS_MAM }):up();
+			assert.is_true(m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = bob, stanza = iq }));
+			assert.is_true(m.wait_for(function () return bob.sent[#bob.sent].name == "iq"; end));
+			assert.equal(3, #bob.sent);
+			assert.equal(ids[1].attr.id, bob.sent[2]:get_child("result", XMLNS_MAM).attr.id);
 		end);
 
-		it("a sender with another session (carbons show its id) waits at once", function ()
-			local alice = fake.session("alice");
-			local m = load({ host_modules = { mam_rs = true },
-				user_sessions = { alice = { sessions = { res = alice, phone = fake.session("alice", nil, "phone") } } } });
-			local before, done = send_in_runner(m, alice);
-			assert.same({}, before);
-			assert.is_true(m.wait_for(done));
+		it("what is sent to the session after a held message waits behind it, in order", function ()
+			local m = load();
+			local alice, bob = client("alice"), client("bob");
+			send(m, alice, bob, "one");
+			bob.send(st.presence({ from = "alice@localhost/res" }));
+			send(m, alice, bob, "two");
+			bob.send(st.iq({ type = "result", id = "ping" }));
+			assert.same({}, bob.sent);
+			assert.is_true(m.wait_for(function () return #bob.sent == 4; end));
+			assert.same({ "message", "presence", "message", "iq" },
+				{ bob.sent[1].name, bob.sent[2].name, bob.sent[3].name, bob.sent[4].name });
+			assert.equal("one", bob.sent[1]:get_child_text("body"));
+			assert.equal("two", bob.sent[3]:get_child_text("body"));
 		end);
 
-		it("waits at once when the recipient's host does not run the module", function ()
-			local alice = fake.session("alice");
-			local m = load({ user_sessions = { alice = { sessions = { res = alice } } } });
-			local before, done = send_in_runner(m, alice);
-			assert.same({}, before);
-			assert.is_true(m.wait_for(done));
+		it("nothing is held while every row is committed; other hosts' sessions are not held", function ()
+			local m = load();
+			local alice, bob = client("alice"), client("bob");
+			bob.send(chat("carol@example.com/x", "bob@localhost/res", "not archived here"));
+			assert.equal(1, #bob.sent);
+			send(m, alice, client("bob", "phone"));
+			local elsewhere = client("dave", "res", "example.org");
+			elsewhere.send(chat("x@example.org", "dave@example.org", "hi"));
+			assert.equal(1, #elsewhere.sent, "another host's session was held");
+			bob.send(chat("carol@example.com/x", "bob@localhost/res", "while a row waits"));
+			assert.equal(1, #bob.sent, "held while a row waits");
+			assert.is_true(m.wait_for(function () return #bob.sent == 2; end));
+		end);
+
+		it("a session that opened before the module loaded is held too", function ()
+			local bob = client("bob");
+			local m = load({ c2s_sessions = { conn = bob } });
+			local alice = client("alice");
+			send(m, alice, bob);
+			assert.same({}, bob.sent);
+			assert.is_true(m.wait_for(function () return #bob.sent == 1; end));
+		end);
+
+		it("archive results go out at once, even while rows wait", function ()
+			local m = load();
+			local alice, bob = client("alice"), client("bob");
+			archive_from_alice(m, { "earlier" });
+			assert.is_true(m.fire("iq-set/self/" .. XMLNS_MAM .. ":query", { origin = alice, stanza = query_iq("q2", "f2") }));
+			os.execute("sleep 0.3"); -- The answer is ready; the loop has not drained it.
+			send(m, alice, bob); -- A row handed out now is not committed by the drain just after.
+			m.watcher.onreadable(m.watcher);
+			assert.equal(2, #alice.sent, "the answer was held");
+			assert.is_not_nil(alice.sent[1]:get_child("result", XMLNS_MAM));
+			assert.equal("iq", alice.sent[2].name);
+		end);
+
+		it("a closing session gets what is held before its stream ends", function ()
+			local m = load();
+			local alice, bob = client("alice"), client("bob");
+			send(m, alice, bob);
+			assert.same({}, bob.sent);
+			m.fire("pre-session-close", { session = bob });
+			assert.equal(1, #bob.sent);
+		end);
+
+		it("a session going away hands what is held to the next handlers (mod_smacks)", function ()
+			local m = load();
+			local alice, bob = client("alice"), client("bob");
+			send(m, alice, bob);
+			local seen;
+			m.events.add_handler("pre-resource-unbind", function () seen = #bob.sent; end, 0);
+			m.fire("pre-resource-unbind", { session = bob });
+			assert.equal(1, seen);
+		end);
+
+		it("the sender waits for its commit only when the writer falls behind", function ()
+			local m = load({ options = { mam_rs_max_queued_rows = 2 } }); -- Waits from one row queued.
+			local alice, bob = client("alice"), client("bob");
+			assert.is_false(send(m, alice, bob), "did not wait with the queue at its mark");
+			assert.is_true(m.wait_for(function () return #bob.sent == 1; end));
+		end);
+
+		it("unloading sends what is held, and the filter goes", function ()
+			local bob = client("bob");
+			local m = load({ c2s_sessions = { conn = bob } });
+			send(m, client("alice"), bob);
+			assert.same({}, bob.sent);
+			m.unload();
+			assert.equal(1, #bob.sent);
+			assert.is_nil(bob.filters["stanzas/out"][1], "the filter is still there");
 		end);
 	end);
 
@@ -1127,9 +1212,9 @@ describe("mod_mam_rs shim", function ()
 			other.unload();
 		end);
 
-		it("releases a delivery waiting in an async runner", function ()
+		it("releases a sender waiting in an async runner", function ()
 			local async = require "util.async";
-			local m = load();
+			local m = load({ options = { mam_rs_max_queued_rows = 2 } }); -- The sender waits.
 			local finished = false;
 			local runner = async.runner(function (e)
 				m.handler("pre-message/bare", 0)(e);

@@ -45,6 +45,10 @@ use writer::{ExpiryJob, Removal, Row, Writer, WriterMsg};
 /// Most rows committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
 
+/// Rows waiting for the writer beyond which senders wait for their commits (see
+/// [`Engine::backlogged`]): two full batches.
+pub const BACKLOG_WAIT: usize = 2 * MAX_BATCH;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -380,6 +384,14 @@ impl Engine {
     /// Rows waiting for the writer now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// Whether the writer is behind enough that a sender should wait for its row's commit
+    /// before its next stanza: half of `mam_rs_max_queued_rows` waiting, and never more
+    /// than [`BACKLOG_WAIT`]. Deliveries are held until their rows are committed anyway; this
+    /// keeps a fast sender from filling the queue (beyond which messages go unarchived).
+    pub fn backlogged(&self) -> bool {
+        self.queued() >= (self.max_queued / 2).clamp(1, BACKLOG_WAIT)
     }
 
     /// Blocks until rows up to `release_at` are committed, or `timeout` passes.

@@ -501,6 +501,11 @@ impl UserData for Archive {
             },
         );
 
+        // Whether the sender should wait for its row's commit (a long write queue).
+        methods.add_method("backlogged", |_, this, ()| {
+            Ok(this.engine.as_ref().is_some_and(|e| e.backlogged()))
+        });
+
         methods.add_method(
             "query",
             |_, this, (query, user, to, from): (Table, String, Option<String>, Option<String>)| {

@@ -284,12 +284,15 @@ local function hold_for(session)
 	end
 end
 -- Client sessions from now on (the filter looks at the host: it is not known yet), and those
--- already open. A session resumed by mod_smacks takes the new connection's filters, so every
--- client session has it, not only those bound on this host.
+-- already open: mod_c2s's (with mod_websocket's) and mod_bosh's. A session resumed by
+-- mod_smacks takes the new connection's filters, so every client session has it, not only
+-- those bound on this host.
 filters.add_filter_hook(hold_for);
-local c2s_sessions = module:shared("/*/c2s/sessions");
-for _, session in pairs(c2s_sessions) do
-	hold_for(session);
+local open_sessions = { module:shared("/*/c2s/sessions"), module:shared("/*/bosh/sessions") };
+for _, sessions in ipairs(open_sessions) do
+	for _, session in pairs(sessions) do
+		hold_for(session);
+	end
 end
 
 -- A closing session's held stanzas go out before the stream ends, and those of a session going
@@ -838,7 +841,9 @@ function module.unload()
 	released = math.huge;
 	release_waiting(); -- Every held stanza goes out.
 	filters.remove_filter_hook(hold_for);
-	for _, session in pairs(c2s_sessions) do
-		filters.remove_filter(session, "stanzas/out", hold_until_committed);
+	for _, sessions in ipairs(open_sessions) do
+		for _, session in pairs(sessions) do
+			filters.remove_filter(session, "stanzas/out", hold_until_committed);
+		end
 	end
 end

@@ -179,11 +179,10 @@ function M.load(opts)
 			return function () m.measures[name] = m.measures[name] + 1; end;
 		end;
 	end
-	-- module:shared("/*/c2s/sessions"): mod_c2s's open sessions (opts.c2s_sessions).
-	m.c2s_sessions = opts.c2s_sessions or {};
+	-- module:shared: mod_c2s's and mod_bosh's open sessions (opts.c2s_sessions, opts.bosh_sessions).
+	local shared = { ["/*/c2s/sessions"] = opts.c2s_sessions or {}, ["/*/bosh/sessions"] = opts.bosh_sessions or {} };
 	function mod:shared(path)
-		assert(path == "/*/c2s/sessions", "module:shared: unexpected " .. path);
-		return m.c2s_sessions;
+		return (assert(shared[path], "module:shared: unexpected " .. path));
 	end
 	function mod:add_timer(delay, fn)
 		table.insert(m.timers, { delay = delay, fn = fn });

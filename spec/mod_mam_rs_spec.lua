@@ -636,13 +636,15 @@ describe("mod_mam_rs shim", function ()
 			assert.is_true(m.wait_for(function () return #bob.sent == 2; end));
 		end);
 
-		it("a session that opened before the module loaded is held too", function ()
-			local bob = client("bob");
-			local m = load({ c2s_sessions = { conn = bob } });
+		it("sessions that opened before the module loaded are held too, BOSH ones included", function ()
+			local bob, phone = client("bob"), client("bob", "phone");
+			local m = load({ c2s_sessions = { conn = bob }, bosh_sessions = { sid = phone } });
 			local alice = client("alice");
 			send(m, alice, bob);
+			phone.send(chat("alice@localhost/res", "bob@localhost", "to the phone"));
 			assert.same({}, bob.sent);
-			assert.is_true(m.wait_for(function () return #bob.sent == 1; end));
+			assert.same({}, phone.sent);
+			assert.is_true(m.wait_for(function () return #bob.sent == 1 and #phone.sent == 1; end));
 		end);
 
 		it("archive results go out at once, even while rows wait", function ()

@@ -2,7 +2,7 @@
 
 import time
 
-from conftest import NS_CLIENT, NS_DELAY, NS_FORWARD, NS_MAM, NS_SID, mam_query_xml, stamp_to_epoch, stanza_ids
+from conftest import NS_CLIENT, NS_DELAY, NS_FORWARD, NS_MAM, NS_SID, mam_query_xml, stamp_to_epoch, stanza_ids, token
 
 
 def assert_result_shape(res, owner, queryid, sender_full, to, body, msg_id):
@@ -127,3 +127,40 @@ def test_disco_info_on_bare_jid(server, connect):
     # Nothing on the server's own disco#info
     host_features = alice.disco_features(to="localhost")
     assert "urn:xmpp:mam:2" not in host_features
+
+
+def test_a_burst_arrives_in_order_and_the_senders_next_query_has_it_all(server, connect):
+    """The sender's stanzas are handled without waiting for their commits, and deliveries are
+    held until the rows are committed: what the recipient gets keeps the order sent, archived
+    messages (each with its stanza-id) and messages that are not archived (chat states) alike;
+    and a query the sender makes right after the burst has every archived message."""
+    erin, frank = connect(server, "erin"), connect(server, "frank")
+    before = erin.mam_ok(fields={"with": "frank@localhost"}, rsm={"max": 0}).count
+    t = token()
+    sent, archived = [], []
+    for i in range(60):
+        mid = "burst-%s-%d" % (t, i)
+        if i % 3 == 2:
+            sent.append("<message to='frank@localhost' id='%s' type='chat'>"
+                        "<active xmlns='http://jabber.org/protocol/chatstates'/></message>" % mid)
+        else:
+            sent.append("<message to='frank@localhost' id='%s' type='chat'><body>burst %s %d</body></message>"
+                        % (mid, t, i))
+            archived.append(mid)
+    erin.send_raw("".join(sent))  # one write: the server reads the whole burst at once
+    r = erin.mam_ok(fields={"with": "frank@localhost"}, rsm={"max": 0})
+    assert r.count - before == len(archived), "the sender's query right after the burst missed some"
+
+    frank.wait_id("burst-%s-59" % t)
+    got = [m.xml for m in frank.chat_messages() if (m.xml.get("id") or "").startswith("burst-%s-" % t)]
+    assert [m.get("id") for m in got] == ["burst-%s-%d" % (t, i) for i in range(60)], "out of order"
+    for m in got:
+        sids = stanza_ids(m)
+        if m.get("id") in archived:
+            assert [by for by, _ in sids] == ["frank@localhost"], m.get("id")
+        else:
+            assert sids == [], m.get("id")
+    # Every id frank saw is in his archive, in the order he got them.
+    mine = frank.mam_all(fields={"with": "erin@localhost"})
+    seen = [stanza_ids(m)[0][1] for m in got if m.get("id") in archived]
+    assert [i for i in mine.ids if i in set(seen)] == seen

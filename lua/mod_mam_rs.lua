@@ -124,7 +124,7 @@ local issued = 0; -- the last release mark this module handed out
 -- run, and the deliveries released during unload go on to their sessions' next stanzas.
 local closed = false;
 
-local flush_held; -- defined with the filter below
+local flush_held, sending_on; -- defined with the filter below
 
 local function release_waiting()
 	while waiting_head <= waiting_tail and waiting_at[waiting_head] <= released do
@@ -134,7 +134,12 @@ local function release_waiting()
 		if type(what) == "function" then
 			what();
 		else
-			flush_held(what);
+			-- One session's failing send (another module's filter) must not hold up the rest.
+			local ok, err = pcall(flush_held, what);
+			if not ok then
+				sending_on = nil;
+				module:log("error", "Could not send a held stanza to %s: %s", what.full_jid or "a session", err);
+			end
 		end
 	end
 end
@@ -232,7 +237,7 @@ end
 -- handed out before it are committed. The filter comes before every other (mod_stanza_debug's
 -- is 10000, mod_smacks' -999), so each of them sees a held stanza once, when it goes out.
 local HOLD_PRIORITY = 100000;
-local sending_on; -- the held stanza flush_held is sending: it passes the filter
+-- sending_on: the held stanza flush_held is sending, which passes the filter.
 local answering = false; -- query results are going out: their rows are committed
 
 -- Sends on `session`'s held stanzas whose rows are committed (all of them with `everything`).

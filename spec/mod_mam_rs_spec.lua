@@ -660,6 +660,16 @@ describe("mod_mam_rs shim", function ()
 			assert.equal("iq", alice.sent[2].name);
 		end);
 
+		it("a session whose send fails does not hold up the others' deliveries", function ()
+			local m = load();
+			local alice, bob, carol = client("alice"), client("bob"), client("carol");
+			filters.add_filter(bob, "stanzas/out", function () error("a broken filter"); end, -10);
+			send(m, alice, bob);
+			carol.send(chat("alice@localhost/res", "carol@localhost", "also held"));
+			assert.is_true(m.wait_for(function () return #carol.sent == 1; end), "carol's delivery was lost");
+			assert.equal(1, m.logged("error", "Could not send a held stanza to bob@localhost/res"));
+		end);
+
 		it("a closing session gets what is held before its stream ends", function ()
 			local m = load();
 			local alice, bob = client("alice"), client("bob");

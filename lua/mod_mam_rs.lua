@@ -261,15 +261,15 @@ local function hold_until_committed(stanza, session)
 		return stanza;
 	end
 	local held = session.mam_rs_held;
-	local mark;
-	if held and held.head <= held.tail then
-		mark = held.at[held.tail]; -- Behind what is held already, whatever it is.
-	elseif stanza.name ~= "message" or answering or issued <= released then
-		return stanza;
-	end
-	if stanza.name == "message" and not answering and (mark == nil or issued > mark) then
-		mark = issued;
+	local behind = held and held.head <= held.tail and held.at[held.tail]; -- the last held one's mark
+	-- A message may carry any id handed out so far; archive results carry committed ones.
+	local mark = (stanza.name == "message" and not answering) and issued or 0;
+	if mark > (behind or released) then
 		wait_for_mark(mark, session);
+	elseif behind then
+		mark = behind; -- Behind what is held already, whatever it is.
+	else
+		return stanza;
 	end
 	if not held then
 		held = { head = 1, tail = 0, at = {} };

@@ -142,6 +142,9 @@ local function release_waiting()
 			end
 		end
 	end
+	if waiting_head > waiting_tail then -- Empty: start again at 1, so the table stays a short array.
+		waiting_head, waiting_tail = 1, 0;
+	end
 end
 
 local function wait_for_mark(mark, what)

@@ -3,7 +3,8 @@
 //! Rows arrive in id order (ids are handed out on the loop, in hook order, under the same lock
 //! that sends them here). The writer takes everything that is waiting, up to `max_batch`
 //! rows, and commits it in one transaction (group commit): under light load each message gets
-//! its own commit, under heavy load one fsync covers many messages. After a commit it advances
+//! its own commit, under heavy load one fsync covers many messages, and a batch that is busy
+//! already waits a moment (`linger`) for more. After a commit it advances
 //! the `committed` watermark, which releases the deliveries waiting on those rows.
 //!
 //! When a commit fails, the rows are kept and retried with backoff, never dropped while the
@@ -97,6 +98,9 @@ pub struct Writer {
     /// Rows handed over and not yet written; the engine refuses new rows above its bound.
     pub queued: Arc<std::sync::atomic::AtomicUsize>,
     pub max_batch: usize,
+    /// A busy batch's wait for more rows, and the rows that make it busy (see `more`).
+    pub linger: Duration,
+    pub linger_from: usize,
     /// Set by the engine when it shuts down, so that retries stop in bounded time.
     pub stopping: Arc<AtomicBool>,
     /// Batch sizes, commit durations and failed commits.
@@ -135,6 +139,7 @@ impl Writer {
                 None if jobs.is_empty() => break,
                 None => None,
             };
+            let gathering = Instant::now();
             while let Some(msg) = next.take() {
                 match msg {
                     WriterMsg::Row(row) => {
@@ -151,14 +156,13 @@ impl Writer {
                 if batch.len() >= self.max_batch {
                     break;
                 }
-                next = match rx.try_recv() {
-                    Ok(msg) => Some(msg),
-                    Err(TryRecvError::Disconnected) => {
-                        stop = true;
-                        None
-                    }
-                    Err(TryRecvError::Empty) => None,
-                };
+                next = more(
+                    &rx,
+                    batch.len(),
+                    gathering,
+                    (self.linger, self.linger_from),
+                    &mut stop,
+                );
             }
             self.commit(&batch);
             self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
@@ -362,6 +366,43 @@ impl Writer {
     }
 }
 
+/// The next message for the batch being gathered since `gathering`, if one comes in time.
+/// A batch holding `linger_from` rows, taken without waiting, is a busy moment: it waits up
+/// to `linger` (from `gathering`) for more, so that one commit, whose cost grows much more
+/// slowly than its rows, covers more of them. Light load (a message now and then) is
+/// committed at once.
+fn more(
+    rx: &Receiver<WriterMsg>,
+    rows: usize,
+    gathering: Instant,
+    (linger, linger_from): (Duration, usize),
+    stop: &mut bool,
+) -> Option<WriterMsg> {
+    match rx.try_recv() {
+        Ok(msg) => return Some(msg),
+        Err(TryRecvError::Disconnected) => {
+            *stop = true;
+            return None;
+        }
+        Err(TryRecvError::Empty) => {}
+    }
+    if rows < linger_from {
+        return None;
+    }
+    let left = (gathering + linger).saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return None;
+    }
+    match rx.recv_timeout(left) {
+        Ok(msg) => Some(msg),
+        Err(RecvTimeoutError::Timeout) => None,
+        Err(RecvTimeoutError::Disconnected) => {
+            *stop = true;
+            None
+        }
+    }
+}
+
 /// Marks gathered since the last commit, the newest per (archive, client).
 #[derive(Default)]
 struct Marks(std::collections::HashMap<(ArchiveRef, String), Mark>);
@@ -396,12 +437,81 @@ pub(super) fn backoff(attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::backoff;
-    use std::time::Duration;
+    use super::{backoff, more, WriterMsg};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn backoff_grows_and_is_capped() {
         assert!(backoff(1) < backoff(2));
         assert_eq!(backoff(30), Duration::from_secs(5));
+    }
+
+    const PLAN: (Duration, usize) = (Duration::from_secs(60), 8);
+
+    #[test]
+    fn a_waiting_message_joins_the_batch_whatever_its_size() {
+        let (tx, rx) = mpsc::channel();
+        tx.send(WriterMsg::Stop).unwrap();
+        let mut stop = false;
+        let next = more(&rx, 1, Instant::now(), PLAN, &mut stop);
+        assert!(matches!(next, Some(WriterMsg::Stop)));
+        assert!(!stop);
+    }
+
+    /// Sends a message to the writer 50 ms from now.
+    fn later(tx: mpsc::Sender<WriterMsg>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = tx.send(WriterMsg::Stop);
+        })
+    }
+
+    #[test]
+    fn a_light_batch_is_committed_without_waiting() {
+        let (tx, rx) = mpsc::channel();
+        let late = later(tx);
+        let mut stop = false;
+        let next = more(&rx, PLAN.1 - 1, Instant::now(), PLAN, &mut stop);
+        assert!(next.is_none(), "a light batch waited for a later message");
+        assert!(!stop);
+        late.join().unwrap();
+    }
+
+    #[test]
+    fn a_busy_batch_waits_for_rows_still_coming() {
+        let (tx, rx) = mpsc::channel();
+        let late = later(tx);
+        let mut stop = false;
+        let next = more(&rx, PLAN.1, Instant::now(), PLAN, &mut stop);
+        assert!(
+            matches!(next, Some(WriterMsg::Stop)),
+            "the late message was not waited for"
+        );
+        late.join().unwrap();
+    }
+
+    #[test]
+    fn a_busy_batch_waits_no_longer_than_its_linger() {
+        let (tx, rx) = mpsc::channel();
+        let late = later(tx);
+        let mut stop = false;
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(120))
+            .expect("the clock has run for two minutes");
+        // Gathering began two minutes ago: the minute's linger is over.
+        let next = more(&rx, PLAN.1, long_ago, PLAN, &mut stop);
+        assert!(next.is_none(), "a batch waited past its linger");
+        assert!(!stop);
+        late.join().unwrap();
+    }
+
+    #[test]
+    fn a_closed_channel_stops_the_writer() {
+        let (tx, rx) = mpsc::channel::<WriterMsg>();
+        drop(tx);
+        let mut stop = false;
+        assert!(more(&rx, PLAN.1, Instant::now(), PLAN, &mut stop).is_none());
+        assert!(stop);
     }
 }

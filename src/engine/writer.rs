@@ -20,7 +20,7 @@
 //! Does not read, does not parse, does not touch Lua.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -378,22 +378,13 @@ fn more(
     (linger, linger_from): (Duration, usize),
     stop: &mut bool,
 ) -> Option<WriterMsg> {
-    match rx.try_recv() {
-        Ok(msg) => return Some(msg),
-        Err(TryRecvError::Disconnected) => {
-            *stop = true;
-            return None;
-        }
-        Err(TryRecvError::Empty) => {}
-    }
-    if rows < linger_from {
-        return None;
-    }
-    let left = (gathering + linger).saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return None;
-    }
-    match rx.recv_timeout(left) {
+    // A message already waiting is taken in either case: a wait that is over only looks.
+    let wait = if rows < linger_from {
+        Duration::ZERO
+    } else {
+        (gathering + linger).saturating_duration_since(Instant::now())
+    };
+    match rx.recv_timeout(wait) {
         Ok(msg) => Some(msg),
         Err(RecvTimeoutError::Timeout) => None,
         Err(RecvTimeoutError::Disconnected) => {

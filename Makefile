@@ -30,7 +30,7 @@ TEST_APT_PACKAGES := lua-busted postgresql mariadb-server mariadb-client lua-dbi
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-alloc bench-micro bench-lua deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-alloc bench-instr bench-micro bench-lua deps deps-python lint clean dist
 
 all: build
 
@@ -129,6 +129,13 @@ bench-micro: bench-lua
 ## mod_mam, mod_mam_rs. Deterministic, unlike timings: see tests/e2e/bench/alloc.py.
 bench-alloc: deps-python build
 	$(VENV)/bin/python tests/e2e/bench_alloc.py --plugin-dir $(or $(PLUGIN_DIR_BENCH),$(PLUGIN))
+
+## Instructions Prosody executes per archived message, counted under valgrind's callgrind: no
+## archive module, stock mod_mam, mod_mam_rs, the main thread apart from the module's. Steady
+## from one run to the next, unlike CPU times: see tests/e2e/bench/instr.py.
+bench-instr: deps-python build
+	@$(MAKE) --no-print-directory apt-install PACKAGES="valgrind"
+	$(VENV)/bin/python tests/e2e/bench_instr.py --plugin-dir $(or $(PLUGIN_DIR_BENCH),$(PLUGIN))
 
 ## The native calls the archive path makes on Prosody's loop, per call: time and Lua garbage.
 bench-lua: build

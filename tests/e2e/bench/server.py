@@ -62,8 +62,9 @@ class Server:
     `extra`: config lines (global). The data dir starts as a copy of `accounts_from` (a data dir
     holding prosody.sqlite with the accounts) when given."""
 
-    def __init__(self, root, name, modules, plugin_dir, extra=(), accounts_from=None):
+    def __init__(self, root, name, modules, plugin_dir, extra=(), accounts_from=None, launcher=()):
         self.name = name
+        self.launcher = list(launcher)  # a command Prosody runs under, such as valgrind's
         self.modules = list(modules)
         self.plugin_dir = Path(plugin_dir)
         self.extra = list(extra)
@@ -132,7 +133,8 @@ class Server:
             self.write_config()
             offset = self.log.stat().st_size if self.log.exists() else 0
             out = open(self.workdir / "stdout.txt", "ab")
-            self.proc = subprocess.Popen(["prosody", "-F", "--config", str(self.cfg)], stdout=out,
+            prosody = shutil.which("prosody") or "prosody"  # a path: a launcher runs it as lua5.4's script
+            self.proc = subprocess.Popen(self.launcher + [prosody, "-F", "--config", str(self.cfg)], stdout=out,
                                          stderr=subprocess.STDOUT, cwd=self.workdir)
             out.close()
             deadline = time.monotonic() + timeout

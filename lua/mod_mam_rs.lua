@@ -243,6 +243,37 @@ local HOLD_PRIORITY = 100000;
 -- sending_on: the held stanza flush_held is sending, which passes the filter.
 local answering = false; -- query results are going out: their rows are committed
 
+-- A held stanza has been through session.send once already. Where that send is Prosody 0.12's
+-- sessionmanager's (mod_c2s's and mod_websocket's sessions, resumed by mod_smacks or not),
+-- which is a debug line, the stanzas/out filters and rawsend, the stanza goes on through the
+-- filters and rawsend only: the debug line's argument, stanza:top_tag(), clones and serialises
+-- the top element again, about 1 KB of garbage and 5 us a message. Any other send (mod_bosh's,
+-- a closed session's, another module's wrapper, or one of a Prosody version this has not been
+-- checked against) is called again as it is.
+local plain_sends = setmetatable({}, { __mode = "k" }); -- send function -> it is sessionmanager's
+local checked_version = tostring(prosody.version):match("^0%.12%.") ~= nil;
+
+local function is_plain_send(send)
+	local plain = plain_sends[send];
+	if plain == nil then
+		local source = type(send) == "function" and debug.getinfo(send, "S").source or "";
+		plain = checked_version and source:match("core/sessionmanager%.lua$") ~= nil;
+		plain_sends[send] = plain;
+	end
+	return plain;
+end
+
+local function send_held(session, stanza)
+	sending_on = stanza;
+	local filter, rawsend = session.filter, session.rawsend;
+	if filter and rawsend and is_plain_send(session.send) then
+		stanza = filter("stanzas/out", stanza);
+		if stanza then rawsend(stanza); end
+	else
+		session.send(stanza);
+	end
+end
+
 -- Sends on `session`'s held stanzas whose rows are committed (all of them with `everything`).
 function flush_held(session, everything)
 	local held = session.mam_rs_held;
@@ -253,8 +284,7 @@ function flush_held(session, everything)
 		local stanza = held[i];
 		held[i], at[i] = nil, nil;
 		held.head = i + 1;
-		sending_on = stanza;
-		session.send(stanza);
+		send_held(session, stanza);
 	end
 	sending_on = nil;
 end

@@ -539,11 +539,12 @@ local function not_archived(stanza, why, kind, log)
 	end
 end
 
--- Appends our stanza-id to `stanza`, a top element this module made.
+-- Appends our stanza-id to `stanza`, a top element this module made, and returns it.
 local function add_stanza_id(stanza, by, id)
 	local stanza_id = st.stanza("stanza-id", { xmlns = xmlns_st_id, by = by, id = id });
 	stanza[#stanza + 1] = stanza_id;
 	stanza.tags[#stanza.tags + 1] = stanza_id;
+	return stanza_id;
 end
 
 -- Takes `user`'s stanza-ids out of `list` (an element's children, or its tags), in place.
@@ -559,10 +560,33 @@ local function drop_stanza_ids(list, user)
 	for i = n + 1, len do list[i] = nil; end
 end
 
--- Takes our stanza-ids out of `stanza`, a top element this module made, in place.
-local function strip_own_stanza_id(stanza, user)
-	drop_stanza_ids(stanza, user);
-	drop_stanza_ids(stanza.tags, user);
+-- Takes `child` out of `list` (an element's children, or its tags), in place.
+local function remove_child(list, child)
+	local n = #list;
+	if list[n] == child then -- The usual case: nothing was appended after it.
+		list[n] = nil;
+		return;
+	end
+	for i = n - 1, 1, -1 do
+		if list[i] == child then
+			table.remove(list, i);
+			return;
+		end
+	end
+end
+
+-- Takes our stanza-ids out of `stanza`, a top element this module made, in place: `added`, the
+-- one this module put there, by identity; then, only where a stanza-id is left (another
+-- handler's doing), those claiming to be the user's, whose JIDs need preparing to compare.
+local function strip_own_stanza_id(stanza, user, added)
+	if added then
+		remove_child(stanza, added);
+		remove_child(stanza.tags, added);
+	end
+	if stanza:get_child("stanza-id", xmlns_st_id) then
+		drop_stanza_ids(stanza, user);
+		drop_stanza_ids(stanza.tags, user);
+	end
 	if stanza.set_meta then stanza:set_meta("archive-id", nil); end
 end
 
@@ -617,7 +641,8 @@ local function archive_message(event, c2s)
 		delivered = shallow_copy(stanza);
 		event.mam_rs_own = delivered;
 	end
-	add_stanza_id(delivered, store_user .. "@" .. host, id);
+	local added = add_stanza_id(delivered, store_user .. "@" .. host, id);
+	if c2s then event.mam_rs_own_id = added; end -- For the sender's copy to lose at -1.
 	if delivered.set_meta then -- Prosody 13+; modules such as mod_mam_smart_retention read it.
 		delivered:set_meta("archive-id", id);
 	end
@@ -650,7 +675,7 @@ end
 local function strip_stanza_id_after_other_events(event)
 	local stanza, user = event.stanza, event.origin.username;
 	if stanza == event.mam_rs_own then
-		strip_own_stanza_id(stanza, user);
+		strip_own_stanza_id(stanza, user, event.mam_rs_own_id);
 	else
 		event.stanza = strip_stanza_id(stanza, user);
 	end

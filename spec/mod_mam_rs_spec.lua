@@ -377,6 +377,28 @@ describe("mod_mam_rs shim", function ()
 			assert.equal(1, #stanza_ids(carbon), "the carbon is not changed afterwards");
 		end);
 
+		it("at -1, our stanza-id goes wherever it is, and so do others claiming the sender, written unprepared", function ()
+			local m = load();
+			-- Handlers between 0 and -1 that change our copy in place: one appends after our
+			-- stanza-id, one adds a stanza-id by the sender's JID in another case, and one by another JID.
+			m.events.add_handler("pre-message/bare", function (e)
+				e.stanza:tag("x", { xmlns = "urn:example:after" }):up();
+				e.stanza:tag("stanza-id", { xmlns = XMLNS_SID, by = "ALICE@LocalHost", id = "other" }):up();
+				e.stanza:tag("stanza-id", { xmlns = XMLNS_SID, by = "example.com", id = "theirs" }):up();
+			end, -0.5);
+			local event = { origin = fake.session("alice"), stanza = chat("alice@localhost/res", "bob@localhost", "hello") };
+			m.fire("pre-message/bare", event);
+			local ids = stanza_ids(event.stanza);
+			assert.equal(1, #ids);
+			assert.equal("example.com", ids[1].attr.by);
+			local names = {};
+			for _, child in ipairs(event.stanza.tags) do names[#names + 1] = child.name; end
+			assert.same({ "body", "x", "stanza-id" }, names);
+			local children = {};
+			for _, child in ipairs(event.stanza) do children[#children + 1] = child.name; end
+			assert.same(names, children);
+		end);
+
 		it("at -1, a stanza another handler put in the event is copied, not changed", function ()
 			local m = load();
 			local foreign;

@@ -163,8 +163,8 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Table)> {
     Ok((settings, lines))
 }
 
-fn should_store(_: &Lua, stanza: Table) -> LuaResult<(bool, &'static str)> {
-    Ok(policy::should_store(&stanza::summary(&stanza)?))
+fn should_store(lua: &Lua, stanza: Table) -> LuaResult<(bool, &'static str)> {
+    Ok(policy::should_store(&stanza::summary(lua, &stanza)?))
 }
 
 /// What `archive` returns to Lua: `id, release_at, nil, stored copy (when asked for)` when

@@ -15,7 +15,7 @@ use minidom::rxml::{Namespace, NcName};
 use minidom::{Element, Node};
 use mlua::{ffi, Lua, Result as LuaResult, Table, Value};
 use std::collections::BTreeSet;
-use std::ffi::c_int;
+use std::ffi::{c_int, CStr};
 use std::fmt::Write as _;
 
 use crate::policy::{Summary, TopChild};
@@ -104,50 +104,103 @@ fn copy(t: &Table, parent_ns: &str, depth: usize) -> Result<Element, CopyError> 
 }
 
 /// The top level of a message stanza, for classification, without copying the tree.
-pub fn summary(t: &Table) -> LuaResult<Summary> {
-    let attr: Option<Table> = t.raw_get("attr")?;
-    let ns = namespace_of(&attr, ns::CLIENT)?;
-    let (kind, to) = match &attr {
-        Some(a) => (a.raw_get("type")?, a.raw_get("to")?),
-        None => (None, None),
-    };
-    let mut children = Vec::new();
-    if let Some(tags) = t.raw_get::<Option<Table>>("tags")? {
-        for child in tags.sequence_values::<Table>() {
-            let child = child?;
-            let child_attr: Option<Table> = child.raw_get("attr")?;
-            let child_ns = namespace_of(&child_attr, &ns)?;
-            let name: String = child.raw_get("name")?;
-            let has_invite =
-                name == "x" && child_ns == MUC_USER && has_child(&child, "invite", MUC_USER)?;
-            children.push(TopChild {
-                name,
-                ns: child_ns,
-                has_invite,
-            });
-        }
-    }
-    Ok(Summary {
-        kind,
-        to,
-        ns,
-        children,
-    })
+///
+/// Read on Lua's C API inside one protected call, as [`to_xml`] is: through mlua's safe API
+/// every field read was a protected call of its own and pushed its key anew, about 15,000
+/// instructions a call on Prosody's loop (`make bench-instr`). A child that is not a
+/// table, or has no name, is not an element and is passed over.
+pub fn summary(lua: &Lua, t: &Table) -> LuaResult<Summary> {
+    let mut summary = Summary::default();
+    // SAFETY: `exec_raw` runs the closure as one protected call with `t` pushed as its only
+    // argument. `summarise` only reads (raw gets, `lua_tolstring` on values already known to
+    // be strings), so nothing raises a Lua error but `luaL_checkstack` or pushing a key when
+    // memory runs out; the frames unwound then hold owned strings, which are leaked. The
+    // stack is left as it was found, and the argument is removed.
+    unsafe {
+        lua.exec_raw::<()>(t, |state| {
+            let top = ffi::lua_gettop(state);
+            summarise(state, top, &mut summary);
+            ffi::lua_settop(state, top - 1);
+        })
+    }?;
+    Ok(summary)
 }
 
-fn has_child(t: &Table, name: &str, parent_ns: &str) -> LuaResult<bool> {
-    let Some(tags) = t.raw_get::<Option<Table>>("tags")? else {
-        return Ok(false);
+/// `t[key]` as an owned string, for the table at absolute index `t`; `None` unless a string.
+unsafe fn string_field(state: *mut ffi::lua_State, t: c_int, key: &CStr) -> Option<String> {
+    let value =
+        (raw_field(state, t, key) == ffi::LUA_TSTRING).then(|| lua_str(state, -1).into_owned());
+    ffi::lua_settop(state, -2);
+    value
+}
+
+/// The element at absolute index `t`: its name and its `attr` table's `xmlns`, or `None` when
+/// it is not an element.
+unsafe fn name_and_xmlns(state: *mut ffi::lua_State, t: c_int) -> Option<(String, Option<String>)> {
+    if ffi::lua_type(state, t) != ffi::LUA_TTABLE {
+        return None;
+    }
+    let name = string_field(state, t, c"name")?;
+    let xmlns = if raw_field(state, t, c"attr") == ffi::LUA_TTABLE {
+        string_field(state, ffi::lua_gettop(state), c"xmlns")
+    } else {
+        None
     };
-    for child in tags.sequence_values::<Table>() {
-        let child = child?;
-        let attr: Option<Table> = child.raw_get("attr")?;
-        if child.raw_get::<String>("name")? == name && namespace_of(&attr, parent_ns)? == parent_ns
-        {
-            return Ok(true);
+    ffi::lua_settop(state, -2);
+    Some((name, xmlns))
+}
+
+unsafe fn summarise(state: *mut ffi::lua_State, t: c_int, s: &mut Summary) {
+    ffi::luaL_checkstack(state, 8, c"stanza nested too deep".as_ptr());
+    if raw_field(state, t, c"attr") == ffi::LUA_TTABLE {
+        let attr = ffi::lua_gettop(state);
+        s.kind = string_field(state, attr, c"type");
+        s.to = string_field(state, attr, c"to");
+        s.ns = string_field(state, attr, c"xmlns").unwrap_or_else(|| ns::CLIENT.to_owned());
+    } else {
+        s.ns = ns::CLIENT.to_owned();
+    }
+    ffi::lua_settop(state, t);
+    if raw_field(state, t, c"tags") == ffi::LUA_TTABLE {
+        let tags = ffi::lua_gettop(state);
+        for i in 1..=ffi::lua_rawlen(state, tags) as ffi::lua_Integer {
+            ffi::lua_rawgeti(state, tags, i);
+            let child = ffi::lua_gettop(state);
+            if let Some((name, xmlns)) = name_and_xmlns(state, child) {
+                let ns = xmlns.unwrap_or_else(|| s.ns.clone());
+                let has_invite =
+                    name == "x" && ns == MUC_USER && has_child(state, child, "invite", MUC_USER);
+                s.children.push(TopChild {
+                    name,
+                    ns,
+                    has_invite,
+                });
+            }
+            ffi::lua_settop(state, tags);
         }
     }
-    Ok(false)
+    ffi::lua_settop(state, t);
+}
+
+/// Whether the element at absolute index `t` has a child element `name` in `parent_ns`.
+unsafe fn has_child(state: *mut ffi::lua_State, t: c_int, name: &str, parent_ns: &str) -> bool {
+    let base = ffi::lua_gettop(state);
+    let mut found = false;
+    if raw_field(state, t, c"tags") == ffi::LUA_TTABLE {
+        let tags = ffi::lua_gettop(state);
+        for i in 1..=ffi::lua_rawlen(state, tags) as ffi::lua_Integer {
+            ffi::lua_rawgeti(state, tags, i);
+            if let Some((child_name, xmlns)) = name_and_xmlns(state, ffi::lua_gettop(state)) {
+                found = child_name == name && xmlns.as_deref().unwrap_or(parent_ns) == parent_ns;
+            }
+            ffi::lua_settop(state, tags);
+            if found {
+                break;
+            }
+        }
+    }
+    ffi::lua_settop(state, base);
+    found
 }
 
 /// Builds a `util.stanza` from an element. `xmlns` is set only where the namespace differs
@@ -302,9 +355,11 @@ unsafe fn lua_str<'s>(state: *mut ffi::lua_State, idx: c_int) -> std::borrow::Co
     String::from_utf8_lossy(std::slice::from_raw_parts(ptr.cast::<u8>(), len))
 }
 
-/// `t[key]` pushed, for the table at absolute index `t`; returns its type.
-unsafe fn raw_field(state: *mut ffi::lua_State, t: c_int, key: &str) -> c_int {
-    push_str(state, key);
+/// `t[key]` pushed, for the table at absolute index `t`; returns its type. The key is pushed
+/// with `lua_pushstring`, which finds a constant C string in Lua's string cache by its address
+/// instead of hashing it.
+unsafe fn raw_field(state: *mut ffi::lua_State, t: c_int, key: &CStr) -> c_int {
+    ffi::lua_pushstring(state, key.as_ptr());
     ffi::lua_rawget(state, t)
 }
 
@@ -324,15 +379,15 @@ impl XmlWriter<'_> {
         let state = self.state;
         ffi::luaL_checkstack(state, 8, c"stanza nested too deep".as_ptr());
         let base = ffi::lua_gettop(state);
-        if raw_field(state, t, "name") != ffi::LUA_TSTRING {
+        if raw_field(state, t, c"name") != ffi::LUA_TSTRING {
             return Err(XmlError::Invalid("an element without a name".into()));
         }
         let name = lua_str(state, -1);
         check_name(&name)?;
-        let has_attr = raw_field(state, t, "attr") == ffi::LUA_TTABLE;
+        let has_attr = raw_field(state, t, c"attr") == ffi::LUA_TTABLE;
         let attr = base + 2;
         let ns: std::borrow::Cow<str> =
-            if has_attr && raw_field(state, attr, "xmlns") == ffi::LUA_TSTRING {
+            if has_attr && raw_field(state, attr, c"xmlns") == ffi::LUA_TSTRING {
                 lua_str(state, -1)
             } else {
                 parent_ns.into()
@@ -364,9 +419,9 @@ impl XmlWriter<'_> {
                     let child = ffi::lua_gettop(state);
                     if depth == 0 && !self.strip.is_empty() {
                         let strip = self.strip;
-                        let child_has_attr = raw_field(state, child, "attr") == ffi::LUA_TTABLE;
+                        let child_has_attr = raw_field(state, child, c"attr") == ffi::LUA_TTABLE;
                         let child_ns = child_has_attr
-                            && raw_field(state, child + 1, "xmlns") == ffi::LUA_TSTRING;
+                            && raw_field(state, child + 1, c"xmlns") == ffi::LUA_TSTRING;
                         let in_strip = if child_ns {
                             strip.contains(lua_str(state, -1).as_ref())
                         } else {

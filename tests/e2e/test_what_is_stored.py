@@ -26,6 +26,17 @@ CASES = [
     ("omemo_without_eme_or_body", None,
      "<encrypted xmlns='eu.siacs.conversations.axolotl'><header sid='1'/></encrypted>", "chat", False),
     ("subject_only", None, "<subject>topic</subject>", "chat", True),
+    # mod_mam.lua:369-375: invitations and Jingle Message calls, without a body.
+    ("direct_invite", None, "<x xmlns='jabber:x:conference' jid='room@conference.localhost'/>", None, True),
+    ("mediated_invite", None,
+     "<x xmlns='http://jabber.org/protocol/muc#user'><invite from='carol@localhost'/></x>", None, True),
+    ("muc_user_without_invite", None,
+     "<x xmlns='http://jabber.org/protocol/muc#user'><decline from='carol@localhost'/></x>", None, False),
+    ("muc_user_invite_in_other_ns", None,
+     "<x xmlns='http://jabber.org/protocol/muc#user'><invite xmlns='urn:example:not-muc'/></x>", None, False),
+    ("jingle_message_propose", None,
+     "<propose xmlns='urn:xmpp:jingle-message:0' id='call1'><description xmlns='urn:xmpp:jingle:apps:rtp:1' "
+     "media='audio'/></propose>", "chat", True),
     ("empty", None, "", "chat", False),
 ]
 

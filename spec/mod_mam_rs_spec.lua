@@ -331,6 +331,12 @@ describe("mod_mam_rs shim", function ()
 			assert.truthy(#last.attr.id > 0);
 			assert.equal(1, #stanza_ids(delivered));
 			assert.equal("hello", delivered:get_child_text("body"));
+			-- The element is a stanza as st.stanza makes it (built without its checks).
+			assert.is_true(st.is_stanza(last));
+			assert.same({}, last.tags);
+			assert.equal(0, #last);
+			assert.equal(tostring(st.stanza("stanza-id", { xmlns = XMLNS_SID, by = "alice@localhost", id = last.attr.id })),
+				tostring(last));
 		end);
 
 		it("the same goes for pre-message/full, and ids differ", function ()

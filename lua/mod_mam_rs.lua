@@ -168,6 +168,8 @@ local function send_more()
 	end
 end
 
+-- archive:drain() first ends the loop's turn for the archive: the messages archived since the
+-- last drain go to the writer together (the first of them made our eventfd readable).
 local function on_readable()
 	local now_released, completions = archive:drain();
 	if now_released > released then

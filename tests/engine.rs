@@ -50,9 +50,10 @@ fn message(body: &str) -> String {
     format!("<message xmlns='jabber:client' to='bob@localhost' type='chat'><body>{body}</body></message>")
 }
 
-/// Archives a message from alice to bob in alice's archive.
+/// Archives a message from alice to bob in alice's archive; `mailbox` marks the loop turn's end.
 fn alice_to_bob(
     engine: &Engine,
+    mailbox: &Mailbox,
     body: &str,
 ) -> Result<mam_rs_native::engine::Archived, mam_rs_native::engine::EngineError> {
     engine.archive(
@@ -61,6 +62,7 @@ fn alice_to_bob(
         message(body),
         None,
         Vec::new(),
+        mailbox,
     )
 }
 
@@ -161,6 +163,7 @@ fn a_query_sees_every_message_archived_before_it() {
                     message(&format!("m{i:03}")),
                     None,
                     Vec::new(),
+                    &mailbox,
                 )
                 .unwrap()
                 .id,
@@ -196,13 +199,15 @@ fn release_marks_reach_every_host_and_results_only_the_asker() {
             message("x"),
             None,
             Vec::new(),
+            &host_a,
         )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let (mut a, mut b) = (0, 0);
     while (a < archived.release_at || b < archived.release_at) && Instant::now() < deadline {
+        // Either host's drain ends the loop's turn: here host B's, though host A archived.
+        b = b.max(engine.drain(&host_b).released);
         a = a.max(host_a.drain().released);
-        b = b.max(host_b.drain().released);
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(a >= archived.release_at && b >= archived.release_at);
@@ -219,6 +224,7 @@ fn shutdown_commits_everything_queued() {
     let cfg = config(&dir);
     {
         let engine = start(&cfg);
+        let mailbox = engine.mailbox().unwrap();
         for i in 0..3000 {
             engine
                 .archive(
@@ -227,10 +233,12 @@ fn shutdown_commits_everything_queued() {
                     message(&format!("{i}")),
                     None,
                     Vec::new(),
+                    &mailbox,
                 )
                 .unwrap();
         }
-        // Dropped at once, with most rows still queued.
+        // Dropped at once, with every row still kept for the turn's end: shutdown hands them
+        // to the writer.
     }
     let store = SqliteStore::open(path(&cfg), &SqliteOptions::default()).unwrap();
     let page = store
@@ -246,12 +254,100 @@ fn shutdown_commits_everything_queued() {
     assert_eq!(page.total, Some(3000));
 }
 
+/// What the eventfd of `mailbox` has counted since it was last read (and reads it).
+fn pokes(mailbox: &Mailbox) -> u64 {
+    let mut count: u64 = 0;
+    // SAFETY: reads 8 bytes into a valid u64 from a descriptor the mailbox owns.
+    let n = unsafe { libc::read(mailbox.fd(), (&mut count as *mut u64).cast(), 8) };
+    if n == 8 {
+        count
+    } else {
+        0 // EAGAIN: not readable.
+    }
+}
+
+#[test]
+fn a_loop_turns_rows_reach_the_writer_together_when_the_turn_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(&config(&dir));
+    let mailbox = engine.mailbox().unwrap();
+    let other_host = engine.mailbox().unwrap();
+    let mut last = 0;
+    for i in 0..5 {
+        last = alice_to_bob(&engine, &mailbox, &i.to_string())
+            .unwrap()
+            .release_at;
+    }
+    assert_eq!(
+        pokes(&mailbox),
+        1,
+        "one wake-up for the turn, from its first row"
+    );
+    assert_eq!(
+        pokes(&other_host),
+        0,
+        "only the archiving host's loop watcher is woken"
+    );
+    // Nothing goes to the writer before the turn's end: no commit, however long we wait.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        mailbox.drain().released < last,
+        "committed before the turn ended"
+    );
+    assert_eq!(
+        engine
+            .writer_metrics()
+            .batch_size
+            .totals()
+            .iter()
+            .map(|b| b.count)
+            .sum::<u64>(),
+        0
+    );
+    assert_eq!(
+        engine.queued(),
+        5,
+        "kept rows count against mam_rs_max_queued_rows"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.drain(&mailbox).released < last {
+        assert!(
+            Instant::now() < deadline,
+            "the turn's rows were never committed"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let batches = engine.writer_metrics().batch_size.totals();
+    assert_eq!(
+        (
+            batches.iter().map(|b| b.count).sum::<u64>(),
+            batches.iter().map(|b| b.sum).sum::<u64>()
+        ),
+        (1, 5),
+        "the turn's five rows in one transaction"
+    );
+    // The next turn wakes the loop again. (The commit's own wake-up reached `mailbox` before
+    // `other_host`, so once the latter has it, `mailbox` holds no stale one.)
+    while other_host.drain().released < last {
+        assert!(
+            Instant::now() < deadline,
+            "the other host never heard of the commit"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    pokes(&mailbox);
+    alice_to_bob(&engine, &mailbox, "next").unwrap();
+    assert_eq!(pokes(&mailbox), 1);
+}
+
 #[test]
 fn ids_continue_after_the_newest_stored_id() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&dir);
     let first = {
         let engine = start(&cfg);
+        let mailbox = engine.mailbox().unwrap();
         engine
             .archive(
                 archive_ref("localhost", "alice"),
@@ -259,11 +355,13 @@ fn ids_continue_after_the_newest_stored_id() {
                 message("a"),
                 None,
                 Vec::new(),
+                &mailbox,
             )
             .unwrap()
             .id
     };
     let engine = start(&cfg);
+    let mailbox = engine.mailbox().unwrap();
     let second = engine
         .archive(
             archive_ref("localhost", "alice"),
@@ -271,6 +369,7 @@ fn ids_continue_after_the_newest_stored_id() {
             message("b"),
             None,
             Vec::new(),
+            &mailbox,
         )
         .unwrap()
         .id;
@@ -307,6 +406,7 @@ fn metadata_names_the_first_and_last_message() {
                     message(&i.to_string()),
                     None,
                     Vec::new(),
+                    &mailbox,
                 )
                 .unwrap()
                 .id
@@ -337,6 +437,7 @@ fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
                     message(&format!("old {i}")),
                     None,
                     Vec::new(),
+                    &mailbox,
                 )
                 .unwrap()
                 .id
@@ -360,13 +461,14 @@ fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
                 message(&format!("new {i:03}")),
                 None,
                 Vec::new(),
+                &mailbox,
             )
             .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     let deleted = loop {
-        let done = mailbox
-            .drain()
+        let done = engine
+            .drain(&mailbox)
             .completions
             .into_iter()
             .find_map(|c| match c {
@@ -504,6 +606,7 @@ fn a_failing_database_releases_deliveries_and_retries_until_written() {
             message("kept"),
             None,
             Vec::new(),
+            &mailbox,
         )
         .unwrap();
 
@@ -511,7 +614,7 @@ fn a_failing_database_releases_deliveries_and_retries_until_written() {
     let mut logs = Vec::new();
     let mut released = 0;
     while released < archived.release_at && Instant::now() < deadline {
-        let d = mailbox.drain();
+        let d = engine.drain(&mailbox);
         released = d.released;
         logs.extend(d.completions.into_iter().filter_map(|c| match c {
             Completion::Log { message, .. } => Some(message),
@@ -550,7 +653,7 @@ fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recove
     };
     let store = Arc::new(Flaky::failing(&cfg, usize::MAX));
     let engine = Engine::start(store.clone(), &cfg).unwrap();
-    let _mailbox = engine.mailbox().unwrap();
+    let mailbox = engine.mailbox().unwrap();
     let alice = || archive_ref("localhost", "alice");
     let mut accepted = 0;
     let mut refused = None;
@@ -561,6 +664,7 @@ fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recove
             message(&i.to_string()),
             None,
             Vec::new(),
+            &mailbox,
         ) {
             Ok(_) => accepted += 1,
             Err(e) => {
@@ -575,6 +679,7 @@ fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recove
     store.failures.store(0, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(20);
     while engine.queued() > 0 {
+        engine.drain(&mailbox); // The loop's turns go on.
         assert!(Instant::now() < deadline, "the queue did not drain");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -585,6 +690,7 @@ fn the_queue_bound_is_enforced_while_the_database_fails_and_lifts_when_it_recove
             message("after"),
             None,
             Vec::new(),
+            &mailbox,
         )
         .unwrap();
     let page = store
@@ -610,7 +716,7 @@ fn while_the_database_fails_deliveries_go_at_once_and_the_log_has_one_line_each_
     let mailbox = engine.mailbox().unwrap();
     let mut logs: Vec<(Level, String)> = Vec::new();
     let drain = |logs: &mut Vec<(Level, String)>| {
-        let d = mailbox.drain();
+        let d = engine.drain(&mailbox);
         logs.extend(d.completions.into_iter().filter_map(|c| match c {
             Completion::Log { level, message } => Some((level, message)),
             _ => None,
@@ -625,6 +731,7 @@ fn while_the_database_fails_deliveries_go_at_once_and_the_log_has_one_line_each_
                 message(body),
                 None,
                 Vec::new(),
+                &mailbox,
             )
             .unwrap()
     };
@@ -720,14 +827,7 @@ fn the_writer_and_the_workers_measure_what_they_do() {
 
     let mut last = 0;
     for i in 0..10 {
-        last = engine
-            .archive(
-                archive_ref("localhost", "alice"),
-                "bob@localhost".into(),
-                message(&i.to_string()),
-                None,
-                Vec::new(),
-            )
+        last = alice_to_bob(&engine, &mailbox, &i.to_string())
             .unwrap()
             .release_at;
     }
@@ -748,7 +848,7 @@ fn the_writer_and_the_workers_measure_what_they_do() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let elapsed = 'found: loop {
-        for c in mailbox.drain().completions {
+        for c in engine.drain(&mailbox).completions {
             if let Completion::Query {
                 ticket: t,
                 elapsed,
@@ -807,6 +907,7 @@ fn deleting_an_archive_removes_its_rows_after_those_queued_before() {
                 message(body),
                 None,
                 Vec::new(),
+                &mailbox,
             )
             .unwrap();
     }
@@ -817,6 +918,7 @@ fn deleting_an_archive_removes_its_rows_after_those_queued_before() {
             message("kept"),
             None,
             Vec::new(),
+            &mailbox,
         )
         .unwrap();
     let ticket = engine
@@ -825,8 +927,8 @@ fn deleting_an_archive_removes_its_rows_after_those_queued_before() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let removed = loop {
         assert!(Instant::now() < deadline, "no completion");
-        let done = mailbox
-            .drain()
+        let done = engine
+            .drain(&mailbox)
             .completions
             .into_iter()
             .find_map(|c| match c {
@@ -865,11 +967,12 @@ fn while_the_database_fails_queries_get_a_try_again_later_error_at_once_not_a_st
             message("held"),
             None,
             Vec::new(),
+            &mailbox,
         )
         .unwrap();
     // Delivery goes on: the writer is failing.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while mailbox.drain().released < archived.release_at {
+    while engine.drain(&mailbox).released < archived.release_at {
         assert!(
             Instant::now() < deadline,
             "delivery waits for a failing database"
@@ -901,6 +1004,7 @@ fn a_commit_whose_answer_was_lost_is_not_written_twice_nor_retried_forever() {
             message("once"),
             None,
             Vec::new(),
+            &mailbox,
         )
         .unwrap();
     assert!(engine.wait_committed(archived.release_at, Duration::from_secs(20)));
@@ -933,7 +1037,7 @@ fn a_server_silent_at_start_archives_nothing_until_it_answers_then_everything() 
     let engine = Engine::start(Arc::new(store), &cfg).unwrap();
     let mailbox = engine.mailbox().unwrap();
     assert!(engine.node().unwrap_err().contains("connection refused"));
-    match alice_to_bob(&engine, "lost") {
+    match alice_to_bob(&engine, &mailbox, "lost") {
         Err(EngineError::Unavailable(why)) => assert!(why.contains("connection refused"), "{why}"),
         other => panic!("archived while the server is silent: {other:?}"),
     }
@@ -953,8 +1057,8 @@ fn a_server_silent_at_start_archives_nothing_until_it_answers_then_everything() 
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(engine.node(), Ok(0));
-    let logs: Vec<(Level, String)> = mailbox
-        .drain()
+    let logs: Vec<(Level, String)> = engine
+        .drain(&mailbox)
         .completions
         .into_iter()
         .filter_map(|c| match c {
@@ -974,7 +1078,7 @@ fn a_server_silent_at_start_archives_nothing_until_it_answers_then_everything() 
         .count();
     assert_eq!(still, 1, "{logs:?}");
 
-    let kept = alice_to_bob(&engine, "kept").unwrap();
+    let kept = alice_to_bob(&engine, &mailbox, "kept").unwrap();
     assert!(engine.wait_committed(kept.release_at, Duration::from_secs(20)));
     assert_eq!(
         bodies(&ask(&engine, &mailbox, "alice", ALL).unwrap()),
@@ -990,8 +1094,8 @@ fn an_accounts_deletion_is_retried_until_the_database_takes_it() {
     let store = Arc::new(Flaky::failing(&cfg, 0));
     let engine = Engine::start(store.clone(), &cfg).unwrap();
     let mailbox = engine.mailbox().unwrap();
-    alice_to_bob(&engine, "one").unwrap();
-    let last = alice_to_bob(&engine, "two").unwrap().release_at;
+    alice_to_bob(&engine, &mailbox, "one").unwrap();
+    let last = alice_to_bob(&engine, &mailbox, "two").unwrap().release_at;
     assert!(engine.wait_committed(last, Duration::from_secs(20)));
     store.delete_failures.store(3, Ordering::SeqCst);
     let ticket = engine
@@ -1000,7 +1104,7 @@ fn an_accounts_deletion_is_retried_until_the_database_takes_it() {
     let mut logs: Vec<(Level, String)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let result = 'done: loop {
-        for c in mailbox.drain().completions {
+        for c in engine.drain(&mailbox).completions {
             match c {
                 Completion::Expired { ticket: t, result } if t == ticket => break 'done result,
                 Completion::Log { level, message } => logs.push((level, message)),

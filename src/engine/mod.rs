@@ -1,7 +1,9 @@
 //! The engine: the threads that do the archive's work off Prosody's event loop.
 //!
 //! - [`Engine::archive`] (on the loop, every message): hands out the next id in hook order
-//!   and queues the row for the one writer thread ([`writer`]), which commits in batches.
+//!   and keeps the row until the loop's turn ends; [`Engine::drain`] (on the loop, when a
+//!   mailbox is readable) hands a turn's rows to the one writer thread ([`writer`]) together,
+//!   which commits in batches.
 //! - [`Engine::query`] (on the loop): queues a query for the worker pool ([`worker`]).
 //! - [`Engine::mailbox`]: each module instance (one per VirtualHost) gets its own
 //!   [`Mailbox`]: an eventfd for the loop to watch and a queue of finished queries, log lines
@@ -101,6 +103,8 @@ pub struct Engine {
     ids: Arc<Mutex<Ids>>,
     last_handed_out: Arc<AtomicU64>,
     writer: Mutex<Option<Sender<WriterMsg>>>,
+    /// Rows archived since the last hand-over, in id order (see [`Engine::archive`]).
+    turn: Mutex<Vec<Row>>,
     queries: Mutex<Option<Sender<Task>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     writer_metrics: Arc<WriterMetrics>,
@@ -213,6 +217,7 @@ impl Engine {
             ids,
             last_handed_out,
             writer: Mutex::new(Some(writer_tx)),
+            turn: Mutex::new(Vec::new()),
             queries: Mutex::new(Some(query_tx)),
             threads: Mutex::new(threads),
             writer_metrics,
@@ -229,6 +234,14 @@ impl Engine {
     /// Queues a message for the archive and returns its id. `stanza` is the copy to store, as
     /// XML text with its namespace declared on the top element;
     /// `quota` is the archive's `storage_archive_item_limit`, if any.
+    ///
+    /// The row waits until the loop's turn is over: the first row of a turn pokes `turn_end`
+    /// (the caller's mailbox), whose readable eventfd comes back from the loop's next poll,
+    /// after the events of this one; its [`Engine::drain`] hands every row of the turn to the
+    /// writer at once. One commit (one fsync) then covers a turn's messages instead of the one
+    /// or two that arrive while the previous commit runs, and the writer is woken once a turn
+    /// instead of once a message. A row waits no longer than the rest of its turn, and its
+    /// delivery waits for its commit anyway.
     pub fn archive(
         &self,
         archive: ArchiveRef,
@@ -236,35 +249,37 @@ impl Engine {
         stanza: String,
         quota: Option<u32>,
         seen_by: Vec<String>,
+        turn_end: &Mailbox,
     ) -> Result<Archived, EngineError> {
         let waiting = self.queued.load(Ordering::Acquire);
         if waiting >= self.max_queued {
             return Err(EngineError::QueueFull(waiting));
         }
+        // Held until the row is kept: shutdown hands over the last rows under it.
         let writer = self.writer.lock();
-        let tx = writer.as_ref().ok_or(EngineError::Closed)?;
-        // The id lock is held across the send, so rows reach the writer in id order.
+        if writer.is_none() {
+            return Err(EngineError::Closed);
+        }
+        // The id lock is held until the row is kept, so rows reach the writer in id order.
         let mut ids = self.ids.lock();
         let id = match &mut *ids {
             Ids::Ready { generator, .. } => generator.next_now(),
             Ids::Unreachable(why) => return Err(EngineError::Unavailable(why.clone())),
         };
-        // Counted before the send: the writer may commit the row and count it down at once.
         self.queued.fetch_add(1, Ordering::AcqRel);
-        if tx
-            .send(WriterMsg::Row(Row {
-                archive,
-                id,
-                with,
-                stanza,
-                quota,
-                seen_by,
-            }))
-            .is_err()
-        {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::Closed);
+        let mut turn = self.turn.lock();
+        if turn.is_empty() {
+            turn_end.poke();
         }
+        turn.push(Row {
+            archive,
+            id,
+            with,
+            stanza,
+            quota,
+            seen_by,
+        });
+        drop(turn);
         let release_at = id.as_i64() as u64;
         self.last_handed_out.store(release_at, Ordering::Release);
         // Released at once while the writer is failing (see `writer`).
@@ -272,8 +287,49 @@ impl Engine {
         Ok(Archived { id, release_at })
     }
 
+    /// The loop's turn is over (a mailbox is readable): hands the turn's rows to the writer,
+    /// then takes what `mailbox` holds.
+    pub fn drain(&self, mailbox: &Mailbox) -> Drained {
+        self.hand_over();
+        mailbox.drain()
+    }
+
+    /// Hands the rows kept so far to the writer, in one message.
+    fn hand_over(&self) {
+        let writer = self.writer.lock();
+        self.hand_over_to(writer.as_ref());
+    }
+
+    /// [`Engine::hand_over`] under the writer lock, which every send to the writer takes, so
+    /// that nothing sent after a row reaches the writer before it.
+    fn hand_over_to(&self, writer: Option<&Sender<WriterMsg>>) {
+        let rows = std::mem::take(&mut *self.turn.lock());
+        if rows.is_empty() {
+            return;
+        }
+        let n = rows.len();
+        if writer.is_none_or(|tx| tx.send(WriterMsg::Rows(rows)).is_err()) {
+            // Only when the writer thread has died (a panic): the rows cannot be written.
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.progress.log(
+                Level::Error,
+                format!("The archive writer has stopped: {n} archived messages were not written"),
+            );
+        }
+    }
+
+    /// Sends `msg` to the writer after the rows kept so far.
+    fn send_to_writer(&self, msg: WriterMsg) -> Result<(), EngineError> {
+        let writer = self.writer.lock();
+        self.hand_over_to(writer.as_ref());
+        let tx = writer.as_ref().ok_or(EngineError::Closed)?;
+        tx.send(msg).map_err(|_| EngineError::Closed)
+    }
+
     /// Queues a query; its [`Completion::Query`], carrying the returned ticket, goes to `reply`.
+    /// The rows kept so far go to the writer first: the query waits for them (`seen`).
     pub fn query(&self, request: QueryRequest, reply: &Arc<Mailbox>) -> Result<u64, EngineError> {
+        self.hand_over();
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             ticket,
@@ -298,10 +354,7 @@ impl Engine {
 
     /// Records that a client received `archive` up to `last_id` (smart retention).
     pub fn mark(&self, mark: Mark) -> Result<(), EngineError> {
-        let writer = self.writer.lock();
-        let tx = writer.as_ref().ok_or(EngineError::Closed)?;
-        tx.send(WriterMsg::Mark(mark))
-            .map_err(|_| EngineError::Closed)
+        self.send_to_writer(WriterMsg::Mark(mark))
     }
 
     /// Starts removing what `rule` lets go of `host`'s archives under `store`.
@@ -341,9 +394,7 @@ impl Engine {
         reply: &Arc<Mailbox>,
     ) -> Result<u64, EngineError> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        let writer = self.writer.lock();
-        let tx = writer.as_ref().ok_or(EngineError::Closed)?;
-        tx.send(WriterMsg::Expire(ExpiryJob {
+        self.send_to_writer(WriterMsg::Expire(ExpiryJob {
             ticket,
             host,
             store,
@@ -352,8 +403,7 @@ impl Engine {
             deleted: 0,
             failures: 0,
             retry_at: None,
-        }))
-        .map_err(|_| EngineError::Closed)?;
+        }))?;
         Ok(ticket)
     }
 
@@ -403,17 +453,22 @@ impl Engine {
         self.queued() >= (self.max_queued / 2).clamp(1, BACKLOG_WAIT)
     }
 
-    /// Blocks until rows up to `release_at` are committed, or `timeout` passes.
+    /// Blocks until rows up to `release_at` are committed, or `timeout` passes. The rows kept
+    /// so far go to the writer first.
     pub fn wait_committed(&self, release_at: u64, timeout: std::time::Duration) -> bool {
+        self.hand_over();
         self.progress.wait_committed(release_at, timeout)
     }
 
     /// Commits every queued row and joins every thread. Safe to call twice.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
-        if let Some(tx) = self.writer.lock().take() {
+        let mut writer = self.writer.lock();
+        self.hand_over_to(writer.as_ref());
+        if let Some(tx) = writer.take() {
             let _ = tx.send(WriterMsg::Stop);
         }
+        drop(writer);
         self.queries.lock().take();
         let threads: Vec<JoinHandle<()>> = self.threads.lock().drain(..).collect();
         for t in threads {

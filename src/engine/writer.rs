@@ -1,10 +1,11 @@
 //! The writer thread: the only thread that writes archive rows.
 //!
 //! Rows arrive in id order (ids are handed out on the loop, in hook order, under the same lock
-//! that sends them here). The writer takes everything that is waiting, up to `max_batch`
-//! rows, and commits it in one transaction (group commit): under light load each message gets
-//! its own commit, under heavy load one fsync covers many messages, and a batch that is busy
-//! already waits a moment (`linger`) for more. After a commit it advances
+//! that keeps them for here), a loop turn's rows in one message. The writer takes everything
+//! that is waiting and commits it in transactions of up to `max_batch` rows (group commit):
+//! under light load each message gets its own commit, under heavy load one fsync covers many
+//! messages, and a batch that is busy already waits a moment (`linger`) for more. After a
+//! commit it advances
 //! the `committed` watermark, which releases the deliveries waiting on those rows.
 //!
 //! When a commit fails, the rows are kept and retried with backoff, never dropped while the
@@ -49,7 +50,8 @@ pub struct Row {
 // allocation per archived message.
 #[allow(clippy::large_enum_variant)]
 pub enum WriterMsg {
-    Row(Row),
+    /// A loop turn's rows, in id order.
+    Rows(Vec<Row>),
     /// Remove expired messages, a batch at a time between row commits.
     Expire(ExpiryJob),
     /// A client received the archive up to an id (through a query).
@@ -142,9 +144,11 @@ impl Writer {
             let gathering = Instant::now();
             while let Some(msg) = next.take() {
                 match msg {
-                    WriterMsg::Row(row) => {
-                        marks.delivered(&row);
-                        self.push(&mut batch, row);
+                    WriterMsg::Rows(rows) => {
+                        for row in rows {
+                            marks.delivered(&row);
+                            self.push(&mut batch, row);
+                        }
                     }
                     WriterMsg::Mark(mark) => marks.add(mark),
                     WriterMsg::Expire(job) => jobs.push_back(job),
@@ -164,7 +168,9 @@ impl Writer {
                     &mut stop,
                 );
             }
-            self.commit(&batch);
+            for rows in batch.chunks(self.max_batch) {
+                self.commit(rows);
+            }
             self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
             batch.clear();
             self.record(&mut marks);

@@ -303,7 +303,14 @@ impl Archive {
             }
             false => None,
         };
-        match engine.archive(self.archive_ref(user), with, stored, self.quota, seen_by) {
+        match engine.archive(
+            self.archive_ref(user),
+            with,
+            stored,
+            self.quota,
+            seen_by,
+            &self.mailbox,
+        ) {
             Ok(archived) => {
                 self.last_release.set(archived.release_at);
                 self.metrics.archived(outgoing);
@@ -567,7 +574,10 @@ impl UserData for Archive {
         });
 
         methods.add_method("drain", |lua, this, ()| {
-            let drained = this.mailbox.drain();
+            let drained = match &this.engine {
+                Some(engine) => engine.drain(&this.mailbox),
+                None => this.mailbox.drain(),
+            };
             let list = lua.create_table_with_capacity(drained.completions.len(), 0)?;
             for completion in drained.completions {
                 let entry = lua.create_table()?;

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -46,13 +46,6 @@ use writer::{ExpiryJob, Removal, Row, Writer, WriterMsg};
 
 /// Most rows committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
-
-/// How long a busy batch waits for more rows before its commit, and the rows, taken without
-/// waiting, that make a batch busy (see `writer::more`). Under load a delivery then waits up
-/// to 2 ms more for its commit, and the writer commits less often: side by side with the
-/// build before, its CPU per message fell by a fifth to a quarter (README, Benchmark).
-pub const LINGER: Duration = Duration::from_millis(2);
-pub const LINGER_FROM: usize = 8;
 
 /// Rows waiting for the writer beyond which senders wait for their commits (see
 /// [`Engine::backlogged`]): two full batches.
@@ -178,8 +171,6 @@ impl Engine {
             progress: progress.clone(),
             queued: queued.clone(),
             max_batch: MAX_BATCH,
-            linger: LINGER,
-            linger_from: LINGER_FROM,
             stopping: stopping.clone(),
             metrics: writer_metrics.clone(),
             database: config.database.describe(),

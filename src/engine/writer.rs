@@ -4,8 +4,7 @@
 //! that keeps them for here), a loop turn's rows in one message. The writer takes everything
 //! that is waiting and commits it in transactions of up to `max_batch` rows (group commit):
 //! under light load each message gets its own commit, under heavy load one fsync covers many
-//! messages, and a batch that is busy already waits a moment (`linger`) for more. After a
-//! commit it advances
+//! messages. After a commit it advances
 //! the `committed` watermark, which releases the deliveries waiting on those rows.
 //!
 //! When a commit fails, the rows are kept and retried with backoff, never dropped while the
@@ -21,7 +20,7 @@
 //! Does not read, does not parse, does not touch Lua.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,9 +99,6 @@ pub struct Writer {
     /// Rows handed over and not yet written; the engine refuses new rows above its bound.
     pub queued: Arc<std::sync::atomic::AtomicUsize>,
     pub max_batch: usize,
-    /// A busy batch's wait for more rows, and the rows that make it busy (see `more`).
-    pub linger: Duration,
-    pub linger_from: usize,
     /// Set by the engine when it shuts down, so that retries stop in bounded time.
     pub stopping: Arc<AtomicBool>,
     /// Batch sizes, commit durations and failed commits.
@@ -141,7 +137,6 @@ impl Writer {
                 None if jobs.is_empty() => break,
                 None => None,
             };
-            let gathering = Instant::now();
             while let Some(msg) = next.take() {
                 match msg {
                     WriterMsg::Rows(rows) => {
@@ -160,13 +155,7 @@ impl Writer {
                 if batch.len() >= self.max_batch {
                     break;
                 }
-                next = more(
-                    &rx,
-                    batch.len(),
-                    gathering,
-                    (self.linger, self.linger_from),
-                    &mut stop,
-                );
+                next = more(&rx, &mut stop);
             }
             for rows in batch.chunks(self.max_batch) {
                 self.commit(rows);
@@ -372,28 +361,15 @@ impl Writer {
     }
 }
 
-/// The next message for the batch being gathered since `gathering`, if one comes in time.
-/// A batch holding `linger_from` rows, taken without waiting, is a busy moment: it waits up
-/// to `linger` (from `gathering`) for more, so that one commit, whose cost grows much more
-/// slowly than its rows, covers more of them. Light load (a message now and then) is
-/// committed at once.
-fn more(
-    rx: &Receiver<WriterMsg>,
-    rows: usize,
-    gathering: Instant,
-    (linger, linger_from): (Duration, usize),
-    stop: &mut bool,
-) -> Option<WriterMsg> {
-    // A message already waiting is taken in either case: a wait that is over only looks.
-    let wait = if rows < linger_from {
-        Duration::ZERO
-    } else {
-        (gathering + linger).saturating_duration_since(Instant::now())
-    };
-    match rx.recv_timeout(wait) {
+/// The next message already waiting, if any: a batch is what has come in meanwhile, never
+/// what is still coming. (A loop turn's rows arrive in one message; waiting a moment for the
+/// next turn's saved the writer no CPU measurably and delayed every delivery by it: see the
+/// README, Benchmark.)
+fn more(rx: &Receiver<WriterMsg>, stop: &mut bool) -> Option<WriterMsg> {
+    match rx.try_recv() {
         Ok(msg) => Some(msg),
-        Err(RecvTimeoutError::Timeout) => None,
-        Err(RecvTimeoutError::Disconnected) => {
+        Err(TryRecvError::Empty) => None,
+        Err(TryRecvError::Disconnected) => {
             *stop = true;
             None
         }
@@ -436,7 +412,7 @@ pub(super) fn backoff(attempt: u32) -> Duration {
 mod tests {
     use super::{backoff, more, WriterMsg};
     use std::sync::mpsc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     #[test]
     fn backoff_grows_and_is_capped() {
@@ -444,61 +420,25 @@ mod tests {
         assert_eq!(backoff(30), Duration::from_secs(5));
     }
 
-    const PLAN: (Duration, usize) = (Duration::from_secs(60), 8);
-
     #[test]
-    fn a_waiting_message_joins_the_batch_whatever_its_size() {
+    fn a_waiting_message_joins_the_batch() {
         let (tx, rx) = mpsc::channel();
         tx.send(WriterMsg::Stop).unwrap();
         let mut stop = false;
-        let next = more(&rx, 1, Instant::now(), PLAN, &mut stop);
+        let next = more(&rx, &mut stop);
         assert!(matches!(next, Some(WriterMsg::Stop)));
         assert!(!stop);
     }
 
-    /// Sends a message to the writer 50 ms from now.
-    fn later(tx: mpsc::Sender<WriterMsg>) -> std::thread::JoinHandle<()> {
-        std::thread::spawn(move || {
+    #[test]
+    fn a_batch_is_committed_without_waiting_for_later_messages() {
+        let (tx, rx) = mpsc::channel();
+        let late = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             let _ = tx.send(WriterMsg::Stop);
-        })
-    }
-
-    #[test]
-    fn a_light_batch_is_committed_without_waiting() {
-        let (tx, rx) = mpsc::channel();
-        let late = later(tx);
+        });
         let mut stop = false;
-        let next = more(&rx, PLAN.1 - 1, Instant::now(), PLAN, &mut stop);
-        assert!(next.is_none(), "a light batch waited for a later message");
-        assert!(!stop);
-        late.join().unwrap();
-    }
-
-    #[test]
-    fn a_busy_batch_waits_for_rows_still_coming() {
-        let (tx, rx) = mpsc::channel();
-        let late = later(tx);
-        let mut stop = false;
-        let next = more(&rx, PLAN.1, Instant::now(), PLAN, &mut stop);
-        assert!(
-            matches!(next, Some(WriterMsg::Stop)),
-            "the late message was not waited for"
-        );
-        late.join().unwrap();
-    }
-
-    #[test]
-    fn a_busy_batch_waits_no_longer_than_its_linger() {
-        let (tx, rx) = mpsc::channel();
-        let late = later(tx);
-        let mut stop = false;
-        let long_ago = Instant::now()
-            .checked_sub(Duration::from_secs(120))
-            .expect("the clock has run for two minutes");
-        // Gathering began two minutes ago: the minute's linger is over.
-        let next = more(&rx, PLAN.1, long_ago, PLAN, &mut stop);
-        assert!(next.is_none(), "a batch waited past its linger");
+        assert!(more(&rx, &mut stop).is_none(), "waited for a later message");
         assert!(!stop);
         late.join().unwrap();
     }
@@ -508,7 +448,7 @@ mod tests {
         let (tx, rx) = mpsc::channel::<WriterMsg>();
         drop(tx);
         let mut stop = false;
-        assert!(more(&rx, PLAN.1, Instant::now(), PLAN, &mut stop).is_none());
+        assert!(more(&rx, &mut stop).is_none());
         assert!(stop);
     }
 }

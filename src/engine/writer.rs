@@ -45,9 +45,6 @@ pub struct Row {
     pub seen_by: Vec<String>,
 }
 
-// Nearly every message is a Row and Stop is sent once: boxing rows would only add an
-// allocation per archived message.
-#[allow(clippy::large_enum_variant)]
 pub enum WriterMsg {
     /// A loop turn's rows, in id order.
     Rows(Vec<Row>),

@@ -1,7 +1,7 @@
 //! The writer thread: the only thread that writes archive rows.
 //!
-//! Rows arrive in id order (ids are handed out on the loop, in hook order, under the same lock
-//! that keeps them for here), a loop turn's rows in one message. The writer takes everything
+//! Rows arrive in id order (ids are handed out on the loop, in hook order, under the lock that
+//! keeps each row for its turn's hand-over), a loop turn's rows in one message. The writer takes everything
 //! that is waiting and commits it in transactions of up to `max_batch` rows (group commit):
 //! under light load each message gets its own commit, under heavy load one fsync covers many
 //! messages. After a commit it advances

@@ -97,6 +97,7 @@ fn bodies(response: &Answer) -> Vec<String> {
         .messages
         .iter()
         .map(|m| {
+            let m = m.to_element();
             let fwd = m.children().next().unwrap().children().next().unwrap();
             let inner = fwd.children().find(|c| c.name() == "message").unwrap();
             inner

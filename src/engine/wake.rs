@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use minidom::Element;
 
+use crate::protocol::tree::Tree;
 use crate::protocol::StanzaError;
 
 /// Severity of a log line, mapped to Prosody's levels by the shim.
@@ -44,7 +45,7 @@ impl Level {
 #[derive(Debug)]
 pub struct Answer {
     /// Result messages, in the order to send them.
-    pub messages: Vec<Element>,
+    pub messages: Vec<Tree>,
     /// The child of the iq result: `<fin>` for a query, `<metadata>` for a metadata request.
     pub payload: Element,
     /// The chronologically newest archive id among `messages`, as clients see it.

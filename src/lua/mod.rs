@@ -37,6 +37,8 @@ use crate::engine::metrics::{self, HostMetrics, NotArchived, Reporter, Value as 
 use crate::engine::{Completion, Engine, EngineError, Mailbox, QueryRequest, Request};
 use crate::policy;
 use crate::protocol::ns;
+use crate::protocol::stored;
+use crate::protocol::tree::Tree;
 use crate::protocol::xep0313::{self, Limits};
 use crate::protocol::xep0441::{DefaultRule, Prefs};
 use crate::store::{ArchiveRef, ExpiryRule, Mark, Strategy};
@@ -298,8 +300,8 @@ impl Archive {
         };
         let copy = match want_stored {
             true => {
-                let el = xep0313::parse_stored(&stored).map_err(LuaError::external)?;
-                Some(stanza::build(lua, &self.stanza_mt, &el, ns::CLIENT)?)
+                let tree = stored::parse_stored(&stored).map_err(LuaError::external)?;
+                Some(stanza::build_tree(lua, &self.stanza_mt, &tree)?)
             }
             false => None,
         };
@@ -460,7 +462,7 @@ fn prefs_from_element(
 /// shim sends them (`results:take(n)`), so that a page of results is never built in one go on
 /// Prosody's loop: other sessions' stanzas wait for at most a chunk's building and sending.
 struct Results {
-    messages: std::vec::IntoIter<Element>,
+    messages: std::vec::IntoIter<Tree>,
     stanza_mt: Table,
 }
 
@@ -470,7 +472,7 @@ impl UserData for Results {
         methods.add_method_mut("take", |lua, this, n: usize| {
             let taken = lua.create_table_with_capacity(n.min(this.messages.len()), 0)?;
             for m in this.messages.by_ref().take(n) {
-                taken.raw_push(stanza::build(lua, &this.stanza_mt, &m, ns::CLIENT)?)?;
+                taken.raw_push(stanza::build_tree(lua, &this.stanza_mt, &m)?)?;
             }
             Ok((taken, this.messages.len()))
         });
@@ -565,12 +567,8 @@ impl UserData for Archive {
         });
 
         methods.add_method("prefs_element", |lua, this, prefs: Table| {
-            stanza::build(
-                lua,
-                &this.stanza_mt,
-                &Element::from(&prefs_from_table(&prefs)?),
-                ns::CLIENT,
-            )
+            let prefs = Element::from(&prefs_from_table(&prefs)?);
+            stanza::build(lua, &this.stanza_mt, &prefs)
         });
 
         methods.add_method("drain", |lua, this, ()| {
@@ -600,12 +598,7 @@ impl UserData for Archive {
                                 )?;
                                 entry.set(
                                     "payload",
-                                    stanza::build(
-                                        lua,
-                                        &this.stanza_mt,
-                                        &response.payload,
-                                        ns::CLIENT,
-                                    )?,
+                                    stanza::build(lua, &this.stanza_mt, &response.payload)?,
                                 )?;
                                 entry.set("last_id", response.last_id)?;
                                 entry.set("mark_id", response.mark_id)?;
@@ -672,7 +665,7 @@ impl UserData for Archive {
         });
 
         methods.add_method("query_form", |lua, this, ()| {
-            stanza::build(lua, &this.stanza_mt, &xep0313::query_form(), ns::CLIENT)
+            stanza::build(lua, &this.stanza_mt, &xep0313::query_form())
         });
 
         // Stops using the engine. Other hosts may keep a shared engine running, so this host's

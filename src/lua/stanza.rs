@@ -1,4 +1,5 @@
-//! `util.stanza` tables to and from `minidom` elements, and to the XML text the archive stores.
+//! `util.stanza` tables from [`Tree`]s (result messages; elements go through a tree), to
+//! `minidom` elements, and to the XML text the archive stores.
 //!
 //! A `util.stanza` is a table `{ name =, attr = {}, tags = {}, [1..n] = children }` with the
 //! metatable `stanza_mt`: text children are strings in the array part, element children are
@@ -12,13 +13,14 @@
 //! outgoing filters (stream management counts them).
 
 use minidom::rxml::{Namespace, NcName};
-use minidom::{Element, Node};
+use minidom::Element;
 use mlua::{ffi, Lua, Result as LuaResult, Table, Value};
 use std::collections::BTreeSet;
 use std::ffi::{c_int, CStr};
 use std::fmt::Write as _;
 
 use crate::policy::{Summary, TopChild};
+use crate::protocol::tree::{Child, Elem, Tree};
 use crate::protocol::{ns, xml_text};
 
 const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
@@ -203,23 +205,27 @@ unsafe fn has_child(state: *mut ffi::lua_State, t: c_int, name: &str, parent_ns:
     found
 }
 
-/// Builds a `util.stanza` from an element. `xmlns` is set only where the namespace differs
-/// from the parent's; pass `jabber:client` as `parent_ns` for a top-level stanza.
+/// Builds a `util.stanza` from an element (a `<fin/>`, a form): see [`build_tree`].
+pub fn build(lua: &Lua, stanza_mt: &Table, el: &Element) -> LuaResult<Table> {
+    build_tree(lua, stanza_mt, &Tree::from_element(el))
+}
+
+/// Builds a top-level `util.stanza` from a tree. `xmlns` is set only where the namespace
+/// differs from the parent's, and on the top element only when it is not `jabber:client`.
 ///
 /// The whole tree is built with Lua's C API inside one protected call: through mlua's safe API
 /// every table and string made is a protected call of its own, which was the largest single
 /// cost of answering a page on Prosody's loop. The tables are exactly those `util.stanza`
 /// makes: `name`, `attr`, `tags`, the child nodes in order, and `stanza_mt`.
-pub fn build(lua: &Lua, stanza_mt: &Table, el: &Element, parent_ns: &str) -> LuaResult<Table> {
+pub fn build_tree(lua: &Lua, stanza_mt: &Table, tree: &Tree) -> LuaResult<Table> {
     // SAFETY: `exec_raw` runs the closure as one protected call with `stanza_mt` pushed as its
     // only argument; `build_raw` leaves exactly one new table above it, and the argument is
     // removed, so the one value left is the result. A Lua error raised inside (out of memory)
-    // unwinds through `build_raw`'s frames, which hold only borrowed data and, for namespaced
-    // attribute names, a `String` that is then leaked, never used again.
+    // unwinds through `build_raw`'s frames, which hold only borrowed data.
     unsafe {
         lua.exec_raw::<Table>(stanza_mt, |state| {
             let mt = ffi::lua_gettop(state);
-            build_raw(state, mt, el, parent_ns);
+            build_raw(state, mt, tree.root(), ns::CLIENT);
             ffi::lua_remove(state, mt);
         })
     }
@@ -237,48 +243,34 @@ unsafe fn set_field(state: *mut ffi::lua_State, t: c_int, key: &str, value: &str
 }
 
 /// Pushes the stanza table of `el`; `mt` is the absolute index of `stanza_mt`.
-unsafe fn build_raw(state: *mut ffi::lua_State, mt: c_int, el: &Element, parent_ns: &str) {
+unsafe fn build_raw(state: *mut ffi::lua_State, mt: c_int, el: Elem, parent_ns: &str) {
     // Each level keeps three tables on the stack while building the next.
     ffi::luaL_checkstack(state, 6, c"stanza nested too deep".as_ptr());
     let ns = el.ns();
     let attrs = el.attrs();
-    let nodes = el.nodes().count();
-    let tags = el.children().count();
-    ffi::lua_createtable(state, nodes as c_int, 3);
+    ffi::lua_createtable(state, el.node_count() as c_int, 3);
     let t = ffi::lua_gettop(state);
     ffi::lua_createtable(state, 0, attrs.len() as c_int + 1);
     let attr = t + 1;
     if ns != parent_ns {
-        set_field(state, attr, "xmlns", ns.as_str());
+        set_field(state, attr, "xmlns", ns);
     }
-    for ((attr_ns, name), value) in attrs.iter() {
-        if attr_ns.is_none() {
-            set_field(state, attr, name.as_str(), value.as_str());
-        } else if *attr_ns == Namespace::XML {
-            set_field(
-                state,
-                attr,
-                &format!("xml:{}", name.as_str()),
-                value.as_str(),
-            );
-        } else {
-            let key = format!("{}\u{1}{}", attr_ns.as_str(), name.as_str());
-            set_field(state, attr, &key, value.as_str());
-        }
+    for (key, value) in attrs {
+        set_field(state, attr, key, value);
     }
-    ffi::lua_createtable(state, tags as c_int, 0);
+    ffi::lua_createtable(state, el.tag_count() as c_int, 0);
     let tag_list = t + 2;
     let mut tag_count = 0;
-    for (i, node) in el.nodes().enumerate() {
+    for (i, node) in el.children().enumerate() {
         match node {
-            Node::Element(child) => {
-                build_raw(state, mt, child, &ns);
+            Child::Element(child) => {
+                build_raw(state, mt, child, ns);
                 ffi::lua_pushvalue(state, -1);
                 ffi::lua_rawseti(state, t, i as ffi::lua_Integer + 1);
                 tag_count += 1;
                 ffi::lua_rawseti(state, tag_list, tag_count);
             }
-            Node::Text(text) => {
+            Child::Text(text) => {
                 push_str(state, text);
                 ffi::lua_rawseti(state, t, i as ffi::lua_Integer + 1);
             }

@@ -8,10 +8,14 @@
 //!   result messages and `<fin>`.
 //! - [`xep0359`]: unique stanza ids (`<stanza-id>`).
 //! - [`xml_text`]: names and character data written as XML text (the stored copy).
+//! - [`stored`]: the stored copy read back, as a [`tree::Tree`]: the flat form in which result
+//!   messages go to the Lua side.
 //!
 //! This layer parses and builds elements; it never touches the store, threads or Lua.
 //! Errors are [`StanzaError`] values that the Lua surface turns into `st.error_reply`.
 
+pub mod stored;
+pub mod tree;
 pub mod xep0004;
 pub mod xep0059;
 pub mod xep0082;

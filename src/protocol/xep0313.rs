@@ -11,12 +11,13 @@
 //! [`crate::store::Query`] and [`crate::store::Page`] values only. Who may query which archive
 //! is decided elsewhere.
 
+use super::tree::{Builder, Tree};
 use super::xep0004::{Field, FieldType, Form, FormKind, FormType, SubmittedForm};
 use super::xep0059::{SetQuery, SetResult};
-use super::{attr_name, ns, xep0082, PreppedJid, StanzaError};
+use super::{attr_name, ns, stored, xep0082, PreppedJid, StanzaError};
 use crate::id::ArchiveId;
 use crate::store::{Page, Query};
-use minidom::{Element, Node};
+use minidom::Element;
 
 /// The error text for a missing or foreign `FORM_TYPE` (mod_mam.lua:123).
 pub const UNEXPECTED_FORM_TYPE: &str = "Unexpected FORM_TYPE, expected 'urn:xmpp:mam:2'";
@@ -93,7 +94,7 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Response {
     /// The result `<message/>`s, in the order they go on the wire.
-    pub messages: Vec<Element>,
+    pub messages: Vec<Tree>,
     /// The `<fin/>` for the `<iq type="result">`.
     pub fin: Element,
     /// No more results remain beyond this page.
@@ -275,15 +276,10 @@ pub fn respond(
         }
         newest = newest.max(Some(item.id));
         let id = item.client_id();
-        match parse_stored(&item.stanza) {
-            Ok(stanza) => messages.push(result_message(
-                to,
-                from,
-                query.queryid.as_deref(),
-                &id,
-                &xep0082::format(item.id.micros()),
-                stanza,
-            )),
+        let stamp = xep0082::format(item.id.micros());
+        let queryid = query.queryid.as_deref();
+        match result_message(to, from, queryid, &id, &stamp, &item.stanza) {
+            Ok(message) => messages.push(message),
             Err(e) => skipped.push(format!("id {id}: {e}")),
         }
         if first.is_none() {
@@ -344,61 +340,38 @@ fn timestamp(s: &str) -> Result<i64, StanzaError> {
     xep0082::parse(s).ok_or_else(|| StanzaError::bad_request(INVALID_TIMESTAMP))
 }
 
-/// Parses a stored stanza. Elements without a namespace are read as `jabber:client`. A top
-/// element in another namespace is moved to `jabber:client` (mod_mam.lua:204), together with
-/// the descendants that share its namespace, as they would in Prosody, where they inherit it.
-pub fn parse_stored(xml: &str) -> Result<Element, String> {
-    let el = Element::from_reader_with_prefixes(xml.as_bytes(), ns::CLIENT.to_owned())
-        .map_err(|e| format!("cannot parse the stored stanza: {e}"))?;
-    if el.ns() == ns::CLIENT {
-        return Ok(el);
-    }
-    let from = el.ns();
-    Ok(move_namespace(el, &from))
-}
-
-/// `el` and its descendants in namespace `from`, moved to `jabber:client`.
-fn move_namespace(mut el: Element, from: &str) -> Element {
-    if el.ns() != from {
-        return el;
-    }
-    let attrs = std::mem::take(el.attrs_mut());
-    let mut moved = Element::builder(el.name(), ns::CLIENT);
-    for ((attr_ns, name), value) in attrs {
-        moved = moved.attr_ns(attr_ns, name, value);
-    }
-    let children = el.take_nodes().into_iter().map(|node| match node {
-        Node::Element(child) => Node::Element(move_namespace(child, from)),
-        other => other,
-    });
-    moved.append_all(children).build()
-}
-
+/// `<message [to] [from]><result [queryid] id><forwarded><delay stamp/>` and the stored
+/// stanza, or why the stored stanza cannot be read.
 fn result_message(
     to: Option<&str>,
     from: Option<&str>,
     queryid: Option<&str>,
     id: &str,
     stamp: &str,
-    stanza: Element,
-) -> Element {
-    let delay = Element::builder("delay", ns::DELAY)
-        .attr(attr_name("stamp"), stamp)
-        .build();
-    let forwarded = Element::builder("forwarded", ns::FORWARD)
-        .append(delay)
-        .append(stanza)
-        .build();
-    let result = Element::builder("result", ns::MAM)
-        .attr(attr_name("queryid"), queryid)
-        .attr(attr_name("id"), id)
-        .append(forwarded)
-        .build();
-    Element::builder("message", ns::CLIENT)
-        .attr(attr_name("to"), to)
-        .attr(attr_name("from"), from)
-        .append(result)
-        .build()
+    stored: &str,
+) -> Result<Tree, String> {
+    let mut b = Builder::with_capacity(stored.len() + 256, 32);
+    b.start("message", ns::CLIENT);
+    if let Some(to) = to {
+        b.attr("to", to);
+    }
+    if let Some(from) = from {
+        b.attr("from", from);
+    }
+    b.start("result", ns::MAM);
+    if let Some(queryid) = queryid {
+        b.attr("queryid", queryid);
+    }
+    b.attr("id", id);
+    b.start("forwarded", ns::FORWARD);
+    b.start("delay", ns::DELAY);
+    b.attr("stamp", stamp);
+    b.end();
+    stored::read_into(&mut b, stored)?;
+    b.end();
+    b.end();
+    b.end();
+    Ok(b.finish())
 }
 
 #[cfg(test)]
@@ -789,7 +762,8 @@ mod tests {
         r.messages
             .iter()
             .map(|m| {
-                m.get_child("result", ns::MAM)
+                m.to_element()
+                    .get_child("result", ns::MAM)
                     .and_then(|r| r.get_child("forwarded", ns::FORWARD))
                     .and_then(|f| f.get_child("message", ns::CLIENT))
                     .and_then(|m| m.get_child("body", ns::CLIENT))
@@ -822,7 +796,7 @@ mod tests {
         );
         assert_eq!(r.messages.len(), 1);
         // Serialise and parse back: this is what goes on the wire.
-        let wire: Element = String::from(&r.messages[0]).parse().unwrap();
+        let wire: Element = String::from(&r.messages[0].to_element()).parse().unwrap();
         assert!(wire.is("message", ns::CLIENT));
         assert_eq!(wire.attr("to"), Some("juliet@capulet.lit/balcony"));
         assert_eq!(wire.attr("from"), Some("juliet@capulet.lit"));
@@ -866,7 +840,7 @@ mod tests {
         let q = MamQuery::default();
         let plan = q.plan(&Limits::default());
         let r = respond(&q, &plan, page([1], None), None, None);
-        let m = &r.messages[0];
+        let m = &r.messages[0].to_element();
         assert_eq!(m.attrs().iter().count(), 0);
         let result = m.get_child("result", ns::MAM).unwrap();
         assert_eq!(result.attr("queryid"), None);
@@ -884,6 +858,7 @@ mod tests {
         });
         let r = respond(&q, &plan, p, None, None);
         let stamp = r.messages[0]
+            .to_element()
             .get_child("result", ns::MAM)
             .and_then(|r| r.get_child("forwarded", ns::FORWARD))
             .and_then(|f| f.get_child("delay", ns::DELAY))
@@ -1039,7 +1014,7 @@ mod tests {
         let r = respond(&q, &plan, p, None, None);
         assert!(r.skipped.is_empty());
         for m in &r.messages {
-            let wire: Element = String::from(m).parse().unwrap();
+            let wire: Element = String::from(&m.to_element()).parse().unwrap();
             let stored = wire
                 .get_child("result", ns::MAM)
                 .and_then(|r| r.get_child("forwarded", ns::FORWARD))
@@ -1048,7 +1023,8 @@ mod tests {
             assert_eq!(stored.attr("to"), Some("a@b"));
         }
         assert_eq!(bodies(&r), ["no ns", "s2s"]);
-        let foreign = r.messages[1]
+        let foreign = r.messages[1].to_element();
+        let foreign = foreign
             .get_child("result", ns::MAM)
             .and_then(|r| r.get_child("forwarded", ns::FORWARD))
             .and_then(|f| f.get_child("message", ns::CLIENT))

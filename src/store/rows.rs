@@ -16,7 +16,7 @@ const MAX_MICROS: i64 = i64::MAX >> SEQ_BITS;
 const IMPORT_SEQ: i64 = 1 << (SEQ_BITS - 1);
 
 /// An inclusive range of stored ids.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct IdRange {
     pub lo: i64,
     pub hi: i64,

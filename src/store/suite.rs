@@ -332,6 +332,80 @@ fn totals_ignore_before_and_after() {
     assert_eq!(with_and_time.total, Some(5));
 }
 
+/// The totals of time windows are exact however the rows spread over time: rows a millisecond
+/// to three minutes apart over several hours, in two archives, windows from a second to all of
+/// it (their ends on rows, between rows, and on whole minutes of 2^26 µs, where the SQLite
+/// store's kept counts begin and end), and again after expiry took the oldest rows.
+#[test]
+fn window_totals_are_exact_over_hours_of_rows() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let juliet = archive("example.com", "juliet", "archive");
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: i64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as i64
+    };
+    let minute = 1i64 << 26;
+    let (mut times, mut batch) = (Vec::new(), Vec::new());
+    let mut t = T0;
+    for i in 0..400 {
+        t = match next(6) {
+            0 => t + 1_000 * (1 + next(5)),
+            // The first or the last microsecond of a minute.
+            1 => (t / minute + 1) * minute + next(2) * (minute - 1),
+            _ => t + SECOND * (1 + next(180)),
+        };
+        times.push(t);
+        // The last id of a minute too (a sequence number at its largest).
+        let id = match t % minute == minute - 1 {
+            true => ArchiveId::last_at(t),
+            false => ArchiveId::first_at(t),
+        };
+        batch.push(row(&romeo(), id, "juliet@capulet.lit"));
+        if i % 3 == 0 {
+            batch.push(row(&juliet, ArchiveId::first_at(t + 500), "romeo@example.com"));
+        }
+    }
+    store.append(&batch).unwrap();
+    let mut windows = vec![(None, None), (Some(T0), None), (None, Some(t))];
+    for _ in 0..150 {
+        let mut at = || match next(3) {
+            0 => times[next(times.len() as i64) as usize],
+            1 => (T0 + next(t - T0)) / minute * minute + next(2) - 1,
+            _ => T0 + next(t - T0 + 2),
+        };
+        let (a, b) = (at(), at());
+        windows.push((Some(a.min(b)), Some(a.max(b))));
+    }
+    let check = |times: &[i64]| {
+        for &(start, end) in &windows {
+            let expected = times
+                .iter()
+                .filter(|&&w| start.is_none_or(|s| w >= s) && end.is_none_or(|e| w <= e))
+                .count() as u64;
+            let page = find(
+                &store,
+                Query {
+                    start,
+                    end,
+                    limit: Some(1),
+                    total: true,
+                    ..Query::default()
+                },
+            );
+            assert_eq!(page.total, Some(expected), "window {start:?} to {end:?}");
+        }
+    };
+    check(&times);
+    let cut = times[times.len() / 3];
+    expire_all(&store, ExpiryRule::Age { end: cut });
+    times.retain(|&w| w > cut);
+    check(&times);
+}
+
 #[test]
 fn limit_zero_gives_the_total_without_checking_ids() {
     let dir = TempDir::new().unwrap();

@@ -121,7 +121,10 @@ fn version_4_fills_the_contact_totals_of_an_existing_archive() {
     let conn = Connection::open(db_path(&dir)).unwrap();
     conn.execute_batch(
         "DROP TRIGGER messages_with_count_insert; DROP TRIGGER messages_with_count_delete; \
-         DROP TRIGGER messages_with_count_move; DROP TABLE with_counts; PRAGMA user_version = 3;",
+         DROP TRIGGER messages_with_count_move; DROP TABLE with_counts; \
+         DROP TRIGGER messages_minute_count_insert; DROP TRIGGER messages_minute_count_delete; \
+         DROP TRIGGER messages_minute_count_move; DROP TABLE minute_counts; \
+         PRAGMA user_version = 3;",
     )
     .unwrap();
     drop(conn);
@@ -146,6 +149,140 @@ fn with_counts_follow_deletes_made_elsewhere() {
     );
     assert_eq!(numbers(&page), vec![5, 7, 8, 10]);
     assert_eq!(page.total, Some(4));
+}
+
+/// The id of row `n` of [`rows_over_ten_minutes`].
+fn spread(n: i64) -> ArchiveId {
+    ArchiveId::first_at(T0 + n * 20 * SECOND)
+}
+
+/// Romeo's 30 rows, 20 s apart: over ten minutes of 2^26 µs, so that windows over them are
+/// counted by minutes.
+fn rows_over_ten_minutes(dir: &TempDir) -> SqliteStore {
+    let store = open(dir);
+    let batch: Vec<NewItem> = (0..30).map(|n| row(&romeo(), spread(n), "a@b")).collect();
+    store.append(&batch).unwrap();
+    store
+}
+
+fn window_total(store: &SqliteStore, start: i64, end: i64) -> Option<u64> {
+    let query = Query {
+        start: Some(start),
+        end: Some(end),
+        limit: Some(0),
+        total: true,
+        ..Query::default()
+    };
+    find(store, query).total
+}
+
+#[test]
+fn version_5_fills_the_minute_counts_of_an_existing_archive() {
+    let dir = TempDir::new().unwrap();
+    drop(rows_over_ten_minutes(&dir));
+    let kept = |conn: &Connection| -> Vec<(i64, i64)> {
+        let mut stmt = conn
+            .prepare("SELECT minute, item_count FROM minute_counts ORDER BY minute")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    let before = kept(&conn);
+    assert!(before.len() >= 9, "{before:?}");
+    assert_eq!(before.iter().map(|(_, n)| n).sum::<i64>(), 30);
+    // The file as version 4 left it: no minute counts.
+    conn.execute_batch(
+        "DROP TRIGGER messages_minute_count_insert; DROP TRIGGER messages_minute_count_delete; \
+         DROP TRIGGER messages_minute_count_move; DROP TABLE minute_counts; \
+         PRAGMA user_version = 4;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = open(&dir);
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    assert_eq!(kept(&conn), before);
+    // And the triggers are back: a window's total follows new rows.
+    store.append(&[row(&romeo(), spread(31), "a@b")]).unwrap();
+    assert_eq!(window_total(&store, T0, T0 + 40 * 20 * SECOND), Some(31));
+}
+
+#[test]
+fn minute_counts_follow_deletes_made_elsewhere_and_empty_minutes_go() {
+    let dir = TempDir::new().unwrap();
+    let store = rows_over_ten_minutes(&dir);
+    let conn = Connection::open(db_path(&dir)).unwrap();
+    conn.execute("DELETE FROM messages WHERE id <= ?1", [spread(14).as_i64()])
+        .unwrap();
+    assert_eq!(window_total(&store, T0, T0 + 29 * 20 * SECOND), Some(15));
+    let (start, end) = (T0 + 5 * 20 * SECOND, T0 + 24 * 20 * SECOND);
+    assert_eq!(window_total(&store, start, end), Some(10));
+    let (rows, empty): (i64, i64) = conn
+        .query_row(
+            "SELECT coalesce(sum(item_count), 0), count(*) FILTER (WHERE item_count = 0) \
+             FROM minute_counts",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, empty), (15, 0));
+}
+
+#[test]
+fn a_range_splits_into_whole_minutes_and_the_ids_at_its_ends() {
+    let minute = 1i64 << MINUTE_SHIFT;
+    // Less than two whole minutes: counted row by row.
+    assert_eq!(
+        MinuteSplit::of(IdRange {
+            lo: 0,
+            hi: 2 * minute - 2
+        }),
+        None
+    );
+    assert_eq!(
+        MinuteSplit::of(IdRange {
+            lo: 1,
+            hi: 3 * minute - 2
+        }),
+        None
+    );
+    let split = MinuteSplit::of(IdRange {
+        lo: 0,
+        hi: 2 * minute - 1,
+    })
+    .unwrap();
+    assert_eq!((split.first, split.last), (0, 1));
+    assert!(split.below.lo > split.below.hi && split.above.lo > split.above.hi);
+    let split = MinuteSplit::of(IdRange {
+        lo: minute + 5,
+        hi: 5 * minute + 7,
+    })
+    .unwrap();
+    assert_eq!((split.first, split.last), (2, 4));
+    assert_eq!(
+        split.below,
+        IdRange {
+            lo: minute + 5,
+            hi: 2 * minute - 1
+        }
+    );
+    assert_eq!(
+        split.above,
+        IdRange {
+            lo: 5 * minute,
+            hi: 5 * minute + 7
+        }
+    );
+    // Up to the last id: the last minute is whole, nothing after it.
+    let split = MinuteSplit::of(IdRange {
+        lo: 0,
+        hi: i64::MAX,
+    })
+    .unwrap();
+    assert_eq!(split.last, i64::MAX >> MINUTE_SHIFT);
+    assert!(split.above.lo > split.above.hi);
 }
 
 /// Runs `EXPLAIN QUERY PLAN` and returns the plan's detail lines.
@@ -205,6 +342,23 @@ fn queries_walk_the_archive_indexes() {
             assert!(lines.iter().any(|l| l.contains(index)), "{sql}: {lines:?}");
         }
     }
+    // A window of whole minutes reads their kept counts and the archive's index at its ends.
+    let minutes = MinuteSplit::of(IdRange::from_times(Some(T0), Some(T0 + 3600 * SECOND))).unwrap();
+    let lines = plan(&conn, COUNT_BY_MINUTES, &minutes.params(1));
+    assert!(
+        lines.iter().any(
+            |l| l.contains("minute_counts USING PRIMARY KEY (aid=? AND minute>? AND minute<?)")
+        ),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("messages_by_archive (aid=? AND rowid>? AND rowid<?)"))
+            .count(),
+        2,
+        "{lines:?}"
+    );
     // An ids list is looked up by rowid, not by walking the whole archive.
     for with_id in [None, Some(1)] {
         let filter = Filter {

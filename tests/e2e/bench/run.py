@@ -62,15 +62,24 @@ E2E = HERE.parent
 REPO = E2E.parents[1]
 
 LABELS = {"floor": "no archive module", "stock": "stock mod_mam", "rs": "mod_mam_rs", "mem": "memory reference",
-          "rs-pg": "mod_mam_rs on PostgreSQL", "rs-my": "mod_mam_rs on MariaDB"}
+          "rs-pg": "mod_mam_rs on PostgreSQL", "rs-my": "mod_mam_rs on MariaDB",
+          "rs-b": "mod_mam_rs, compared build"}
 ARCHIVE_MODULES = {"floor": [], "stock": ["mam"], "rs": ["mam_rs"], "mem": ["mam_memory_ref"], "rs-pg": ["mam_rs"],
-                   "rs-my": ["mam_rs"]}
+                   "rs-my": ["mam_rs"], "rs-b": ["mam_rs"]}
 # mod_mam_rs with its archive on a database server: the kind, and the server (tests/e2e/dbservers.py).
 ON_SERVER = {"rs-pg": "postgres", "rs-my": "mariadb"}
 # The kinds whose archive is compressed by default (archive_compression).
-COMPRESSED = ("rs", "rs-pg", "rs-my")
+COMPRESSED = ("rs", "rs-pg", "rs-my", "rs-b")
 # Every kind, in the order tables and plots show them.
-KINDS = ("floor", "stock", "rs", "mem", "rs-pg", "rs-my")
+KINDS = ("floor", "stock", "rs", "mem", "rs-pg", "rs-my", "rs-b")
+# The kinds that are mod_mam_rs set up otherwise, each reported beside the references as "rs" is:
+# on a database server, or another build of it (--compare-dir) on the same SQLite setup.
+VARIANTS = ("rs-pg", "rs-my", "rs-b")
+
+
+def plugin_dir(ctx, kind):
+    """The module directory a kind's server loads mod_mam_rs from."""
+    return ctx.compare_dir if kind == "rs-b" else ctx.plugin_dir
 # The benchmark's MariaDB: a buffer pool that holds a 1M-message archive, as an admin's server
 # would have (the test suite's is 32 MB), and a redo log that seeding does not keep flushing.
 MARIADB_SIZES = {"buffer_pool": "1G", "log_file": "256M"}
@@ -266,7 +275,7 @@ def throughput(ctx, kinds):
             extra = common_config(ctx)
             if kind in ON_SERVER:
                 extra = extra + [server_archive(ctx, kind)[1]]
-            servers[kind] = Server(ctx.root, "tp-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir,
+            servers[kind] = Server(ctx.root, "tp-" + kind, ARCHIVE_MODULES[kind], plugin_dir(ctx, kind),
                                    extra, accounts_from=ctx.accounts).start()
         for r in range(ctx.rounds):
             for kind in rotated(kinds, r):
@@ -458,7 +467,8 @@ def seeded_server(ctx, kind, plan, res):
     """A stopped server of `kind` whose archive holds the plan's rows; records bytes per message."""
     on_server = server_archive(ctx, kind) if kind in ON_SERVER else None
     extra = common_config(ctx) + ([on_server[1]] if on_server else [])
-    srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind], ctx.plugin_dir, extra, accounts_from=ctx.accounts)
+    srv = Server(ctx.root, "q-" + kind, ARCHIVE_MODULES[kind], plugin_dir(ctx, kind), extra,
+                 accounts_from=ctx.accounts)
     t = time.monotonic()
     size = None  # the archive's bytes now (none for the in-memory reference)
     if on_server:
@@ -470,7 +480,7 @@ def seeded_server(ctx, kind, plan, res):
         size = lambda: server_size(db, database)  # noqa: E731
         before = size()
         seed(db, database, plan, ctx.root / ("seed-%s.txt" % kind))
-    elif kind == "rs":
+    elif kind in ("rs", "rs-b"):
         srv.start()  # creates its schema in mam_rs.sqlite
         srv.stop()
         files = [srv.data / "mam_rs.sqlite", srv.data / "mam_rs.sqlite-wal"]
@@ -671,7 +681,7 @@ def build_rows(r):
         row("archived messages/s (floor: delivered/s)", s, x, f, ratio(x, s), "≥ 20× stock", ">=", 20, nd=0, rnd=1)
         s, x, f = (g("throughput", k, "cpu_ms_per_1000") for k in ("stock", "rs", "floor"))
         row("Prosody CPU per 1,000 messages, ms", s, x, f, ratio(x, f), "≤ 1.25× floor", "<=", 1.25, nd=0)
-        for kind in [k for k in ON_SERVER if k in tp]:
+        for kind in [k for k in VARIANTS if k in tp]:
             on = on_label(kind)
             s, x, f = g("throughput", "stock", "rate"), g("throughput", kind, "rate"), g("throughput", "floor", "rate")
             row("archived messages/s, mod_mam_rs%s" % on, s, x, f, ratio(x, s), nd=0, rnd=1)
@@ -716,8 +726,9 @@ def build_rows(r):
         row("bytes per message on disk", s, x, None, ratio(x, s), "≤ 0.33× stock", "<=", 1 / 3, nd=0)
         x = g("archive", "rs", "bytes_per_message_text")
         row("bytes per message, mod_mam_rs with archive_compression = false", s, x, None, ratio(x, s), nd=0)
-    for kind in [k for k in ON_SERVER if k in q]:
-        # The same figures with mod_mam_rs's archive on a database server (stock's column: stock on SQLite).
+    for kind in [k for k in VARIANTS if k in q]:
+        # The same figures with mod_mam_rs's archive on a database server, or for the compared
+        # build (stock's column: stock on SQLite).
         on = on_label(kind)
         for shape in SHAPES:
             for stat in ("p50", "p99"):
@@ -802,7 +813,8 @@ def plot(r, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"floor": "#999999", "stock": "#d95f02", "rs": "#1b9e77", "mem": "#7570b3", "rs-pg": "#66a61e", "rs-my": "#e6ab02"}
+    colours = {"floor": "#999999", "stock": "#d95f02", "rs": "#1b9e77", "mem": "#7570b3", "rs-pg": "#66a61e", "rs-my": "#e6ab02",
+               "rs-b": "#e7298a"}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     axes = axes.ravel()
     m = r["meta"]
@@ -914,6 +926,10 @@ def main(argv=None):
                     help="every phase also with mod_mam_rs's archive on a throwaway PostgreSQL (Debian's package)")
     ap.add_argument("--mariadb", action="store_true",
                     help="every phase also with mod_mam_rs's archive on a throwaway MariaDB (Debian's package)")
+    ap.add_argument("--compare-dir", metavar="DIR",
+                    help="every phase also with the mod_mam_rs build in DIR (a directory named mod_mam_rs, as "
+                         "--plugin-dir), on the same SQLite setup, its queries interleaved with the others': "
+                         "two builds side by side under the same load")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-archive", action="store_true")
     ap.add_argument("--skip-expiry", action="store_true")
@@ -941,13 +957,16 @@ def main(argv=None):
     for k, v in vars(args).items():
         setattr(ctx, k, v)
     ctx.db_servers = {}
-    on_servers = (["rs-pg"] if args.postgres else []) + (["rs-my"] if args.mariadb else [])
+    on_servers = (["rs-pg"] if args.postgres else []) + (["rs-my"] if args.mariadb else []) + (
+        ["rs-b"] if args.compare_dir else [])
     ctx.plugin_dir = Path(args.plugin_dir).resolve()
-    if ctx.plugin_dir.name != "mod_mam_rs":
-        sys.exit("--plugin-dir must be a directory named mod_mam_rs (Prosody's plugin layout): %s" % ctx.plugin_dir)
-    for f in ("mod_mam_rs.lua", "commands.lib.lua", "mam_rs_native.so"):
-        if not (ctx.plugin_dir / f).exists():
-            sys.exit("%s missing in %s: run `make build` first" % (f, ctx.plugin_dir))
+    ctx.compare_dir = Path(args.compare_dir).resolve() if args.compare_dir else None
+    for d in [ctx.plugin_dir] + ([ctx.compare_dir] if ctx.compare_dir else []):
+        if d.name != "mod_mam_rs":
+            sys.exit("a plugin directory must be named mod_mam_rs (Prosody's plugin layout): %s" % d)
+        for f in ("mod_mam_rs.lua", "commands.lib.lua", "mam_rs_native.so"):
+            if not (d / f).exists():
+                sys.exit("%s missing in %s: run `make build` first" % (f, d))
 
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     import tempfile

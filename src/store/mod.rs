@@ -12,7 +12,7 @@ mod codec;
 pub mod deferred;
 pub mod mysql;
 pub mod postgres;
-mod rows;
+pub(crate) mod rows;
 pub mod sqlite;
 
 use crate::id::ArchiveId;

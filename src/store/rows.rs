@@ -237,6 +237,54 @@ pub(crate) struct Filter<'a> {
     pub ids: Option<&'a [i64]>,
 }
 
+/// Ids per "minute" of the kept counts per (archive, minute) on SQLite and PostgreSQL: an id is
+/// `micros << SEQ_BITS`, and a minute is 2^26 µs (about 67 s) of archive time, so an id's
+/// minute is `id >> MINUTE_SHIFT`.
+pub(crate) const MINUTE_SHIFT: u32 = SEQ_BITS + 26;
+
+/// An id range as the whole minutes inside it, whose rows a store keeps counted, and the ids
+/// before and after them, which it counts row by row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MinuteSplit {
+    pub first: i64,
+    pub last: i64,
+    pub below: IdRange,
+    pub above: IdRange,
+}
+
+impl MinuteSplit {
+    /// The split of `range`, when it holds at least two whole minutes (below that, counting
+    /// its rows reads no more than the split would).
+    pub fn of(range: IdRange) -> Option<MinuteSplit> {
+        let (lo, hi) = (i128::from(range.lo), i128::from(range.hi));
+        let first = (lo + (1 << MINUTE_SHIFT) - 1) >> MINUTE_SHIFT;
+        let last = ((hi + 1) >> MINUTE_SHIFT) - 1;
+        if last - first < 1 {
+            return None;
+        }
+        // An empty range where an end has no ids left (the last minute ends at i64::MAX).
+        let ids = |lo: i128, hi: i128| match (i64::try_from(lo), i64::try_from(hi)) {
+            (Ok(lo), Ok(hi)) => IdRange { lo, hi },
+            _ => IdRange { lo: 1, hi: 0 },
+        };
+        Some(MinuteSplit {
+            first: first as i64,
+            last: last as i64,
+            below: ids(lo, (first << MINUTE_SHIFT) - 1),
+            above: ids((last + 1) << MINUTE_SHIFT, hi),
+        })
+    }
+
+    /// The first and last whole minute, and the ids below and above them, as pairs.
+    pub fn bounds(&self) -> [(i64, i64); 3] {
+        [
+            (self.first, self.last),
+            (self.below.lo, self.below.hi),
+            (self.above.lo, self.above.hi),
+        ]
+    }
+}
+
 /// What [`find`] needs from one read snapshot of a store.
 pub(crate) trait Snapshot {
     /// The `aid` of an existing archive.
@@ -425,4 +473,64 @@ pub(crate) fn indexes_checked<S: AsRef<str>>(missing: &[S]) -> Result<String, St
         "missing indexes: {}; the schema was changed by hand",
         names.join(", ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_splits_into_whole_minutes_and_the_ids_at_its_ends() {
+        let minute = 1i64 << MINUTE_SHIFT;
+        // Less than two whole minutes: counted row by row.
+        assert_eq!(
+            MinuteSplit::of(IdRange {
+                lo: 0,
+                hi: 2 * minute - 2
+            }),
+            None
+        );
+        assert_eq!(
+            MinuteSplit::of(IdRange {
+                lo: 1,
+                hi: 3 * minute - 2
+            }),
+            None
+        );
+        let split = MinuteSplit::of(IdRange {
+            lo: 0,
+            hi: 2 * minute - 1,
+        })
+        .unwrap();
+        assert_eq!((split.first, split.last), (0, 1));
+        assert!(split.below.lo > split.below.hi && split.above.lo > split.above.hi);
+        let split = MinuteSplit::of(IdRange {
+            lo: minute + 5,
+            hi: 5 * minute + 7,
+        })
+        .unwrap();
+        assert_eq!((split.first, split.last), (2, 4));
+        assert_eq!(
+            split.below,
+            IdRange {
+                lo: minute + 5,
+                hi: 2 * minute - 1
+            }
+        );
+        assert_eq!(
+            split.above,
+            IdRange {
+                lo: 5 * minute,
+                hi: 5 * minute + 7
+            }
+        );
+        // Up to the last id: the last minute is whole, nothing after it.
+        let split = MinuteSplit::of(IdRange {
+            lo: 0,
+            hi: i64::MAX,
+        })
+        .unwrap();
+        assert_eq!(split.last, i64::MAX >> MINUTE_SHIFT);
+        assert!(split.above.lo > split.above.hi);
+    }
 }

@@ -25,7 +25,7 @@ mod tests;
 pub use schema::SCHEMA_VERSION;
 
 use super::codec::{self, Codec, Trained};
-use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
+use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange, MinuteSplit};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
     ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
@@ -1039,6 +1039,15 @@ fn where_clause<'p>(
     (sql, params)
 }
 
+/// The rows of an archive (`$1`) in a range split as [`MinuteSplit`] does: the kept counts of
+/// its whole minutes (`$2` to `$3`, schema version 4), and the rows of its two ends counted
+/// (`$4` to `$5`, `$6` to `$7`).
+const COUNT_BY_MINUTES: &str = "SELECT \
+     (SELECT coalesce(sum(item_count), 0) FROM mam_rs_minute_counts \
+      WHERE aid = $1 AND minute BETWEEN $2 AND $3)::BIGINT \
+   + (SELECT count(*) FROM mam_rs_messages WHERE aid = $1 AND id BETWEEN $4 AND $5) \
+   + (SELECT count(*) FROM mam_rs_messages WHERE aid = $1 AND id BETWEEN $6 AND $7)";
+
 /// Rows matching `filter` and `range` (not empty).
 fn count(
     conn: &mut impl GenericClient,
@@ -1057,6 +1066,25 @@ fn count(
                 conn.query_one(&total, &[&filter.aid, &with_id])
             }
         }
+        .map_err(db)?
+        .get(0)
+    } else if let (None, None, Some(minutes)) =
+        (filter.with_id, &filter.ids, MinuteSplit::of(range))
+    {
+        let count = statements.get(conn, COUNT_BY_MINUTES).map_err(db)?;
+        let [(first, last), below, above] = minutes.bounds();
+        conn.query_one(
+            &count,
+            &[
+                &filter.aid,
+                &first,
+                &last,
+                &below.0,
+                &below.1,
+                &above.0,
+                &above.1,
+            ],
+        )
         .map_err(db)?
         .get(0)
     } else {

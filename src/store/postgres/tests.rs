@@ -97,6 +97,7 @@ fn version_2_fills_the_contact_totals_of_an_existing_database() {
             DROP TABLE mam_rs_dictionaries;
             ALTER TABLE mam_rs_messages DROP COLUMN zstanza;
             DROP TABLE mam_rs_with_counts;
+            DROP TABLE mam_rs_minute_counts;
             CREATE OR REPLACE FUNCTION mam_rs_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
                 UPDATE mam_rs_archives a SET item_count = a.item_count + n.c
@@ -121,6 +122,37 @@ fn version_2_fills_the_contact_totals_of_an_existing_database() {
         .unwrap()
         .get(0);
     assert_eq!(version, schema::SCHEMA_VERSION);
+}
+
+#[test]
+fn minute_counts_follow_deletes_made_elsewhere_and_empty_minutes_go() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    // Romeo's 30 rows, 20 s apart: ten minutes of 2^26 µs, counted by minutes.
+    let at = |n: i64| ArchiveId::first_at(T0 + n * 20 * SECOND);
+    let batch: Vec<NewItem> = (0..30).map(|n| row(&romeo(), at(n), "a@b")).collect();
+    store.append(&batch).unwrap();
+    let mut admin = server()
+        .dbname(&store.options.database)
+        .connect(NoTls)
+        .unwrap();
+    admin
+        .execute(
+            "DELETE FROM mam_rs_messages WHERE id <= $1",
+            &[&at(14).as_i64()],
+        )
+        .unwrap();
+    let total = |start, end| window_total(&store, Some(start), Some(end));
+    assert_eq!(total(T0, T0 + 29 * 20 * SECOND), Some(15));
+    assert_eq!(total(T0 + 5 * 20 * SECOND, T0 + 24 * 20 * SECOND), Some(10));
+    let kept = admin
+        .query_one(
+            "SELECT coalesce(sum(item_count), 0)::BIGINT, count(*) FILTER (WHERE item_count = 0) \
+             FROM mam_rs_minute_counts",
+            &[],
+        )
+        .unwrap();
+    assert_eq!((kept.get::<_, i64>(0), kept.get::<_, i64>(1)), (15, 0));
 }
 
 #[test]

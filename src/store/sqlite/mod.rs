@@ -21,11 +21,10 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-use schema::MINUTE_SHIFT;
 pub use schema::SCHEMA_VERSION;
 
 use super::codec::{self, Codec};
-use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
+use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange, MinuteSplit};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
     ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
@@ -788,7 +787,11 @@ fn count(conn: &Connection, filter: &Filter<'_>, range: IdRange) -> Result<u64, 
     } else if let (None, None, Some(minutes)) = (filter.with_id, filter.ids, MinuteSplit::of(range))
     {
         conn.prepare_cached(COUNT_BY_MINUTES)
-            .and_then(|mut stmt| stmt.query_row(minutes.params(filter.aid), |row| row.get(0)))
+            .and_then(|mut stmt| {
+                let [(first, last), below, above] = minutes.bounds();
+                let params = [filter.aid, first, last, below.0, below.1, above.0, above.1];
+                stmt.query_row(params, |row| row.get(0))
+            })
             .map_err(db)?
     } else {
         let (sql, params) = count_query(filter, range);
@@ -802,59 +805,13 @@ fn count(conn: &Connection, filter: &Filter<'_>, range: IdRange) -> Result<u64, 
 }
 
 /// The rows of an archive (`?1`) in a range split as [`MinuteSplit`] does: the kept counts of
-/// its whole minutes (`?2` to `?3`), and the rows of its two ends counted (`?4` to `?5`, `?6`
-/// to `?7`).
+/// its whole minutes (`?2` to `?3`, schema version 5), and the rows of its two ends counted
+/// (`?4` to `?5`, `?6` to `?7`).
 const COUNT_BY_MINUTES: &str = "SELECT \
      (SELECT coalesce(sum(item_count), 0) FROM minute_counts \
       WHERE aid = ?1 AND minute BETWEEN ?2 AND ?3) \
    + (SELECT count(*) FROM messages WHERE aid = ?1 AND id BETWEEN ?4 AND ?5) \
    + (SELECT count(*) FROM messages WHERE aid = ?1 AND id BETWEEN ?6 AND ?7)";
-
-/// An id range as the whole minutes of `minute_counts` inside it (schema version 5) and the
-/// ids before and after them, which are counted row by row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct MinuteSplit {
-    first: i64,
-    last: i64,
-    below: IdRange,
-    above: IdRange,
-}
-
-impl MinuteSplit {
-    /// The split of `range`, when it holds at least two whole minutes (below that, counting
-    /// its rows reads no more than the split would).
-    fn of(range: IdRange) -> Option<MinuteSplit> {
-        let (lo, hi) = (i128::from(range.lo), i128::from(range.hi));
-        let first = (lo + (1 << MINUTE_SHIFT) - 1) >> MINUTE_SHIFT;
-        let last = ((hi + 1) >> MINUTE_SHIFT) - 1;
-        if last - first < 1 {
-            return None;
-        }
-        // An empty range where an end has no ids left (the last minute ends at i64::MAX).
-        let ids = |lo: i128, hi: i128| match (i64::try_from(lo), i64::try_from(hi)) {
-            (Ok(lo), Ok(hi)) => IdRange { lo, hi },
-            _ => IdRange { lo: 1, hi: 0 },
-        };
-        Some(MinuteSplit {
-            first: first as i64,
-            last: last as i64,
-            below: ids(lo, (first << MINUTE_SHIFT) - 1),
-            above: ids((last + 1) << MINUTE_SHIFT, hi),
-        })
-    }
-
-    fn params(&self, aid: i64) -> [i64; 7] {
-        [
-            aid,
-            self.first,
-            self.last,
-            self.below.lo,
-            self.below.hi,
-            self.above.lo,
-            self.above.hi,
-        ]
-    }
-}
 
 fn count_query(filter: &Filter<'_>, range: IdRange) -> (String, Vec<i64>) {
     let mut params = Vec::with_capacity(4);

@@ -190,10 +190,6 @@ fn v4_with_counts(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     )
 }
 
-/// Ids per row of `minute_counts`: an id is `micros << SEQ_BITS`, and a "minute" is 2^26 µs
-/// (about 67 s) of archive time.
-pub const MINUTE_SHIFT: u32 = crate::id::SEQ_BITS + 26;
-
 /// Version 5: the number of rows per (archive, minute), kept by triggers as the totals are, so
 /// that the `<count>` of a time window is the sum of its whole minutes plus the rows of the
 /// two minutes at its ends, not a count of every row in it: a one-hour window of a busy
@@ -234,7 +230,7 @@ fn v5_minute_counts(tx: &Transaction<'_>) -> rusqlite::Result<()> {
                 ON CONFLICT (aid, minute) DO UPDATE SET item_count = item_count + 1;
         END;
         "#,
-        shift = MINUTE_SHIFT
+        shift = crate::store::rows::MINUTE_SHIFT
     ))
 }
 

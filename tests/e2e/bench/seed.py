@@ -165,7 +165,7 @@ def check_server_schema(db, database, engine, in_this_database):
 
 
 PG_TABLES = ("mam_rs_archives", "mam_rs_jids", "mam_rs_messages", "mam_rs_legacy_ids", "mam_rs_imports",
-             "mam_rs_client_marks", "mam_rs_with_counts", "mam_rs_dictionaries")
+             "mam_rs_client_marks", "mam_rs_with_counts", "mam_rs_minute_counts", "mam_rs_dictionaries")
 
 
 def pg_archive_bytes(db, database):

@@ -12,7 +12,7 @@
 //! tables built here are real stanzas (`st.is_stanza` holds), so results go through Prosody's
 //! outgoing filters (stream management counts them).
 
-use minidom::rxml::{Namespace, NcName};
+use minidom::rxml::NcName;
 use minidom::Element;
 use mlua::{ffi, Lua, Result as LuaResult, Table, Value};
 use std::collections::BTreeSet;
@@ -20,7 +20,7 @@ use std::ffi::{c_int, CStr};
 use std::fmt::Write as _;
 
 use crate::policy::{Summary, TopChild};
-use crate::protocol::tree::{Child, Elem, Tree};
+use crate::protocol::tree::{split_attr_key, Child, Elem, Tree};
 use crate::protocol::{ns, xml_text};
 
 const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
@@ -79,13 +79,7 @@ fn copy(t: &Table, parent_ns: &str, depth: usize) -> Result<Element, CopyError> 
             if key == "xmlns" {
                 continue;
             }
-            let (attr_ns, local) = match key.split_once('\u{1}') {
-                Some((ans, local)) => (Namespace::from(ans.to_owned()), local),
-                None => match key.strip_prefix("xml:") {
-                    Some(local) => (Namespace::XML, local),
-                    None => (Namespace::NONE, key.as_str()),
-                },
-            };
+            let (attr_ns, local) = split_attr_key(&key);
             // Names Prosody's parser let through are valid; anything else cannot be stored.
             let name = NcName::try_from(local)
                 .map_err(|e| mlua::Error::external(format!("attribute name {key:?}: {e}")))?;
@@ -462,7 +456,7 @@ impl XmlWriter<'_> {
                 if key != "xmlns" {
                     let value = lua_str(state, -1);
                     match key.split_once('\u{1}') {
-                        Some((ans, local)) if ans == XML_NS => {
+                        Some((ans, local)) if ans == ns::XML => {
                             check_name(local)?;
                             self.out.push_str(" xml:");
                             self.out.push_str(local);
@@ -490,8 +484,6 @@ impl XmlWriter<'_> {
         Ok(())
     }
 }
-
-const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
 
 fn check_name(name: &str) -> Result<(), XmlError> {
     xml_text::check_name(name).map_err(XmlError::Invalid)

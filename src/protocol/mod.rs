@@ -34,6 +34,8 @@ pub mod ns {
     pub const FORWARD: &str = "urn:xmpp:forward:0";
     pub const DELAY: &str = "urn:xmpp:delay";
     pub const CLIENT: &str = "jabber:client";
+    /// The namespace of `xml:` attributes (`xml:lang`).
+    pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
     pub const XDATA_VALIDATE: &str = "http://jabber.org/protocol/xdata-validate";
 }
 

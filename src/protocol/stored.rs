@@ -13,9 +13,10 @@
 //! `stored` fuzz target compare the two.
 
 use minidom::Element;
+use std::borrow::Cow;
 
 use super::ns;
-use super::tree::{Builder, Span, Tree, XML_NS};
+use super::tree::{write_attr_key, Builder, Span, Tree};
 
 /// Parses a stored stanza. Elements without a namespace are read as `jabber:client`. A top
 /// element in another namespace is moved to `jabber:client` (mod_mam.lua:204), together with
@@ -225,19 +226,18 @@ impl<'x, 'b> Reader<'x, 'b> {
             let (prefix, local, value) = self.attrs[i];
             let key = match prefix {
                 None => self.b.push_str(local),
-                Some("xml") => {
-                    let start = self.b.buffer().len();
-                    self.b.buffer().push_str("xml:");
-                    self.b.buffer().push_str(local);
-                    self.b.span_from(start)
-                }
                 Some(prefix) => {
-                    let &(_, uri) = self.prefixes.iter().rev().find(|(p, _)| *p == prefix)?;
-                    let uri = self.b.str(uri).to_owned();
+                    // A declared namespace is copied out of the buffer the key goes to.
+                    let uri = match prefix {
+                        "xml" => Cow::Borrowed(ns::XML),
+                        _ => {
+                            let &(_, uri) =
+                                self.prefixes.iter().rev().find(|(p, _)| *p == prefix)?;
+                            Cow::Owned(self.b.str(uri).to_owned())
+                        }
+                    };
                     let start = self.b.buffer().len();
-                    self.b.buffer().push_str(&uri);
-                    self.b.buffer().push('\u{1}');
-                    self.b.buffer().push_str(local);
+                    write_attr_key(self.b.buffer(), Some(&uri), local);
                     self.b.span_from(start)
                 }
             };
@@ -363,7 +363,7 @@ impl<'x, 'b> Reader<'x, 'b> {
 /// Namespaces XML reserves, which no `xmlns` may declare (nor an empty default namespace,
 /// which this reader leaves to minidom).
 fn value_is_reserved(uri: &str) -> bool {
-    uri.is_empty() || uri == XML_NS || uri == "http://www.w3.org/2000/xmlns/"
+    uri.is_empty() || uri == ns::XML || uri == "http://www.w3.org/2000/xmlns/"
 }
 
 fn is_digits(s: &str, radix: u32) -> bool {

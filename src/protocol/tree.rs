@@ -15,8 +15,32 @@
 use minidom::rxml::{Namespace, NcName};
 use minidom::{Element, Node};
 
-/// The namespace of `xml:` attributes.
-pub const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
+use super::ns;
+
+/// Appends the `util.stanza` key of the attribute `local` in namespace `attr_ns` (none for a
+/// plain attribute): `local`, `xml:<local>`, or `<namespace>\1<local>`.
+pub fn write_attr_key(out: &mut String, attr_ns: Option<&str>, local: &str) {
+    match attr_ns {
+        None => {}
+        Some(ns::XML) => out.push_str("xml:"),
+        Some(uri) => {
+            out.push_str(uri);
+            out.push('\u{1}');
+        }
+    }
+    out.push_str(local);
+}
+
+/// The namespace and local name of the attribute under a `util.stanza` key.
+pub fn split_attr_key(key: &str) -> (Namespace<'static>, &str) {
+    match key.split_once('\u{1}') {
+        Some((uri, local)) => (Namespace::from(uri.to_owned()), local),
+        None => match key.strip_prefix("xml:") {
+            Some(local) => (Namespace::XML, local),
+            None => (Namespace::NONE, key),
+        },
+    }
+}
 
 /// A range of [`Tree`]'s string buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,13 +208,7 @@ impl<'t> Elem<'t> {
     pub fn to_element(&self) -> Element {
         let mut el = Element::builder(self.name(), self.ns()).build();
         for (key, value) in self.attrs() {
-            let (ns, name) = match key.split_once('\u{1}') {
-                Some((ns, name)) => (Namespace::from(ns.to_owned()), name),
-                None => match key.strip_prefix("xml:") {
-                    Some(name) => (Namespace::XML, name),
-                    None => (Namespace::NONE, key),
-                },
-            };
+            let (ns, name) = split_attr_key(key);
             let name = NcName::try_from(name).expect("a tree's attribute names are NCNames");
             el.set_attr(ns, name, value);
         }
@@ -347,14 +365,13 @@ impl Builder {
     /// Appends `el` and its subtree as a child of the open element (or as the root).
     pub fn element(&mut self, el: &Element) {
         self.start(el.name(), &el.ns());
-        for ((ns, name), value) in el.attrs().iter() {
-            if ns.is_none() {
-                self.attr(name.as_str(), value);
-            } else if ns.as_str() == XML_NS {
-                self.attr(&format!("xml:{}", name.as_str()), value);
-            } else {
-                self.attr(&format!("{}\u{1}{}", ns.as_str(), name.as_str()), value);
-            }
+        for ((attr_ns, name), value) in el.attrs().iter() {
+            let start = self.tree.text.len();
+            let attr_ns = (!attr_ns.is_none()).then(|| attr_ns.as_str());
+            write_attr_key(&mut self.tree.text, attr_ns, name.as_str());
+            let key = self.span_from(start);
+            let value = self.push_str(value);
+            self.attr_spans(key, value);
         }
         for node in el.nodes() {
             match node {

@@ -275,12 +275,17 @@ impl MinuteSplit {
         })
     }
 
-    /// The first and last whole minute, and the ids below and above them, as pairs.
-    pub fn bounds(&self) -> [(i64, i64); 3] {
+    /// The parameters of both stores' `COUNT_BY_MINUTES` for archive `aid`, in order: the
+    /// archive, the first and last whole minute, the ids below them, the ids above them.
+    pub fn params(&self, aid: i64) -> [i64; 7] {
         [
-            (self.first, self.last),
-            (self.below.lo, self.below.hi),
-            (self.above.lo, self.above.hi),
+            aid,
+            self.first,
+            self.last,
+            self.below.lo,
+            self.below.hi,
+            self.above.lo,
+            self.above.hi,
         ]
     }
 }

@@ -1072,21 +1072,9 @@ fn count(
         (filter.with_id, &filter.ids, MinuteSplit::of(range))
     {
         let count = statements.get(conn, COUNT_BY_MINUTES).map_err(db)?;
-        let [(first, last), below, above] = minutes.bounds();
-        conn.query_one(
-            &count,
-            &[
-                &filter.aid,
-                &first,
-                &last,
-                &below.0,
-                &below.1,
-                &above.0,
-                &above.1,
-            ],
-        )
-        .map_err(db)?
-        .get(0)
+        let params = minutes.params(filter.aid);
+        let params = params.each_ref().map(|p| p as &(dyn ToSql + Sync));
+        conn.query_one(&count, &params).map_err(db)?.get(0)
     } else {
         let (clause, params) = where_clause(filter, &range);
         let count = statements

@@ -69,6 +69,14 @@ fn open_with(dir: &TempDir, compression: bool) -> PgStore {
     PgStore::open(&options, compression).expect("open")
 }
 
+/// A connection of our own to `store`'s database, to change it behind the store's back.
+fn admin(store: &PgStore) -> postgres::Client {
+    server()
+        .dbname(&store.options.database)
+        .connect(NoTls)
+        .expect("connect to the test database")
+}
+
 include!("../suite.rs");
 
 #[test]
@@ -87,10 +95,7 @@ fn version_2_fills_the_contact_totals_of_an_existing_database() {
     let store = romeo_with_ten_rows(&dir);
     // The database as version 1 left it: no contact totals, version 1's trigger functions, no
     // compression (version 3).
-    let mut admin = server()
-        .dbname(&store.options.database)
-        .connect(NoTls)
-        .unwrap();
+    let mut admin = admin(&store);
     admin
         .batch_execute(
             r#"
@@ -132,10 +137,7 @@ fn minute_counts_follow_deletes_made_elsewhere_and_empty_minutes_go() {
     let at = |n: i64| ArchiveId::first_at(T0 + n * 20 * SECOND);
     let batch: Vec<NewItem> = (0..30).map(|n| row(&romeo(), at(n), "a@b")).collect();
     store.append(&batch).unwrap();
-    let mut admin = server()
-        .dbname(&store.options.database)
-        .connect(NoTls)
-        .unwrap();
+    let mut admin = admin(&store);
     admin
         .execute(
             "DELETE FROM mam_rs_messages WHERE id <= $1",
@@ -176,10 +178,7 @@ fn a_writer_that_lost_its_node_while_disconnected_refuses_to_write() {
     let node = one.claim_node().unwrap();
     // The server drops the writer's session (as a restart would) and, before this store
     // reconnects, another process takes the node.
-    let mut admin = server()
-        .dbname(&one.options.database)
-        .connect(NoTls)
-        .unwrap();
+    let mut admin = admin(&one);
     admin
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_locks \
@@ -223,10 +222,7 @@ fn queries_go_on_after_the_server_closed_the_pooled_connections() {
         t.join().unwrap();
     }
     // The server ends every session of the database, as a restart does.
-    let mut admin = server()
-        .dbname(&store.options.database)
-        .connect(NoTls)
-        .unwrap();
+    let mut admin = admin(&store);
     let ended: i64 = admin
         .query_one(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \

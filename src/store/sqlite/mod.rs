@@ -787,11 +787,7 @@ fn count(conn: &Connection, filter: &Filter<'_>, range: IdRange) -> Result<u64, 
     } else if let (None, None, Some(minutes)) = (filter.with_id, filter.ids, MinuteSplit::of(range))
     {
         conn.prepare_cached(COUNT_BY_MINUTES)
-            .and_then(|mut stmt| {
-                let [(first, last), below, above] = minutes.bounds();
-                let params = [filter.aid, first, last, below.0, below.1, above.0, above.1];
-                stmt.query_row(params, |row| row.get(0))
-            })
+            .and_then(|mut stmt| stmt.query_row(minutes.params(filter.aid), |row| row.get(0)))
             .map_err(db)?
     } else {
         let (sql, params) = count_query(filter, range);

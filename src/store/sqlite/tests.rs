@@ -284,9 +284,7 @@ fn queries_walk_the_archive_indexes() {
     }
     // A window of whole minutes reads their kept counts and the archive's index at its ends.
     let minutes = MinuteSplit::of(IdRange::from_times(Some(T0), Some(T0 + 3600 * SECOND))).unwrap();
-    let [(first, last), below, above] = minutes.bounds();
-    let params = [1, first, last, below.0, below.1, above.0, above.1];
-    let lines = plan(&conn, COUNT_BY_MINUTES, &params);
+    let lines = plan(&conn, COUNT_BY_MINUTES, &minutes.params(1));
     assert!(
         lines.iter().any(
             |l| l.contains("minute_counts USING PRIMARY KEY (aid=? AND minute>? AND minute<?)")

@@ -3,7 +3,8 @@
 #   make build     build/plugins/mod_mam_rs/ (the shim and the .so), ready for plugin_paths
 #   make install   into Prosody's plugin directory (PREFIX, DESTDIR, PLUGIN_DIR respected)
 #   make run       a local Prosody on 127.0.0.1 with mod_mam_rs and two accounts
-#   make test      every test: cargo test, busted specs, end-to-end against a real Prosody, fuzz smoke
+#   make test      every test: cargo test, busted specs, end-to-end against a real Prosody (0.12, and 13
+#                  on SQLite), fuzz smoke
 #   make bench     stock mod_mam vs mod_mam_rs vs an in-memory reference, end to end, as ratios
 #                  (quick: 50k-message archive; the record: make bench ROWS=1000000)
 #   make bench-micro  criterion benchmarks of the hot functions and the writer
@@ -30,7 +31,7 @@ TEST_APT_PACKAGES := lua-busted postgresql mariadb-server mariadb-client lua-dbi
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust deps-test apt-install test-spec test-e2e test-fuzz bench bench-alloc bench-instr bench-micro bench-lua deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-test deps-prosody13 apt-install test-spec test-e2e test-e2e-prosody13 test-fuzz bench bench-alloc bench-instr bench-micro bench-lua deps deps-python lint clean dist
 
 all: build
 
@@ -82,7 +83,7 @@ uninstall:
 run: deps build
 	@tools/run-local.sh
 
-test: deps-python build test-rust test-spec test-e2e test-fuzz
+test: deps-python build test-rust test-spec test-e2e test-e2e-prosody13 test-fuzz
 
 ## The store suite runs on SQLite and on a throwaway PostgreSQL and MariaDB server
 ## (tools/with-postgres.sh, tools/with-mariadb.sh).
@@ -101,6 +102,22 @@ test-e2e: deps-python build
 	@set -e; for backend in $(E2E_BACKENDS); do \
 		echo "== end-to-end suite, archive on $$backend"; \
 		MAM_E2E_BACKEND=$$backend $(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider; \
+	done
+
+## The end-to-end suite again on Prosody 13 (Debian's bookworm-backports package, as Debian 13
+## ships it), unpacked into build/prosody13 beside the system's 0.12 (tools/fetch-prosody13.sh).
+## The archive on SQLite by default; E2E_BACKENDS_PROSODY13="sqlite postgres mariadb" for all.
+PROSODY13 := build/prosody13
+E2E_BACKENDS_PROSODY13 ?= sqlite
+
+deps-prosody13: deps
+	@tools/fetch-prosody13.sh $(PROSODY13)
+
+test-e2e-prosody13: deps-python deps-prosody13 build
+	@set -e; for backend in $(E2E_BACKENDS_PROSODY13); do \
+		echo "== end-to-end suite on Prosody $$(cat $(PROSODY13)/root/usr/lib/prosody/prosody.version), archive on $$backend"; \
+		PATH="$(abspath $(PROSODY13))/bin:$$PATH" MAM_E2E_BACKEND=$$backend \
+			$(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider; \
 	done
 
 ## A short run of every fuzz target (cargo-fuzz on the stable toolchain; installs it when

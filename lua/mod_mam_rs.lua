@@ -251,9 +251,10 @@ local answering = false; -- query results are going out: their rows are committe
 -- filters and rawsend only: the debug line's argument, stanza:top_tag(), clones and serialises
 -- the top element again, about 1 KB of garbage and 5 us a message. Any other send (mod_bosh's,
 -- a closed session's, another module's wrapper, or one of a Prosody version this has not been
--- checked against) is called again as it is.
+-- checked against) is called again as it is. 13.0's send is 0.12's, line for line.
 local plain_sends = setmetatable({}, { __mode = "k" }); -- send function -> it is sessionmanager's
-local checked_version = tostring(prosody.version):match("^0%.12%.") ~= nil;
+local prosody_version = tostring(prosody.version);
+local checked_version = prosody_version:match("^0%.12%.") ~= nil or prosody_version:match("^13%.0%.") ~= nil;
 
 local function is_plain_send(send)
 	local plain = plain_sends[send];

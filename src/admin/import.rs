@@ -59,8 +59,13 @@ pub fn stock_row(row: StockRow<'_>) -> Result<ImportRow, Skipped> {
     })
 }
 
+/// A stock row's time (seconds, with a fraction since Prosody 13) in microseconds, cut as
+/// Prosody's `util.datetime` cuts it for the stamps clients were shown: the whole seconds, then
+/// the fraction's microseconds rounded down (13's `floor(t % 1 * 1000000)`), so that an
+/// imported message keeps the stamp it had.
 fn seconds_to_micros(seconds: f64) -> Option<i64> {
-    let micros = (seconds * 1e6).round();
+    let whole = seconds.floor();
+    let micros = whole * 1e6 + ((seconds - whole) * 1e6).floor();
     // Up to year 2262: far beyond any archive, and inside i64.
     (micros.is_finite() && (0.0..9.2e18).contains(&micros)).then_some(micros as i64)
 }
@@ -263,6 +268,22 @@ mod tests {
         let mut r = row("k", "xml", STOCK);
         r.when = 1_700_000_000.25;
         assert_eq!(stock_row(r).unwrap().micros, 1_700_000_000_250_000);
+    }
+
+    /// Prosody 13 stores `gettime()`; its `util.datetime` showed these times to clients as
+    /// `...09.907885Z`, `...20.999999Z` and `...20.000000Z` (checked with 13.0.1's module).
+    #[test]
+    fn fractions_are_cut_to_the_microsecond_prosody_showed() {
+        for (when, micros) in [
+            (1_795_368_669.907_885_5, 1_795_368_669_907_885),
+            (1_795_368_669.907_885, 1_795_368_669_907_885),
+            (1_700_000_000.999_999, 1_700_000_000_999_999),
+            (1_700_000_000.000_000_5, 1_700_000_000_000_000),
+        ] {
+            let mut r = row("k", "xml", STOCK);
+            r.when = when;
+            assert_eq!(stock_row(r).unwrap().micros, micros, "{when:.17}");
+        }
     }
 
     #[test]

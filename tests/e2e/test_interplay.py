@@ -187,6 +187,24 @@ def test_bare_message_to_two_resources_is_one_archive_row(server, connect):
     assert [i for i, b in zip(res.ids, res.bodies) if t in b] == [s1[0][1]]
 
 
+def test_a_held_message_goes_through_the_send_path_once(server, connect):
+    """A message whose delivery waits for its row's commit is sent on through the session's
+    filters and rawsend, not through session.send again: Prosody's send logs one
+    `Sending[c2s]` line for it (and serialises its top tag once). On Prosody 0.12 and 13.0,
+    whose sessionmanager send the module has checked; any other send is called again."""
+    erin = connect(server, "erin")
+    frank = connect(server, "frank")
+    offset = len(server.log_text())
+    t = token()
+    mids = [erin.send_message("frank@localhost", "once %d %s" % (i, t)) for i in range(20)]
+    for mid in mids:
+        frank.wait_id(mid)
+    log = server.log_text()[offset:].splitlines()
+    sent = {mid: [ln for ln in log if "Sending[c2s]: <message" in ln and "id='%s'" % mid in ln] for mid in mids}
+    assert all(len(lines) == 1 for lines in sent.values()), \
+        "each message sent once to frank's one session: %r" % {m: len(v) for m, v in sent.items() if len(v) != 1}
+
+
 # --------------------------------------------------------------------------
 # offline
 

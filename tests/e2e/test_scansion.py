@@ -34,6 +34,8 @@ and mam_smart_enable, it failed at the first `<prefs>` reply.
 """
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,9 +61,13 @@ UPSTREAM_LINES = [
 
 
 def prosody_version():
-    for p in (Path("/usr/lib/prosody/prosody.version"), Path("/usr/local/lib/prosody/prosody.version")):
-        if p.exists():
-            return p.read_text().strip()
+    """The version of the `prosody` the tests run (the first on PATH): its CFG_SOURCEDIR's
+    prosody.version."""
+    exe = shutil.which("prosody")
+    if exe:
+        m = re.search(r"^CFG_SOURCEDIR\s*=\s*'([^']+)'", Path(exe).read_text(errors="replace"), re.M)
+        if m and (Path(m.group(1)) / "prosody.version").exists():
+            return (Path(m.group(1)) / "prosody.version").read_text().strip()
     return None
 
 

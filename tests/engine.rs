@@ -92,6 +92,27 @@ fn wait_for(mailbox: &Mailbox, ticket: u64) -> Result<Answer, StanzaError> {
     }
 }
 
+/// Waits for the removal job `ticket` (an expiry or an archive's deletion) to finish: the
+/// number of messages it removed.
+fn wait_removed(engine: &Engine, mailbox: &Mailbox, ticket: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let done = engine
+            .drain(mailbox)
+            .completions
+            .into_iter()
+            .find_map(|c| match c {
+                Completion::Expired { ticket: t, result } if t == ticket => Some(result),
+                _ => None,
+            });
+        if let Some(result) = done {
+            return result.unwrap();
+        }
+        assert!(Instant::now() < deadline, "removal {ticket} did not finish");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn bodies(response: &Answer) -> Vec<String> {
     response
         .messages
@@ -431,15 +452,7 @@ fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
     let mailbox = engine.mailbox().unwrap();
     let old: Vec<ArchiveId> = (0..5000)
         .map(|i| {
-            engine
-                .archive(
-                    archive_ref("localhost", "alice"),
-                    "bob@localhost".into(),
-                    message(&format!("old {i}")),
-                    None,
-                    Vec::new(),
-                    &mailbox,
-                )
+            alice_to_bob(&engine, &mailbox, &format!("old {i}"))
                 .unwrap()
                 .id
         })
@@ -466,26 +479,60 @@ fn expiry_interleaves_with_writes_and_reports_what_it_removed() {
             )
             .unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let deleted = loop {
-        let done = engine
-            .drain(&mailbox)
-            .completions
-            .into_iter()
-            .find_map(|c| match c {
-                Completion::Expired { ticket: t, result } if t == ticket => Some(result),
-                _ => None,
-            });
-        if let Some(result) = done {
-            break result.unwrap();
-        }
-        assert!(Instant::now() < deadline, "expiry did not finish");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let deleted = wait_removed(&engine, &mailbox, ticket, Duration::from_secs(30));
     assert_eq!(deleted, 5000);
     let left = ask(&engine, &mailbox, "alice", ALL).unwrap();
     let expected: Vec<String> = (0..200).map(|i| format!("new {i:03}")).collect();
     assert_eq!(bodies(&left), expected);
+}
+
+/// A store that paces removals gets, after each expiry batch, a pause at least as long as the
+/// batch took before the next one starts.
+#[test]
+fn a_store_that_paces_removals_gets_a_pause_as_long_as_each_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir);
+    let batch_time = Duration::from_millis(40);
+    let store = Arc::new(Flaky {
+        paced: true,
+        expire_time: batch_time,
+        ..Flaky::failing(&cfg, 0)
+    });
+    let engine = Engine::start(store.clone(), &cfg).unwrap();
+    let mailbox = engine.mailbox().unwrap();
+    let mut last = None;
+    for i in 0..5000 {
+        last = Some(
+            alice_to_bob(&engine, &mailbox, &format!("old {i}"))
+                .unwrap()
+                .id,
+        );
+    }
+    let ticket = engine
+        .expire(
+            Arc::from("localhost"),
+            Arc::from("archive"),
+            ExpiryRule::Age {
+                end: last.unwrap().micros(),
+            },
+            &mailbox,
+        )
+        .unwrap();
+    let deleted = wait_removed(&engine, &mailbox, ticket, Duration::from_secs(30));
+    assert_eq!(deleted, 5000);
+    let calls = store.expire_calls.lock().clone();
+    assert!(
+        calls.len() >= 3,
+        "5000 rows in batches of 2000: {} batches",
+        calls.len()
+    );
+    for pair in calls.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= 2 * batch_time,
+            "a batch of {batch_time:?} then only {gap:?} to the next"
+        );
+    }
 }
 
 #[test]
@@ -511,6 +558,11 @@ struct Flaky {
     lost_answers: AtomicUsize,
     /// That many archive deletions fail, as with the database away.
     delete_failures: AtomicUsize,
+    /// Whether it asks for pauses between removal batches, as a database server does.
+    paced: bool,
+    /// How long each expiry batch takes at least, and when each began.
+    expire_time: Duration,
+    expire_calls: parking_lot::Mutex<Vec<Instant>>,
 }
 
 impl Flaky {
@@ -520,6 +572,9 @@ impl Flaky {
             failures: AtomicUsize::new(failures),
             lost_answers: AtomicUsize::new(0),
             delete_failures: AtomicUsize::new(0),
+            paced: false,
+            expire_time: Duration::ZERO,
+            expire_calls: parking_lot::Mutex::new(Vec::new()),
         }
     }
 }
@@ -554,7 +609,12 @@ impl Store for Flaky {
         limit: u32,
         cursor: &mut ExpiryCursor,
     ) -> Result<ExpiryBatch, StoreError> {
+        self.expire_calls.lock().push(Instant::now());
+        std::thread::sleep(self.expire_time);
         self.inner.expire(host, store, rule, limit, cursor)
+    }
+    fn paces_removals(&self) -> bool {
+        self.paced
     }
     fn record_marks(&self, marks: &[Mark]) -> Result<(), StoreError> {
         self.inner.record_marks(marks)
@@ -925,22 +985,7 @@ fn deleting_an_archive_removes_its_rows_after_those_queued_before() {
     let ticket = engine
         .delete_archive(archive_ref("localhost", "alice"), &mailbox)
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let removed = loop {
-        assert!(Instant::now() < deadline, "no completion");
-        let done = engine
-            .drain(&mailbox)
-            .completions
-            .into_iter()
-            .find_map(|c| match c {
-                Completion::Expired { ticket: t, result } if t == ticket => Some(result),
-                _ => None,
-            });
-        if let Some(result) = done {
-            break result.unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let removed = wait_removed(&engine, &mailbox, ticket, Duration::from_secs(10));
     assert_eq!(removed, 2);
     let alice = ask(
         &engine,

@@ -393,7 +393,7 @@ impl Engine {
             reply: reply.clone(),
             deleted: 0,
             failures: 0,
-            retry_at: None,
+            next_at: None,
         }))?;
         Ok(ticket)
     }

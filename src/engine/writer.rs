@@ -67,9 +67,12 @@ pub struct ExpiryJob {
     /// Where the result goes.
     pub reply: Arc<Mailbox>,
     pub deleted: u64,
-    /// Failed attempts in a row (an account's deletion is retried), and when to try again.
+    /// Failed attempts in a row (an account's deletion is retried).
     pub failures: u32,
-    pub retry_at: Option<Instant>,
+    /// When the next batch may start: after a failed attempt, its backoff; after a batch, as
+    /// long again as that batch took where the store paces removals
+    /// ([`Store::paces_removals`]).
+    pub next_at: Option<Instant>,
 }
 
 /// What an [`ExpiryJob`] removes.
@@ -111,12 +114,12 @@ impl Writer {
         let mut marks = Marks::default();
         let mut stop = false;
         while !stop {
-            // With expiry pending, look for rows without waiting (or until a failed job's next
-            // attempt); otherwise sleep until work.
+            // With expiry pending, look for rows until the job's next batch may start;
+            // otherwise sleep until work.
             let first = match jobs.front() {
                 None => rx.recv().ok(),
                 Some(job) => {
-                    let wait = job.retry_at.map_or(Duration::ZERO, |at| {
+                    let wait = job.next_at.map_or(Duration::ZERO, |at| {
                         at.saturating_duration_since(Instant::now())
                     });
                     match rx.recv_timeout(wait) {
@@ -185,7 +188,8 @@ impl Writer {
 
     /// One expiry batch; true when the job is finished (done, or failed).
     fn expire_step(&self, job: &mut ExpiryJob) -> bool {
-        if job.retry_at.is_some_and(|at| at > Instant::now()) {
+        let started = Instant::now();
+        if job.next_at.is_some_and(|at| at > started) {
             return false;
         }
         let step = match &mut job.removal {
@@ -215,8 +219,12 @@ impl Writer {
                             if job.failures == 1 { "" } else { "s" }
                         ),
                     );
-                    (job.failures, job.retry_at) = (0, None);
+                    job.failures = 0;
                 }
+                job.next_at = self
+                    .store
+                    .paces_removals()
+                    .then(|| Instant::now() + started.elapsed());
                 job.deleted += step.deleted;
                 if step.done {
                     job.reply.push(Completion::Expired {
@@ -231,7 +239,7 @@ impl Writer {
                 // (one line when it starts failing, one when it works), except at shutdown.
                 Removal::Archive(archive) if !self.stopping.load(Ordering::Acquire) => {
                     job.failures += 1;
-                    job.retry_at = Some(Instant::now() + backoff(job.failures));
+                    job.next_at = Some(Instant::now() + backoff(job.failures));
                     if job.failures == 1 {
                         self.progress.log(
                             Level::Error,

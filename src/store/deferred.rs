@@ -71,6 +71,10 @@ impl Store for Deferred {
     fn claim_node(&self) -> Result<u16, StoreError> {
         self.connect()?.claim_node()
     }
+    fn paces_removals(&self) -> bool {
+        // Until the server answers, every removal fails at once and waits its backoff.
+        self.store.get().is_some_and(|store| store.paces_removals())
+    }
     fn append(&self, batch: &[NewItem]) -> Result<(), StoreError> {
         self.store()?.append(batch)
     }

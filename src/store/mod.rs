@@ -470,6 +470,16 @@ pub trait Store: Send + Sync + 'static {
     fn claim_node(&self) -> Result<u16, StoreError> {
         Ok(0)
     }
+
+    /// Whether the writer, after each removal batch (expiry, a deleted account's archive),
+    /// lets as much time pass again before the next. Where the database's work for a delete
+    /// runs in a server beside Prosody on the machine's cores and goes on after the commit
+    /// (InnoDB's purge), back-to-back batches made other clients' pings wait: 2.07× the idle
+    /// p99 during an expiry of 1M rows on MariaDB, 1.47× paced. SQLite's work is the writer's
+    /// own and in the transaction: pings were no slower unpaced, and pacing took 2.9× as long.
+    fn paces_removals(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -535,6 +535,9 @@ struct Pending<'a> {
 }
 
 impl Store for MysqlStore {
+    fn paces_removals(&self) -> bool {
+        true
+    }
     fn claim_node(&self) -> Result<u16, StoreError> {
         if let Some(node) = *self.node.lock() {
             return Ok(node);

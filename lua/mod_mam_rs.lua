@@ -115,8 +115,9 @@ end
 -- Completions: the native side wakes us through an eventfd.
 local pending = {}; -- ticket -> callback(completion), for queries and expiry runs
 -- What waits for a commit, in release order: waiting_at[i] is the release mark waiting_for[i]
--- waits for: a handler's async waiter (a function to call), or a session whose held stanzas go
--- out then (see hold_until_committed). Marks are pushed in increasing order.
+-- waits for: a function to call (a handler's async waiter, an archive-message-added event), or
+-- a session whose held stanzas go out then (see hold_until_committed). Marks are pushed in
+-- increasing order.
 local waiting_at, waiting_for, waiting_head, waiting_tail = {}, {}, 1, 0;
 local released = 0; -- rows handed out up to this mark are committed (or given up as failing)
 local issued = 0; -- the last release mark this module handed out
@@ -671,7 +672,21 @@ local function message_handler(event, c2s)
 		wait_committed(release_at, origin);
 	end
 	if stored then
-		module:fire_event("archive-message-added", { origin = origin, stanza = stored, for_user = store_user, id = id });
+		-- Fired once the row is stored, as stock fires it after its append: a module that
+		-- pushes a notification for it (mod_cloud_notify) sends the client to an archive that
+		-- has it. While the database fails, rows are released uncommitted, and so is this (the
+		-- rows stay queued until written).
+		local added = { origin = origin, stanza = stored, for_user = store_user, id = id };
+		if release_at <= released then
+			module:fire_event("archive-message-added", added);
+		else
+			wait_for_mark(release_at, function ()
+				local ok, err = pcall(module.fire_event, module, "archive-message-added", added);
+				if not ok then
+					module:log("error", "Error in an archive-message-added handler: %s", err);
+				end
+			end);
+		end
 	end
 end
 

@@ -10,6 +10,8 @@ the test-only plugin tests/e2e/plugins/mod_mam_e2e_probe.lua.
 - archive-query / archive-id meta are trunk-only (0.12 has neither); checked only if present.
 """
 
+import sqlite3
+import time
 import uuid
 
 import pytest
@@ -143,6 +145,29 @@ def test_prefs_refusal_still_fires_should_store_but_not_added(server, connect):
         assert [a["for_user"] for a, _ in probe_events(bob, "archive-message-added", mid)] == ["carol"]
     finally:
         bob.iq("set", "<prefs xmlns='urn:xmpp:mam:2' default='always'/>")
+
+
+@pytest.mark.mam_rs_only
+@pytest.mark.sqlite_only
+def test_message_added_fires_once_the_row_is_committed(server, connect):
+    """As stock fires it after its append: while another process holds the archive file's
+    write lock (well within the writer's 5 s busy timeout), the message's row is not committed
+    and archive-message-added has not fired; once the lock goes, it fires for both archives."""
+    alice = connect(server, "alice")
+    bob = connect(server, "bob")
+    lock = sqlite3.connect(str(server.data / "mam_rs.sqlite"), timeout=10, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        mid = alice.send_message("bob@localhost", "added after commit")
+        time.sleep(1.0)
+        early = probe_events(alice, "archive-message-added", mid)
+        assert early == [], "fired while its row could not be committed: %r" % early
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    bob.wait_id(mid)
+    evs = probe_events(alice, "archive-message-added", mid)
+    assert sorted(a["for_user"] for a, _ in evs) == ["alice", "bob"]
 
 
 def test_archive_query_event_if_supported(server, connect):

@@ -7,8 +7,9 @@
 //!
 //! - A commit batch goes in as one multi-row `INSERT … VALUES (…), (…)`, split only where it
 //!   would not fit the server's `max_allowed_packet` (one round trip per commit, not per row).
-//! - The counts, per archive and per archive and contact (`mam_rs_with_counts`, schema 2), are
-//!   kept here, not by triggers: MySQL triggers run once per row (a 1000-row batch would
+//! - The counts, per archive, per archive and contact (`mam_rs_with_counts`, schema 2) and per
+//!   archive and minute (`mam_rs_minute_counts`, schema 4, for time windows), are kept here, not
+//!   by triggers: MySQL triggers run once per row (a 1000-row batch would
 //!   update its archive row 1000 times), so each write that inserts or deletes adds or
 //!   subtracts its rows, in the same transaction: one text query for all the batch's archives
 //!   and contacts (a round trip, not one per archive). Every write locks the archive rows before
@@ -34,7 +35,7 @@ mod tests;
 pub use schema::SCHEMA_VERSION;
 
 use super::codec::{self, Codec, Trained};
-use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange};
+use super::rows::{self, stored_id, Filter, Fresh, IdCache, IdRange, MinuteSplit, MINUTE_SHIFT};
 use super::{
     ArchiveRef, ExpiryBatch, ExpiryCursor, ExpiryRule, Figures, ImportBatch, ImportCheckpoint,
     ImportRow, Item, Mark, NewItem, Page, Query, Stats, Store, StoreError, Strategy,
@@ -137,7 +138,7 @@ const SELECT_DICTIONARY: &str = "SELECT dict FROM mam_rs_dictionaries WHERE dict
 const SELECT_ITEM_IN_ARCHIVE: &str = "SELECT 1 FROM mam_rs_messages WHERE id = ? AND aid = ?";
 const SELECT_LEGACY: &str = "SELECT id FROM mam_rs_legacy_ids WHERE aid = ? AND legacy_key = ?";
 /// Archive `aid`'s oldest rows up to an id, locked (a current read, as the `DELETE` after it).
-const SELECT_OLDEST: &str = "SELECT with_id FROM mam_rs_messages WHERE aid = ? AND id <= ? \
+const SELECT_OLDEST: &str = "SELECT id, with_id FROM mam_rs_messages WHERE aid = ? AND id <= ? \
                              ORDER BY id LIMIT ? FOR UPDATE";
 const DELETE_OLDEST: &str =
     "DELETE FROM mam_rs_messages WHERE aid = ? AND id <= ? ORDER BY id LIMIT ?";
@@ -752,7 +753,7 @@ impl Store for MysqlStore {
             .unwrap_or(0);
             let now = crate::id::now_micros();
             let mut done = ImportBatch::default();
-            let mut added: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+            let mut added = CountChanges::default();
             for row in rows {
                 if lookup_id(conn, aid, &row.key)?.is_some() {
                     done.already += 1;
@@ -763,7 +764,7 @@ impl Store for MysqlStore {
                 let with_id = self.jid_for_write(conn, &row.with, &mut fresh)?;
                 let (text, blob) = self.codec.to_columns(&row.stanza);
                 execute(conn, INSERT_MESSAGE, (id, aid, with_id, text, blob))?;
-                *added.entry((aid, with_id)).or_default() += 1;
+                added.row(aid, with_id, id, 1);
                 if keep_key {
                     execute(
                         conn,
@@ -774,7 +775,7 @@ impl Store for MysqlStore {
                 last_id = id;
                 done.imported += 1;
             }
-            add_to_counts(conn, &BTreeMap::from([(aid, done.imported as i64)]), &added)?;
+            add_to_counts(conn, &added)?;
             execute(
                 conn,
                 "INSERT INTO mam_rs_imports (aid, source, position, last_id) VALUES (?, ?, ?, ?) \
@@ -940,13 +941,11 @@ fn flush(w: &mut Writer, codec: &Codec, pending: &mut Vec<Pending<'_>>) -> Resul
         .map(|row| (row, codec.to_columns(row.stanza)))
         .collect();
     // The counts first: archive rows are locked before message rows, in `aid` order.
-    let mut added: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut with_added: BTreeMap<(i64, i64), i64> = BTreeMap::new();
+    let mut added = CountChanges::default();
     for row in pending.iter() {
-        *added.entry(row.aid).or_default() += 1;
-        *with_added.entry((row.aid, row.with_id)).or_default() += 1;
+        added.row(row.aid, row.with_id, row.id, 1);
     }
-    add_to_counts(&mut w.conn, &added, &with_added)?;
+    add_to_counts(&mut w.conn, &added)?;
     let mut rest = &rows[..];
     let lengths = rows
         .iter()
@@ -1024,17 +1023,32 @@ fn lock_archive(conn: &mut Conn, aid: i64) -> Result<i64, StoreError> {
         .ok_or_else(|| StoreError::Database(format!("archive {aid} vanished")))
 }
 
-/// Adds each archive's change to its count and each `(aid, with_id)`'s to its per-contact count,
-/// in one round trip: two statements in one text query (integers only, formatted here), not a
-/// prepared statement per archive. The `UPDATE` locks the archive rows in `aid` order.
-fn add_to_counts(
-    conn: &mut Conn,
-    added: &BTreeMap<i64, i64>,
-    with_added: &BTreeMap<(i64, i64), i64>,
-) -> Result<(), StoreError> {
+/// What a write adds to (or, negative, takes off) the kept counts: per archive, per archive
+/// and contact, and per archive and minute (`rows::MINUTE_SHIFT`).
+#[derive(Default)]
+struct CountChanges {
+    archives: BTreeMap<i64, i64>,
+    withs: BTreeMap<(i64, i64), i64>,
+    minutes: BTreeMap<(i64, i64), i64>,
+}
+
+impl CountChanges {
+    /// `n` rows (1 inserted, -1 deleted) of archive `aid` with contact `with_id` and id `id`.
+    fn row(&mut self, aid: i64, with_id: i64, id: i64, n: i64) {
+        *self.archives.entry(aid).or_default() += n;
+        *self.withs.entry((aid, with_id)).or_default() += n;
+        *self.minutes.entry((aid, id >> MINUTE_SHIFT)).or_default() += n;
+    }
+}
+
+/// Adds `changes` to the kept counts in one round trip: up to four statements in one text
+/// query (integers only, formatted here), not a prepared statement per archive. The `UPDATE`
+/// locks the archive rows in `aid` order, before the other counts' rows; a minute left with no
+/// rows loses its row.
+fn add_to_counts(conn: &mut Conn, changes: &CountChanges) -> Result<(), StoreError> {
     use std::fmt::Write;
     let mut sql = String::new();
-    let changed = || added.iter().filter(|(_, &n)| n != 0);
+    let changed = || changes.archives.iter().filter(|(_, &n)| n != 0);
     if changed().next().is_some() {
         sql.push_str("UPDATE mam_rs_archives SET item_count = item_count + CASE aid");
         for (aid, n) in changed() {
@@ -1046,16 +1060,28 @@ fn add_to_counts(
         }
         sql.push_str(");");
     }
-    if !with_added.is_empty() {
-        sql.push_str("INSERT INTO mam_rs_with_counts (aid, with_id, item_count) VALUES ");
-        for (i, ((aid, with_id), n)) in with_added.iter().enumerate() {
-            let _ = write!(
-                sql,
-                "{}({aid}, {with_id}, {n})",
-                if i == 0 { "" } else { ", " }
-            );
+    for (table, key, counts) in [
+        ("mam_rs_with_counts", "with_id", &changes.withs),
+        ("mam_rs_minute_counts", "minute", &changes.minutes),
+    ] {
+        if counts.is_empty() {
+            continue;
         }
-        sql.push_str(" ON DUPLICATE KEY UPDATE item_count = item_count + VALUES(item_count)");
+        let _ = write!(sql, "INSERT INTO {table} (aid, {key}, item_count) VALUES ");
+        for (i, ((aid, k), n)) in counts.iter().enumerate() {
+            let _ = write!(sql, "{}({aid}, {k}, {n})", if i == 0 { "" } else { ", " });
+        }
+        sql.push_str(" ON DUPLICATE KEY UPDATE item_count = item_count + VALUES(item_count);");
+    }
+    let emptied = || changes.minutes.iter().filter(|(_, &n)| n < 0);
+    if emptied().next().is_some() {
+        sql.push_str(
+            "DELETE FROM mam_rs_minute_counts WHERE item_count = 0 AND (aid, minute) IN (",
+        );
+        for (i, ((aid, minute), _)) in emptied().enumerate() {
+            let _ = write!(sql, "{}({aid}, {minute})", if i == 0 { "" } else { ", " });
+        }
+        sql.push_str(");");
     }
     if sql.is_empty() {
         return Ok(());
@@ -1067,23 +1093,23 @@ fn add_to_counts(
 /// takes them off its counts. The caller has locked the archive row, so no other writer
 /// changes these rows meanwhile.
 fn delete_oldest(conn: &mut Conn, aid: i64, upto: i64, limit: u64) -> Result<u64, StoreError> {
-    let withs: Vec<i64> = all(conn, SELECT_OLDEST, (aid, upto, limit))?;
-    if withs.is_empty() {
+    let oldest: Vec<(i64, i64)> = all(conn, SELECT_OLDEST, (aid, upto, limit))?;
+    if oldest.is_empty() {
         return Ok(0);
     }
     let n = execute(conn, DELETE_OLDEST, (aid, upto, limit))?;
-    if n != withs.len() as u64 {
+    if n != oldest.len() as u64 {
         // Rolled back by the caller's transaction: never counts out of step with the rows.
         return Err(StoreError::Database(format!(
             "archive {aid}: {n} rows deleted where {} were selected",
-            withs.len()
+            oldest.len()
         )));
     }
-    let mut gone: BTreeMap<(i64, i64), i64> = BTreeMap::new();
-    for with_id in withs {
-        *gone.entry((aid, with_id)).or_default() -= 1;
+    let mut gone = CountChanges::default();
+    for (id, with_id) in oldest {
+        gone.row(aid, with_id, id, -1);
     }
-    add_to_counts(conn, &BTreeMap::from([(aid, -(n as i64))]), &gone)?;
+    add_to_counts(conn, &gone)?;
     Ok(n)
 }
 
@@ -1163,6 +1189,15 @@ fn index_hint(filter: &Filter<'_>) -> &'static str {
     }
 }
 
+/// The rows of an archive in a range split as [`MinuteSplit`] does: the kept counts of its
+/// whole minutes (schema version 4), and the rows of its two ends counted. The parameters are
+/// [`MinuteSplit::params`], the archive repeated before each part.
+const COUNT_BY_MINUTES: &str = "SELECT CAST( \
+     (SELECT COALESCE(SUM(item_count), 0) FROM mam_rs_minute_counts \
+      WHERE aid = ? AND minute BETWEEN ? AND ?) \
+   + (SELECT COUNT(*) FROM mam_rs_messages WHERE aid = ? AND id BETWEEN ? AND ?) \
+   + (SELECT COUNT(*) FROM mam_rs_messages WHERE aid = ? AND id BETWEEN ? AND ?) AS SIGNED)";
+
 /// Rows matching `filter` and `range` (not empty).
 fn count(
     conn: &mut impl Queryable,
@@ -1174,6 +1209,26 @@ fn count(
             None => first(conn, SELECT_ITEM_COUNT, (filter.aid,))?,
             Some(with_id) => first(conn, SELECT_WITH_COUNT, (filter.aid, with_id))?,
         }
+    } else if let (None, None, Some(minutes)) =
+        (filter.with_id, &filter.ids, MinuteSplit::of(range))
+    {
+        let [aid, first_minute, last_minute, below_lo, below_hi, above_lo, above_hi] =
+            minutes.params(filter.aid);
+        first(
+            conn,
+            COUNT_BY_MINUTES,
+            vec![
+                Value::from(aid),
+                Value::from(first_minute),
+                Value::from(last_minute),
+                Value::from(aid),
+                Value::from(below_lo),
+                Value::from(below_hi),
+                Value::from(aid),
+                Value::from(above_lo),
+                Value::from(above_hi),
+            ],
+        )?
     } else {
         let (sql, params) = count_query(filter, range);
         first(conn, &sql, params)?

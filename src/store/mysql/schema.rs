@@ -17,7 +17,7 @@ use mysql::prelude::Queryable;
 use mysql::Conn;
 
 /// Step `i` moves the schema from version `i` to version `i + 1`.
-const MIGRATIONS: &[&[Step]] = &[V1, V2, V3];
+const MIGRATIONS: &[&[Step]] = &[V1, V2, V3, V4];
 
 /// One statement of a migration step, safe to run again.
 enum Step {
@@ -172,6 +172,27 @@ const V3: &[Step] = &[
     },
 ];
 
+/// Version 4: the number of rows per (archive, minute of 2^26 µs), so that a time window's
+/// `<count>` is the sum of its whole minutes plus the rows of the two minutes at its ends (as
+/// on SQLite, schema 5, and PostgreSQL, schema 4; `37` is `rows::MINUTE_SHIFT`). Kept by the
+/// store in the transactions that insert or delete, as the other totals; a minute whose rows
+/// are all gone loses its row. Filled here from the rows already stored.
+const V4: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS mam_rs_minute_counts (
+        aid        BIGINT NOT NULL,
+        minute     BIGINT NOT NULL,
+        item_count BIGINT NOT NULL,
+        PRIMARY KEY (aid, minute),
+        CONSTRAINT mam_rs_minute_counts_archive FOREIGN KEY (aid) REFERENCES mam_rs_archives (aid)
+    ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC",
+    ),
+    Step::Sql(
+        "REPLACE INTO mam_rs_minute_counts (aid, minute, item_count)
+        SELECT aid, id >> 37, COUNT(*) FROM mam_rs_messages GROUP BY aid, id >> 37",
+    ),
+];
+
 /// The indexes queries depend on, for `optimize` to check.
 pub const INDEXES: &[(&str, &str)] = &[
     ("mam_rs_messages", "mam_rs_messages_by_archive"),
@@ -264,6 +285,19 @@ impl Step {
                     "ALTER TABLE {table} ADD COLUMN {column} {definition}"
                 ))
                 .map_err(super::db)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn minutes_are_counted_by_the_shift_the_queries_use() {
+        let shift = format!("id >> {}", crate::store::rows::MINUTE_SHIFT);
+        for step in super::V4 {
+            if let super::Step::Sql(sql) = step {
+                assert_eq!(sql.matches("id >> ").count(), sql.matches(&shift).count());
             }
         }
     }

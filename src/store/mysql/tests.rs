@@ -486,7 +486,61 @@ fn quotas_within_and_across_batches_match_the_sqlite_store() {
             );
             assert_eq!(ours.total, theirs.total, "{} after {n}", archive.user);
         }
+        assert_minute_counts_match_the_rows(&dir, &format!("after {n} rows"));
     }
+}
+
+/// The kept counts per minute are the rows' own, minute for minute, and no minute whose rows
+/// are all gone keeps a row.
+fn assert_minute_counts_match_the_rows(dir: &TempDir, when: &str) {
+    let mut conn = Conn::new(options(dir).opts()).unwrap();
+    let kept: Vec<(i64, i64, i64)> = conn
+        .query("SELECT aid, minute, item_count FROM mam_rs_minute_counts ORDER BY aid, minute")
+        .unwrap();
+    let counted: Vec<(i64, i64, i64)> = conn
+        .query(format!(
+            "SELECT aid, CAST(id >> {MINUTE_SHIFT} AS SIGNED) AS minute, COUNT(*) \
+             FROM mam_rs_messages GROUP BY aid, minute ORDER BY aid, minute"
+        ))
+        .unwrap();
+    assert_eq!(kept, counted, "{when}");
+}
+
+/// Version 4 fills the counts per minute of an existing database, and every write that adds
+/// or removes rows keeps them: an import, expiry, an archive's deletion (the quota is in
+/// `quotas_within_and_across_batches_match_the_sqlite_store`).
+#[test]
+fn version_4_fills_the_minute_counts_and_every_write_keeps_them() {
+    let dir = TempDir::new().unwrap();
+    let juliet = archive("example.com", "juliet", "archive");
+    {
+        let store = romeo_with_ten_rows(&dir);
+        // Rows over three hours, a minute (2^26 us) holding from none to several of them.
+        let batch: Vec<NewItem> = (0..120)
+            .map(|n| row(&juliet, id(20 + n * 97), with_of(n)))
+            .collect();
+        store.append(&batch).unwrap();
+    }
+    let mut conn = Conn::new(options(&dir).opts()).unwrap();
+    conn.query_drop("DROP TABLE mam_rs_minute_counts").unwrap();
+    conn.query_drop("UPDATE mam_rs_schema SET version = 3")
+        .unwrap();
+    let store = open(&dir);
+    assert_minute_counts_match_the_rows(&dir, "filled by version 4");
+    let imported: Vec<crate::store::ImportRow> = (0..40).map(|n| stock(15 + n * 211)).collect();
+    store.import(&juliet, "sql", &imported, 40).unwrap();
+    assert_minute_counts_match_the_rows(&dir, "after an import");
+    expire_all(
+        &store,
+        ExpiryRule::Age {
+            end: T0 + 3000 * SECOND,
+        },
+    );
+    assert_minute_counts_match_the_rows(&dir, "after expiry");
+    while store.delete_archive(&juliet, 7).unwrap() > 0 {}
+    assert_minute_counts_match_the_rows(&dir, "after juliet's archive was deleted");
+    let versions: Vec<i32> = conn.query("SELECT version FROM mam_rs_schema").unwrap();
+    assert_eq!(versions, vec![SCHEMA_VERSION]);
 }
 
 #[test]
@@ -515,6 +569,7 @@ fn version_2_fills_the_contact_totals_of_an_existing_database() {
     conn.query_drop("ALTER TABLE mam_rs_messages DROP COLUMN zstanza")
         .unwrap();
     conn.query_drop("DROP TABLE mam_rs_with_counts").unwrap();
+    conn.query_drop("DROP TABLE mam_rs_minute_counts").unwrap();
     conn.query_drop("UPDATE mam_rs_schema SET version = 1")
         .unwrap();
     let store = open(&dir);

@@ -227,6 +227,9 @@ def seed_rs_mysql(db, database, plan, sql_path):
     last = db.sql("SELECT coalesce(max(id), 0) FROM mam_rs_messages;", database)[0][0]
     if int(last) >= plan.rs_ints[0]:
         raise RuntimeError("the mod_mam_rs database already has newer rows")
+    # Schema 4 and later (an older build, as --plugin-dir, has no counts per minute).
+    minutes = db.sql("SELECT count(*) FROM information_schema.tables WHERE table_schema = DATABASE() "
+                     "AND table_name = 'mam_rs_minute_counts';", database)[0][0] != "0"
     with open(sql_path, "w") as f:
         for start in range(0, plan.rows, 1000):
             f.write("INSERT INTO mam_rs_messages (id, aid, with_id, stanza) VALUES %s;\n" % ",".join(
@@ -237,7 +240,11 @@ def seed_rs_mysql(db, database, plan, sql_path):
                 "WHERE aid = %s;\n" % (aid, aid))
         f.write("REPLACE INTO mam_rs_with_counts (aid, with_id, item_count) SELECT aid, with_id, count(*) "
                 "FROM mam_rs_messages WHERE aid = %s GROUP BY aid, with_id;\n" % aid)
-        f.write("ANALYZE TABLE mam_rs_messages, mam_rs_archives, mam_rs_with_counts, mam_rs_jids;\n")
+        if minutes:
+            f.write("REPLACE INTO mam_rs_minute_counts (aid, minute, item_count) SELECT aid, id >> 37, count(*) "
+                    "FROM mam_rs_messages WHERE aid = %s GROUP BY aid, id >> 37;\n" % aid)
+        f.write("ANALYZE TABLE mam_rs_messages, mam_rs_archives, mam_rs_with_counts, %smam_rs_jids;\n"
+                % ("mam_rs_minute_counts, " if minutes else ""))
     try:
         db.sql("source %s" % sql_path, database, timeout=600 + plan.rows / 500)
     finally:

@@ -497,7 +497,9 @@ describe("mod_mam_rs shim", function ()
 			local message = chat("alice@localhost/res", "bob@localhost", "hello"):tag("active", { xmlns = XMLNS_CHATSTATES }):up();
 			local event = { origin = fake.session("alice"), stanza = message };
 			m.handler("pre-message/bare", 0)(event);
-			assert.is_table(added);
+			-- Fired once the row is committed, as stock fires it after its append.
+			assert.is_nil(added, "fired before its row was committed");
+			assert.is_true(m.wait_for(function () return added ~= nil; end));
 			assert.equal("alice", added.for_user);
 			assert.equal(stanza_ids(event.stanza)[1].attr.id, added.id);
 			-- The stored copy, as stock passes it: chat state stripped, no stanza-id, a real stanza.
@@ -513,8 +515,11 @@ describe("mod_mam_rs shim", function ()
 		local function stored_copy(m, message)
 			local added;
 			m.module:hook("archive-message-added", function (e) added = e; end);
-			m.handler("pre-message/bare", 0)({ origin = fake.session("alice"), stanza = message });
-			return added and added.stanza;
+			local event = { origin = fake.session("alice"), stanza = message };
+			m.handler("pre-message/bare", 0)(event);
+			if #stanza_ids(event.stanza) == 0 then return nil; end -- Not archived.
+			assert(m.wait_for(function () return added ~= nil; end), "archived, but no archive-message-added");
+			return added.stanza;
 		end
 
 		it("stores the message exactly: namespaces, prefixed and xml: attributes, escapes, line ends", function ()

@@ -100,7 +100,7 @@ E2E_BACKENDS ?= sqlite postgres mariadb
 
 test-e2e: deps-python build
 	@set -e; for backend in $(E2E_BACKENDS); do \
-		echo "== end-to-end suite, archive on $$backend"; \
+		echo "== end-to-end suite$(if $(E2E_ON), on $(E2E_ON)), archive on $$backend"; \
 		MAM_E2E_BACKEND=$$backend $(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider; \
 	done
 
@@ -113,12 +113,10 @@ E2E_BACKENDS_PROSODY13 ?= sqlite
 deps-prosody13: deps
 	@tools/fetch-prosody13.sh $(PROSODY13)
 
-test-e2e-prosody13: deps-python deps-prosody13 build
-	@set -e; for backend in $(E2E_BACKENDS_PROSODY13); do \
-		echo "== end-to-end suite on Prosody $$(cat $(PROSODY13)/root/usr/lib/prosody/prosody.version), archive on $$backend"; \
-		PATH="$(abspath $(PROSODY13))/bin:$$PATH" MAM_E2E_BACKEND=$$backend \
-			$(VENV)/bin/python -m pytest tests/e2e -q -p no:cacheprovider; \
-	done
+test-e2e-prosody13: deps-prosody13
+	@PATH="$(abspath $(PROSODY13))/bin:$$PATH" $(MAKE) --no-print-directory test-e2e \
+		E2E_BACKENDS="$(E2E_BACKENDS_PROSODY13)" \
+		E2E_ON="Prosody $$(cat $(PROSODY13)/root/usr/lib/prosody/prosody.version)"
 
 ## A short run of every fuzz target (cargo-fuzz on the stable toolchain; installs it when
 ## missing). Longer: FUZZ_SECONDS=300 tools/fuzz-smoke.sh

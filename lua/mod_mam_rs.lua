@@ -132,10 +132,13 @@ local function release_waiting()
 		local what = waiting_for[waiting_head];
 		waiting_at[waiting_head], waiting_for[waiting_head] = nil, nil;
 		waiting_head = waiting_head + 1;
+		-- One failing waiter (another module's filter or event handler) must not hold up the rest.
 		if type(what) == "function" then
-			what();
+			local ok, err = pcall(what);
+			if not ok then
+				module:log("error", "Error in what waited for a commit: %s", err);
+			end
 		else
-			-- One session's failing send (another module's filter) must not hold up the rest.
 			local ok, err = pcall(flush_held, what);
 			if not ok then
 				sending_on = nil;
@@ -676,16 +679,13 @@ local function message_handler(event, c2s)
 		-- pushes a notification for it (mod_cloud_notify) sends the client to an archive that
 		-- has it. While the database fails, rows are released uncommitted, and so is this (the
 		-- rows stay queued until written).
-		local added = { origin = origin, stanza = stored, for_user = store_user, id = id };
+		local function added()
+			module:fire_event("archive-message-added", { origin = origin, stanza = stored, for_user = store_user, id = id });
+		end
 		if release_at <= released then
-			module:fire_event("archive-message-added", added);
+			added();
 		else
-			wait_for_mark(release_at, function ()
-				local ok, err = pcall(module.fire_event, module, "archive-message-added", added);
-				if not ok then
-					module:log("error", "Error in an archive-message-added handler: %s", err);
-				end
-			end);
+			wait_for_mark(release_at, added);
 		end
 	end
 end

@@ -21,7 +21,7 @@ local xmlns_mam_ext = "urn:xmpp:mam:2#extended";
 local xmlns_st_id = "urn:xmpp:sid:0";
 
 local host = module.host;
-local jid_bare, jid_split, jid_prepped_split = jid.bare, jid.split, jid.prepped_split;
+local jid_prepped_split = jid.prepped_split;
 
 -- The native library sits beside this file (plugin_paths, make install), or in the
 -- installer tree (prosodyctl install), which Prosody 0.12 leaves off package.cpath.
@@ -45,6 +45,7 @@ local function load_native()
 end
 
 local native = load_native();
+local jid_parts = native.jid_parts;
 
 -- The options the native side reads, as a module context (this host, or another one for the
 -- prosodyctl command) sees them.
@@ -611,8 +612,16 @@ local function archive_message(event, c2s)
 	local log = c2s and origin.log or module._log;
 	local orig_from = stanza.attr.from;
 	local orig_to = stanza.attr.to or orig_from;
-	local store_user = c2s and origin.username or jid_split(orig_to);
-	local with = jid_bare(c2s and orig_to or orig_from);
+	-- jid.split's node and jid.bare, in one native call per JID instead of util.jid's
+	-- pattern matches.
+	local to_node, to_bare = jid_parts(orig_to);
+	local store_user, with;
+	if c2s then
+		store_user, with = origin.username, to_bare;
+	else
+		local _, from_bare = jid_parts(orig_from);
+		store_user, with = to_node, from_bare;
+	end
 	if not store_user or not with then return; end
 
 	stanza = strip_stanza_id(stanza, store_user);

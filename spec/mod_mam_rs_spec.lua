@@ -310,6 +310,29 @@ describe("mod_mam_rs shim", function ()
 	end);
 
 	describe("archive path", function ()
+		it("reads a message's JIDs as util.jid does, for every string of up to six of a, @, / and é", function ()
+			load();
+			local jid_parts = package.loaded.mam_rs_native.jid_parts;
+			local jid = require "util.jid";
+			local alphabet, checked = { "a", "@", "/", "é" }, 0;
+			local function check(s)
+				local node, bare = jid_parts(s);
+				assert.equal(jid.bare(s), bare, ("bare of %q"):format(s));
+				assert.equal((jid.split(s)), node, ("node of %q"):format(s));
+				checked = checked + 1;
+			end
+			local function all(prefix, n)
+				check(prefix);
+				if n == 0 then return; end
+				for _, c in ipairs(alphabet) do all(prefix .. c, n - 1); end
+			end
+			all("", 6);
+			assert.equal(5461, checked);
+			assert.same({ n = 2 }, table.pack(jid_parts(nil)));
+			assert.same({ n = 2 }, table.pack(jid_parts({})));
+			assert.same({ n = 2, "alice", "alice@localhost" }, table.pack(jid_parts("alice@localhost/res")));
+		end);
+
 		it("stamps a clone with our stanza-id as last child, leaving the original alone", function ()
 			local m = load();
 			local original = chat("alice@localhost/res", "bob@localhost", "hello");

@@ -7,6 +7,8 @@
 //! - `parse_config(options) -> settings, lines`: checks option values; `lines` is a list of
 //!   `{ level, message }` log lines, each naming the option, the value and what is accepted.
 //! - `should_store(stanza) -> bool, reason`: stock mod_mam's default archiving decision.
+//! - `jid_parts(jid) -> node, bare`: `jid.split(jid)`'s node and `jid.bare(jid)`, as Prosody's
+//!   util.jid gives them (nil, nil for what it takes as no JID).
 //! - `prefs_from_element(prefs) -> table`: a `<prefs>` element in Prosody's stored form.
 //! - `admin(options, create) -> handle | nil, message`: the `prosodyctl` commands' handle on a
 //!   host's database (see [`admin`]).
@@ -36,11 +38,11 @@ use crate::config::{self, Config, RawValue};
 use crate::engine::metrics::{self, HostMetrics, NotArchived, Reporter, Value as Sample};
 use crate::engine::{Completion, Engine, EngineError, Mailbox, QueryRequest, Request};
 use crate::policy;
-use crate::protocol::ns;
 use crate::protocol::stored;
 use crate::protocol::tree::Tree;
 use crate::protocol::xep0313::{self, Limits};
 use crate::protocol::xep0441::{DefaultRule, Prefs};
+use crate::protocol::{ns, split_jid};
 use crate::store::{ArchiveRef, ExpiryRule, Mark, Strategy};
 
 #[mlua::lua_module(name = "mam_rs_native")]
@@ -49,6 +51,8 @@ fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
     exports.set("version", env!("CARGO_PKG_VERSION"))?;
     exports.set("parse_config", lua.create_function(parse_config)?)?;
     exports.set("should_store", lua.create_function(should_store)?)?;
+    // SAFETY: `jid_parts` is a plain Lua C function (see there).
+    exports.set("jid_parts", unsafe { lua.create_c_function(jid_parts)? })?;
     exports.set("open", lua.create_function(open)?)?;
     let buckets = lua.create_table()?;
     buckets.set("seconds", metrics::SECONDS_BUCKETS)?;
@@ -60,6 +64,43 @@ fn mam_rs_native(lua: &Lua) -> LuaResult<Table> {
     )?;
     exports.set("admin", lua.create_function(admin::admin)?)?;
     Ok(exports)
+}
+
+/// `jid_parts(jid) -> node, bare`: the node `jid.split(jid)` gives and `jid.bare(jid)`, for the
+/// two JIDs of every archived message: one pass over the bytes ([`split_jid`]) instead of
+/// util.jid's three pattern matches and a concatenation. A plain C function, not an mlua
+/// callback: it only reads its argument and pushes two values, which a C function always has
+/// room for, so nothing can raise but `lua_pushlstring` running out of memory, and this frame
+/// holds nothing that needs dropping when that unwinds it. Anything but a string is no JID.
+unsafe extern "C-unwind" fn jid_parts(state: *mut mlua::ffi::lua_State) -> std::ffi::c_int {
+    use mlua::ffi;
+    let split = if ffi::lua_type(state, 1) == ffi::LUA_TSTRING {
+        let mut len = 0usize;
+        let ptr = ffi::lua_tolstring(state, 1, &mut len);
+        // SAFETY: Lua's string at index 1 stays alive (and unmoved) while it is on the stack.
+        let raw = std::slice::from_raw_parts(ptr.cast::<u8>(), len);
+        split_jid(raw).map(|split| (raw, split))
+    } else {
+        None
+    };
+    match split {
+        Some((raw, split)) => {
+            match &split.node {
+                Some(node) => {
+                    let node = &raw[node.clone()];
+                    ffi::lua_pushlstring(state, node.as_ptr().cast(), node.len());
+                }
+                None => ffi::lua_pushnil(state),
+            }
+            let bare = &raw[split.bare()];
+            ffi::lua_pushlstring(state, bare.as_ptr().cast(), bare.len());
+        }
+        None => {
+            ffi::lua_pushnil(state);
+            ffi::lua_pushnil(state);
+        }
+    }
+    2
 }
 
 fn raw_value(v: &Value) -> LuaResult<Option<RawValue>> {

@@ -119,6 +119,54 @@ pub(crate) fn text_only(el: &minidom::Element) -> Option<String> {
     el.children().next().is_none().then(|| el.text())
 }
 
+/// Where a JID's parts are, as Prosody's `jid.split` (util/jid.lua) finds them: byte ranges of
+/// the raw JID, nothing prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JidSplit {
+    pub node: Option<std::ops::Range<usize>>,
+    pub host: std::ops::Range<usize>,
+    pub resource: Option<std::ops::Range<usize>>,
+}
+
+impl JidSplit {
+    /// The bare JID's bytes, `node@host` or `host`: the raw JID up to its host's end.
+    pub fn bare(&self) -> std::ops::Range<usize> {
+        0..self.host.end
+    }
+}
+
+/// Splits `raw` as Prosody's `jid.split` does, on bytes, in one pass instead of its three
+/// pattern matches: the node is what comes before the first `@` if no `/` comes first, the
+/// host runs to the next `@` or `/`, and the resource is everything after that `/`. `None`
+/// where `jid.split` returns nil: an empty node, host or resource, or an `@` after the host.
+pub(crate) fn split_jid(raw: &[u8]) -> Option<JidSplit> {
+    let stop = |from: usize| {
+        raw[from..]
+            .iter()
+            .position(|&b| b == b'@' || b == b'/')
+            .map_or(raw.len(), |i| from + i)
+    };
+    let first = stop(0);
+    let (node, host_start) = match raw.get(first) {
+        Some(b'@') if first > 0 => (Some(0..first), first + 1),
+        _ => (None, 0),
+    };
+    let host_end = stop(host_start);
+    let resource = match raw.get(host_end) {
+        None => None,
+        Some(b'/') if host_end + 1 < raw.len() => Some(host_end + 1..raw.len()),
+        Some(_) => return None,
+    };
+    if host_end == host_start {
+        return None;
+    }
+    Some(JidSplit {
+        node,
+        host: host_start..host_end,
+        resource,
+    })
+}
+
 /// A JID split into prepared parts: Prosody's `jid.prepped_split` (util/jid.lua).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PreppedJid {
@@ -132,18 +180,13 @@ impl PreppedJid {
     /// nodeprep/nameprep/resourceprep (via the `jid` crate, which also checks the domain with
     /// IDNA rules, slightly stricter than Prosody). `None` when Prosody's would return nil.
     pub fn parse(raw: &str) -> Option<PreppedJid> {
-        let (node, rest) = match raw.find(['@', '/']) {
-            Some(i) if i > 0 && raw.as_bytes()[i] == b'@' => (Some(&raw[..i]), &raw[i + 1..]),
-            _ => (None, raw),
-        };
-        let host_len = rest.find(['@', '/']).unwrap_or(rest.len());
-        let (host, tail) = rest.split_at(host_len);
-        let resource = match tail.strip_prefix('/') {
-            _ if tail.is_empty() => None,
-            Some(r) if !r.is_empty() => Some(r),
-            _ => return None,
-        };
-        if host.is_empty() || host == "." {
+        let split = split_jid(raw.as_bytes())?;
+        // The parts end and start at ASCII bytes (`@`, `/`, the ends), so they are UTF-8.
+        let text = |range: std::ops::Range<usize>| &raw[range];
+        let node = split.node.map(text);
+        let host = text(split.host);
+        let resource = split.resource.map(text);
+        if host == "." {
             return None;
         }
         let host = host.strip_suffix('.').unwrap_or(host);
@@ -174,5 +217,75 @@ impl PreppedJid {
             Some(node) => format!("{node}@{}", self.domain),
             None => self.domain.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(node, host, resource)` as strings.
+    type Parts<'a> = (Option<&'a str>, &'a str, Option<&'a str>);
+
+    fn split(raw: &str) -> Option<Parts<'_>> {
+        let s = split_jid(raw.as_bytes())?;
+        Some((
+            s.node.map(|r| &raw[r]),
+            &raw[s.host.clone()],
+            s.resource.map(|r| &raw[r]),
+        ))
+    }
+
+    #[test]
+    fn splits_as_prosody_does() {
+        // What Prosody 0.12's and 13.0's jid.split return (their spec/util_jid_spec.lua cases,
+        // and the edges of their patterns); spec/mod_mam_rs_spec.lua compares every short
+        // string with util.jid itself.
+        let cases: &[(&str, Option<Parts>)] = &[
+            (
+                "node@domain/resource",
+                Some((Some("node"), "domain", Some("resource"))),
+            ),
+            ("node@domain", Some((Some("node"), "domain", None))),
+            ("domain", Some((None, "domain", None))),
+            ("domain/resource", Some((None, "domain", Some("resource")))),
+            (
+                "node@domain/res/our@ce",
+                Some((Some("node"), "domain", Some("res/our@ce"))),
+            ),
+            (
+                "domain/res@ource",
+                Some((None, "domain", Some("res@ource"))),
+            ),
+            ("node@domain//", Some((Some("node"), "domain", Some("/")))),
+            ("", None),
+            ("@domain", None),
+            ("node@", None),
+            ("node@/res", None),
+            ("/res", None),
+            ("domain/", None),
+            ("node@domain/", None),
+            ("node@dom@ain", None),
+            ("node@@domain", None),
+            ("é@dömain/ré", Some((Some("é"), "dömain", Some("ré")))),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(split(raw), *want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn the_bare_jid_is_the_start_up_to_the_host() {
+        for (raw, bare) in [("a@b/c", "a@b"), ("a@b", "a@b"), ("b/c@d", "b"), ("b", "b")] {
+            assert_eq!(&raw[split_jid(raw.as_bytes()).unwrap().bare()], bare);
+        }
+    }
+
+    #[test]
+    fn prepped_split_drops_one_trailing_dot_and_refuses_a_lone_dot() {
+        let j = PreppedJid::parse("Node@Example.COM./Res").unwrap();
+        assert_eq!(j.full(), "node@example.com/Res");
+        assert_eq!(PreppedJid::parse("."), None);
+        assert_eq!(PreppedJid::parse("a@./r"), None);
     }
 }

@@ -31,7 +31,7 @@ TEST_APT_PACKAGES := lua-busted postgresql mariadb-server mariadb-client lua-dbi
 # Run apt-get as root, or through sudo when we are not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build install uninstall run test test-rust deps-test deps-prosody13 apt-install test-spec test-e2e test-e2e-prosody13 test-fuzz bench bench-alloc bench-instr bench-micro bench-lua deps deps-python lint clean dist
+.PHONY: all build install uninstall run test test-rust deps-test deps-prosody13 apt-install test-spec test-e2e test-e2e-prosody13 test-fuzz bench bench-alloc bench-instr bench-profile bench-micro bench-lua deps deps-python lint clean dist
 
 all: build
 
@@ -151,6 +151,15 @@ bench-alloc: deps-python build
 bench-instr: deps-python build
 	@$(MAKE) --no-print-directory apt-install PACKAGES="valgrind"
 	$(VENV)/bin/python tests/e2e/bench_instr.py --plugin-dir $(or $(PLUGIN_DIR_BENCH),$(PLUGIN))
+
+## Where those instructions go: bench-instr's floor and mod_mam_rs on a Lua built with symbols
+## (tools/build-lua-debug.sh), then the functions whose own instructions per message on the
+## main thread differ most from the floor's.
+bench-profile: deps-python build
+	@$(MAKE) --no-print-directory apt-install PACKAGES="valgrind"
+	@tools/build-lua-debug.sh build/lua-debug
+	$(VENV)/bin/python tests/e2e/bench_instr.py --plugin-dir $(or $(PLUGIN_DIR_BENCH),$(PLUGIN)) --only floor,rs \
+		--lua $(CURDIR)/build/lua-debug/lua --functions $(or $(FUNCTIONS),40)
 
 ## The native calls the archive path makes on Prosody's loop, per call: time and Lua garbage.
 bench-lua: build

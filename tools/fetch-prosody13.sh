@@ -18,14 +18,8 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT INT TERM
-mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main" \
-	>"$work/sources.list"
-apt() {
-	apt-get -q -o Dir::Etc::sourcelist="$work/sources.list" -o Dir::Etc::sourceparts=- \
-		-o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache" \
-		-o APT::Sandbox::User="$(id -un)" -o Debug::NoLocking=1 "$@"
-}
+. "$(dirname "$0")/private-apt.sh"
+private_apt deb "http://deb.debian.org/debian bookworm-backports main"
 echo "Fetching Prosody 13 from Debian's bookworm-backports into $dir"
 apt update -qq
 (cd "$work" && apt download prosody/bookworm-backports)

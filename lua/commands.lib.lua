@@ -250,6 +250,12 @@ local function sql_source(host, store)
 	if not ok then
 		return nil, ("cannot connect to the %s database %s: %s"):format(params.driver, params.database, tostring(cerr));
 	end
+	if params.driver == "SQLite3" then
+		-- The running server may be writing the file (Prosody 13's mod_cron records its runs
+		-- there a second after start): a read waits up to 10 s for its lock instead of failing
+		-- the user's import at once with "database is locked".
+		engine:execute("PRAGMA busy_timeout=10000");
+	end
 	-- Each read in its own transaction (committed), as mod_storage_sql does: LuaDBI opens one
 	-- implicitly, and on PostgreSQL one failed statement would poison every later one.
 	local function select(sql, ...)

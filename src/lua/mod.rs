@@ -92,7 +92,7 @@ unsafe extern "C-unwind" fn jid_parts(state: *mut mlua::ffi::lua_State) -> std::
                 }
                 None => ffi::lua_pushnil(state),
             }
-            let bare = &raw[split.bare()];
+            let bare = &raw[..split.host.end];
             ffi::lua_pushlstring(state, bare.as_ptr().cast(), bare.len());
         }
         None => {

@@ -815,6 +815,31 @@ fn a_full_archive_loses_its_oldest_rows_down_to_99_percent() {
 }
 
 #[test]
+fn a_batch_that_fills_an_archive_makes_room_with_its_own_earlier_rows() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let quota = |n: i64| NewItem {
+        quota: Some(10),
+        ..row(&romeo(), id(n), "juliet@capulet.lit")
+    };
+    // One batch of 15 for a quota of 10: from the 11th row on, each finds the archive full (its
+    // own batch's rows counted) and takes it down to 9 first.
+    store
+        .append(&(1..=15).map(quota).collect::<Vec<_>>())
+        .unwrap();
+    let all = find(
+        &store,
+        Query {
+            total: true,
+            limit: Some(100),
+            ..Query::default()
+        },
+    );
+    assert_eq!(all.total, Some(10));
+    assert_eq!(numbers(&all), (6..=15).collect::<Vec<_>>());
+}
+
+#[test]
 fn expiry_removes_old_rows_of_one_host_in_bounded_batches() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);

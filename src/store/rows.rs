@@ -485,6 +485,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_benchmark_seeder_counts_minutes_as_the_stores_do() {
+        // tests/e2e/bench/seed.py fills MySQL's kept counts per minute with SQL of its own.
+        let seeder = include_str!("../../tests/e2e/bench/seed.py");
+        let shift = format!("id >> {MINUTE_SHIFT}");
+        assert!(seeder.contains(&shift), "seed.py should group by `{shift}`");
+        assert_eq!(
+            seeder.matches("id >> ").count(),
+            seeder.matches(&shift).count()
+        );
+    }
+
+    #[test]
     fn a_range_splits_into_whole_minutes_and_the_ids_at_its_ends() {
         let minute = 1i64 << MINUTE_SHIFT;
         // Less than two whole minutes: counted row by row.

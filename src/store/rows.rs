@@ -242,6 +242,19 @@ pub(crate) struct Filter<'a> {
 /// minute is `id >> MINUTE_SHIFT`.
 pub(crate) const MINUTE_SHIFT: u32 = SEQ_BITS + 26;
 
+/// Checks that SQL written with the shift as a literal (MySQL's migration, the benchmark's
+/// seeder) groups ids into minutes by [`MINUTE_SHIFT`], every time it shifts an id.
+#[cfg(test)]
+pub(crate) fn assert_minutes_by_shift(sql: &str, what: &str) {
+    let shift = format!("id >> {MINUTE_SHIFT}");
+    assert!(sql.contains(&shift), "{what} should group by `{shift}`");
+    assert_eq!(
+        sql.matches("id >> ").count(),
+        sql.matches(&shift).count(),
+        "{what} shifts an id by another amount than `{shift}`"
+    );
+}
+
 /// An id range as the whole minutes inside it, whose rows a store keeps counted, and the ids
 /// before and after them, which it counts row by row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,13 +500,7 @@ mod tests {
     #[test]
     fn the_benchmark_seeder_counts_minutes_as_the_stores_do() {
         // tests/e2e/bench/seed.py fills MySQL's kept counts per minute with SQL of its own.
-        let seeder = include_str!("../../tests/e2e/bench/seed.py");
-        let shift = format!("id >> {MINUTE_SHIFT}");
-        assert!(seeder.contains(&shift), "seed.py should group by `{shift}`");
-        assert_eq!(
-            seeder.matches("id >> ").count(),
-            seeder.matches(&shift).count()
-        );
+        assert_minutes_by_shift(include_str!("../../tests/e2e/bench/seed.py"), "seed.py");
     }
 
     #[test]

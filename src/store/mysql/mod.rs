@@ -1214,21 +1214,18 @@ fn count(
     {
         let [aid, first_minute, last_minute, below_lo, below_hi, above_lo, above_hi] =
             minutes.params(filter.aid);
-        first(
-            conn,
-            COUNT_BY_MINUTES,
-            vec![
-                Value::from(aid),
-                Value::from(first_minute),
-                Value::from(last_minute),
-                Value::from(aid),
-                Value::from(below_lo),
-                Value::from(below_hi),
-                Value::from(aid),
-                Value::from(above_lo),
-                Value::from(above_hi),
-            ],
-        )?
+        let params = (
+            aid,
+            first_minute,
+            last_minute,
+            aid,
+            below_lo,
+            below_hi,
+            aid,
+            above_lo,
+            above_hi,
+        );
+        first(conn, COUNT_BY_MINUTES, params)?
     } else {
         let (sql, params) = count_query(filter, range);
         first(conn, &sql, params)?

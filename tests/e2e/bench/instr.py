@@ -146,10 +146,11 @@ def main(argv=None):
                 "(%d messages, %.0f s under callgrind)" % (kind, main_ir / total, others / total, total, took))
         if "floor" in results:
             floor = results["floor"][0]
-            for kind in [k for k in results if k != "floor"]:
+            kinds = [k for k in results if k != "floor"]
+            for kind in kinds:
                 m, o, _ = results[kind]
                 log("%-5s %.2fx the floor's main thread; %.2fx with its own threads"
                     % (kind, m / floor, (m + o) / floor))
             if args.functions:
-                print_differences(root, results, [k for k in results if k != "floor"], args.functions)
+                print_differences(root, results, kinds, args.functions)
     return 0

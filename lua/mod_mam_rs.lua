@@ -54,7 +54,7 @@ local option_names = {
 	"mam_include_total", "mam_smart_enable", "archive_compression", "storage_archive_item_limit", "archive_expires_after",
 	"archive_cleanup_interval", "mam_remove_expired_messages_period", "smart_retention_strategy",
 	"smart_retention_min", "mam_rs_query_workers", "mam_rs_max_ids_per_query", "mam_rs_max_prefs_jids",
-	"mam_rs_max_queries_per_second", "mam_rs_max_queued_rows",
+	"mam_rs_max_queries_per_second", "mam_rs_max_queued_rows", "sqlite_tune",
 	"mam_rs_test_query_delay",
 };
 local function read_options(ctx)
@@ -106,7 +106,8 @@ local host_events = prosody.hosts[host].events;
 local archive = assert(native.open(host, options, st.stanza_mt));
 local node, unreachable = archive:node();
 if node then
-	module:log("info", "Archive in %s, writer node %d (mam_rs_native %s)", settings.database, node, native.version);
+	module:log("info", "Archive in %s%s, writer node %d (mam_rs_native %s)", settings.database,
+		settings.durability or "", node, native.version);
 else -- A database server that does not answer yet; the native side keeps trying.
 	module:log("error", "Cannot reach the archive %s yet (%s): messages are delivered without being archived, "
 		.. "and archive queries get a try-again-later error, until it answers; retrying (mam_rs_native %s)",

@@ -249,6 +249,15 @@ describe("mod_mam_rs shim", function ()
 			end
 		end);
 
+		it("sqlite_tune is read: the start-up line names it, and a value outside its set is an error", function ()
+			local m = load({ options = { sqlite_tune = "normal" } });
+			assert.equal(0, m.logged("error", ""));
+			assert.equal(1, m.logged("info", "(sqlite_tune \"normal\": synchronous = NORMAL)"));
+			m = load({ options = { sqlite_tune = "turbo" } });
+			assert.equal(1, m.logged("error", "invalid value \"turbo\" for option 'sqlite_tune'"));
+			assert.equal(0, m.logged("info", "sqlite_tune"));
+		end);
+
 		it("good values log no error", function ()
 			local m = load({ options = { default_archive_policy = "roster", max_archive_query_results = 10 } });
 			assert.equal(0, m.logged("error", ""));

@@ -14,7 +14,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::store::{Location, ServerOptions};
+use crate::store::sqlite::Synchronous;
+use crate::store::{Location, OpenOptions, ServerOptions};
 
 /// An option value as Lua gave it.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +83,42 @@ impl DefaultPolicy {
             DefaultPolicy::Always => "always",
             DefaultPolicy::Never => "never",
             DefaultPolicy::Roster => "roster",
+        }
+    }
+}
+
+/// Prosody 13's `sqlite_tune` (an option of mod_storage_sql), as it applies to an SQLite
+/// archive: how hard each commit makes sure it is on disk. The journal stays WAL whatever the
+/// value, so that queries read beside the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqliteTune {
+    /// `"default"`: SQLite's own default, `synchronous = FULL`.
+    Default,
+    /// `"normal"`: `synchronous = NORMAL`.
+    Normal,
+    /// `"fast"`: `synchronous = OFF`.
+    Fast,
+    /// `"safe"`: `synchronous = EXTRA`.
+    Safe,
+}
+
+impl SqliteTune {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SqliteTune::Default => "default",
+            SqliteTune::Normal => "normal",
+            SqliteTune::Fast => "fast",
+            SqliteTune::Safe => "safe",
+        }
+    }
+
+    /// The `synchronous` setting mod_storage_sql gives its connection for this value.
+    pub fn synchronous(self) -> Synchronous {
+        match self {
+            SqliteTune::Default => Synchronous::Full,
+            SqliteTune::Normal => Synchronous::Normal,
+            SqliteTune::Fast => Synchronous::Off,
+            SqliteTune::Safe => Synchronous::Extra,
         }
     }
 }
@@ -226,6 +263,9 @@ pub struct Config {
     /// archive (default true; every store). One database, one setting: the first host to
     /// open it decides.
     pub archive_compression: bool,
+    /// `sqlite_tune` (Prosody 13's, default `"default"`): an SQLite archive's durability. One
+    /// database, one setting, as for compression.
+    pub sqlite_tune: SqliteTune,
     /// `archive_expires_after` (default one week).
     pub archive_expires_after: Expiry,
     /// Smart retention (prosody-modules' mod_mam_smart_retention): on when
@@ -266,6 +306,7 @@ impl Default for Config {
             storage_archive_item_limit: None,
             mam_smart_enable: false,
             archive_compression: true,
+            sqlite_tune: SqliteTune::Default,
             archive_expires_after: Expiry::After(WEEK),
             smart_retention: None,
             cleanup_interval: 4.0 * HOUR,
@@ -276,6 +317,17 @@ impl Default for Config {
             max_queries_per_second: None,
             max_queued_rows: 100_000,
             test_query_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Config {
+    /// How to open the archive, with `read_connections` connections for queries.
+    pub fn open_options(&self, read_connections: u32) -> OpenOptions {
+        OpenOptions {
+            read_connections,
+            compression: self.archive_compression,
+            synchronous: self.sqlite_tune.synchronous(),
         }
     }
 }
@@ -443,6 +495,23 @@ fn read_options(
     check("archive_compression", "true or false", &mut |v| {
         as_bool(v).map(|b| config.archive_compression = b).is_some()
     });
+    check(
+        "sqlite_tune",
+        "\"default\", \"normal\", \"fast\" or \"safe\"",
+        &mut |v| {
+            let tune = match v {
+                RawValue::String(s) => match s.as_str() {
+                    "default" => Some(SqliteTune::Default),
+                    "normal" => Some(SqliteTune::Normal),
+                    "fast" => Some(SqliteTune::Fast),
+                    "safe" => Some(SqliteTune::Safe),
+                    _ => None,
+                },
+                _ => None,
+            };
+            tune.map(|t| config.sqlite_tune = t).is_some()
+        },
+    );
     // An unreadable expiry disables expiry rather than falling back to the default: deleting
     // after a week what the admin meant to keep for a year would lose data.
     match read_period(raw, "archive_expires_after", warnings) {
@@ -978,6 +1047,41 @@ mod tests {
         let (c, errors) = from_options(&opts(&[("archive_compression", RawValue::Bool(false))]));
         assert!(errors.is_empty());
         assert!(!c.archive_compression);
+    }
+
+    #[test]
+    fn sqlite_tune_sets_what_mod_storage_sql_sets() {
+        let (c, errors) = from_options(&BTreeMap::new());
+        assert!(errors.is_empty());
+        assert_eq!(c.sqlite_tune.synchronous(), Synchronous::Full);
+        for (value, synchronous) in [
+            ("default", Synchronous::Full),
+            ("normal", Synchronous::Normal),
+            ("fast", Synchronous::Off),
+            ("safe", Synchronous::Extra),
+        ] {
+            let (c, errors) = from_options(&opts(&[("sqlite_tune", text(value))]));
+            assert!(errors.is_empty(), "{value}: {errors:?}");
+            assert_eq!(c.sqlite_tune.as_str(), value);
+            assert_eq!(c.open_options(1).synchronous, synchronous, "{value}");
+        }
+        // Prosody 13 logs a value outside its set and then tunes nothing: the default.
+        for bad in [
+            text("turbo"),
+            text("FAST"),
+            RawValue::Bool(true),
+            RawValue::Integer(1),
+        ] {
+            let (c, errors) = from_options(&opts(&[("sqlite_tune", bad.clone())]));
+            assert_eq!(c.sqlite_tune, SqliteTune::Default, "{bad}");
+            assert_eq!(errors.len(), 1, "{bad}");
+            assert_eq!(
+                errors[0].to_string(),
+                format!(
+                    "invalid value {bad} for option 'sqlite_tune': expected \"default\", \"normal\", \"fast\" or \"safe\"; using the default"
+                )
+            );
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::id::{ArchiveId, IdGenerator};
 use crate::protocol::xep0313::Limits;
-use crate::store::{self, ArchiveRef, ExpiryRule, Mark, OpenOptions, Store, StoreError};
+use crate::store::{self, ArchiveRef, ExpiryRule, Mark, Store, StoreError};
 use metrics::{HostMetrics, WriterMetrics};
 use wake::Progress;
 pub use wake::{Answer, Completion, Drained, Level, Mailbox};
@@ -139,11 +139,8 @@ impl Engine {
     /// Opens the archive named in `config` (an SQLite file or a database server) and starts
     /// the threads.
     pub fn open(config: &Config) -> Result<Engine, EngineError> {
-        let options = OpenOptions {
-            // One more than the workers: the figures job shares them.
-            read_connections: (config.query_workers as u32).saturating_add(1),
-            compression: config.archive_compression,
-        };
+        // One more read connection than the workers: the figures job shares them.
+        let options = config.open_options((config.query_workers as u32).saturating_add(1));
         let store = store::open_or_defer(&config.database, options)?;
         Engine::start(store, config)
     }

@@ -14,9 +14,7 @@ use crate::admin::import::{read_export, stock_row, Skipped, StockRow};
 use crate::admin::Format;
 use crate::engine::writer::EXPIRY_BATCH;
 use crate::protocol::xep0082;
-use crate::store::{
-    self, ArchiveRef, ExpiryCursor, ImportBatch, ImportRow, Location, OpenOptions, Store,
-};
+use crate::store::{self, ArchiveRef, ExpiryCursor, ImportBatch, ImportRow, Location, Store};
 
 /// Rows per import transaction when reading an export file.
 const FILE_BATCH: usize = 1000;
@@ -44,11 +42,7 @@ pub fn admin(
             ));
         }
     }
-    let open = OpenOptions {
-        read_connections: 1,
-        compression: config.archive_compression,
-    };
-    match store::open(&config.database, open) {
+    match store::open(&config.database, config.open_options(1)) {
         Ok(store) => Ok((
             Some(Admin {
                 store,

@@ -195,6 +195,15 @@ fn parse_config(lua: &Lua, options: Table) -> LuaResult<(Table, Table)> {
         config.storage_archive_item_limit,
     )?;
     settings.set("database", config.database.describe())?;
+    // Said in the start-up line when it is not SQLite's default.
+    let tune = config.sqlite_tune;
+    if matches!(config.database, crate::store::Location::Sqlite(_))
+        && tune != config::SqliteTune::Default
+    {
+        let sync = tune.synchronous().as_str();
+        let line = format!(" (sqlite_tune \"{}\": synchronous = {sync})", tune.as_str());
+        settings.set("durability", line)?;
+    }
     settings.set(
         "dont_archive_namespaces",
         config

@@ -98,6 +98,8 @@ pub struct OpenOptions {
     pub read_connections: u32,
     /// `archive_compression`.
     pub compression: bool,
+    /// An SQLite archive's commits (`sqlite_tune`); a database server ignores it.
+    pub synchronous: sqlite::Synchronous,
 }
 
 /// Opens (creating and migrating when needed) the store at `location`. A database server that
@@ -109,16 +111,21 @@ pub fn open(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>,
     })
 }
 
+/// What an SQLite archive is opened with.
+fn sqlite_options(options: OpenOptions) -> sqlite::SqliteOptions {
+    sqlite::SqliteOptions {
+        pool_size: options.read_connections,
+        compression: options.compression,
+        synchronous: options.synchronous,
+        ..sqlite::SqliteOptions::default()
+    }
+}
+
 /// As [`open`], with a server that does not answer as [`StoreError::Unavailable`].
 fn open_store(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match location {
         Location::Sqlite(path) => {
-            let sqlite = sqlite::SqliteOptions {
-                pool_size: options.read_connections,
-                compression: options.compression,
-                ..sqlite::SqliteOptions::default()
-            };
-            Arc::new(sqlite::SqliteStore::open(path, &sqlite)?)
+            Arc::new(sqlite::SqliteStore::open(path, &sqlite_options(options))?)
         }
         Location::Postgres(pg) => {
             let pg = postgres::PgOptions {

@@ -53,6 +53,36 @@ pub struct SqliteOptions {
     pub id_cache_capacity: usize,
     /// `archive_compression`: store new stanzas zstd-compressed (see [`codec`]).
     pub compression: bool,
+    /// How hard each commit makes sure it is on disk (`sqlite_tune`).
+    pub synchronous: Synchronous,
+}
+
+/// SQLite's `synchronous` setting for the archive's connections (in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// `FULL`: each commit is fsync'ed before it counts as done, so a committed row survives
+    /// an OS crash or a power loss. The default.
+    Full,
+    /// `EXTRA`: as `FULL`, for admins who ask for the safest setting.
+    Extra,
+    /// `NORMAL`: commits are not fsync'ed (checkpoints are). A committed row survives Prosody
+    /// crashing; an OS crash or a power loss can take the last commits away.
+    Normal,
+    /// `OFF`: nothing is fsync'ed. As `NORMAL`, and an OS crash or a power loss can also
+    /// corrupt the file.
+    Off,
+}
+
+impl Synchronous {
+    /// The pragma's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Off => "OFF",
+        }
+    }
 }
 
 impl Default for SqliteOptions {
@@ -64,6 +94,7 @@ impl Default for SqliteOptions {
             page_cache_kib: 8 * 1024,
             id_cache_capacity: 100_000,
             compression: false,
+            synchronous: Synchronous::Full,
         }
     }
 }
@@ -140,16 +171,15 @@ impl SqliteStore {
         let open_err = |e: rusqlite::Error| StoreError::Open(format!("{}: {e}", path.display()));
 
         let mut writer = Connection::open(path).map_err(open_err)?;
-        schema::configure(&writer, options.busy_timeout, options.page_cache_kib)
-            .map_err(open_err)?;
+        schema::configure(&writer, options).map_err(open_err)?;
         schema::enable_wal(&writer)?;
         schema::migrate(&mut writer)?;
         let codec = Codec::new(options.compression);
         codec.load(&writer).map_err(open_err)?;
 
-        let (busy, kib) = (options.busy_timeout, options.page_cache_kib);
+        let reader_options = options.clone();
         let manager = SqliteConnectionManager::file(path).with_init(move |conn| {
-            schema::configure(conn, busy, kib)?;
+            schema::configure(conn, &reader_options)?;
             conn.pragma_update(None, "query_only", true)
         });
         let readers = r2d2::Pool::builder()

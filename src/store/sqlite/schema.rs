@@ -5,6 +5,7 @@
 //! appended to that list. A file whose version is newer than the code is refused, never
 //! touched. This module does not read or write archive rows.
 
+use super::SqliteOptions;
 use crate::store::StoreError;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -74,17 +75,14 @@ fn v1_initial(tx: &Transaction<'_>) -> rusqlite::Result<()> {
 }
 
 /// Settings every connection gets, writer and readers alike.
-pub fn configure(
-    conn: &Connection,
-    busy_timeout: std::time::Duration,
-    page_cache_kib: u32,
-) -> rusqlite::Result<()> {
-    conn.busy_timeout(busy_timeout)?;
-    // A committed id must survive an OS crash: fsync the WAL on every commit.
-    conn.pragma_update(None, "synchronous", "FULL")?;
+pub fn configure(conn: &Connection, options: &SqliteOptions) -> rusqlite::Result<()> {
+    conn.busy_timeout(options.busy_timeout)?;
+    // By default (FULL) a committed id survives an OS crash: the WAL is fsync'ed on every
+    // commit. The admin may trade that away (`sqlite_tune`).
+    conn.pragma_update(None, "synchronous", options.synchronous.as_str())?;
     conn.pragma_update(None, "foreign_keys", true)?;
     // Negative: a size in KiB rather than in pages.
-    conn.pragma_update(None, "cache_size", -i64::from(page_cache_kib))?;
+    conn.pragma_update(None, "cache_size", -i64::from(options.page_cache_kib))?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(())
 }

@@ -362,3 +362,42 @@ fn compression_keeps_a_dictionary_a_failed_batch_trained() {
         SqliteStore::open(&db_path(dir), &options).unwrap()
     });
 }
+
+#[test]
+fn every_connection_commits_as_synchronous_says() {
+    for (synchronous, level) in [
+        (Synchronous::Off, 0),
+        (Synchronous::Normal, 1),
+        (Synchronous::Full, 2),
+        (Synchronous::Extra, 3),
+    ] {
+        let dir = TempDir::new().unwrap();
+        let options = SqliteOptions {
+            synchronous,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&db_path(&dir), &options).unwrap();
+        let of = |conn: &Connection| -> i64 {
+            conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(of(&store.writer.lock()), level, "{synchronous:?}: writer");
+        assert_eq!(
+            of(&store.reader().unwrap()),
+            level,
+            "{synchronous:?}: reader"
+        );
+        // Whatever it is, the journal stays WAL: queries read beside the writer.
+        let mode: String = store
+            .writer
+            .lock()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        store
+            .append(&[row(&romeo(), id(1), "juliet@capulet.lit")])
+            .unwrap();
+        drop(store);
+        assert_eq!(find(&open(&dir), Query::default()).items.len(), 1);
+    }
+}

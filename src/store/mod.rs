@@ -145,22 +145,98 @@ fn open_store(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store
     })
 }
 
+/// How long the module's start waits for a database server's store to open.
+const OPEN_WAIT_AT_START: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long each later attempt of the connect thread waits (an attempt still running is taken
+/// up again, not started anew).
+const OPEN_WAIT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// As [`open`], but a database server that does not answer yet is no error: the store comes
 /// back [`deferred`], failing every call at once until [`Store::claim_node`] connects (the
 /// engine keeps calling it). For the running module; admin commands use [`open`].
+///
+/// A server's store is opened on a thread of its own ([`BoundedOpen`]), and the start waits
+/// for it at most [`OPEN_WAIT_AT_START`]: a server that accepts the connection and then says
+/// nothing would otherwise hold Prosody's start for as long as the socket lives.
 pub fn open_or_defer(
     location: &Location,
     options: OpenOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
-    match open_store(location, options) {
-        Err(StoreError::Unavailable(why)) => {
-            let location = location.clone();
-            Ok(Arc::new(deferred::Deferred::new(
-                why,
-                Box::new(move || open_store(&location, options)),
-            )))
-        }
+    if !matches!(location, Location::Postgres(_) | Location::Mysql(_)) {
+        return open_store(location, options);
+    }
+    let opener = BoundedOpen::new(location.clone(), options);
+    match opener.open(OPEN_WAIT_AT_START) {
+        Err(StoreError::Unavailable(why)) => Ok(Arc::new(deferred::Deferred::new(
+            why,
+            Box::new(move || opener.open(OPEN_WAIT_RETRY)),
+        ))),
         other => other,
+    }
+}
+
+/// The result of one attempt to open a store.
+type Opened = Result<Arc<dyn Store>, StoreError>;
+
+/// Opens a database server's store on a thread of its own and waits a bounded time for it.
+///
+/// The drivers' connect timeouts cover the TCP connection only. A server that accepts it and
+/// then says nothing (stopped with SIGSTOP, overloaded, a proxy whose backend is gone) holds
+/// the handshake for as long as the socket lives. An attempt that outlives the wait goes on
+/// alone, its thread never joined (nothing waits for it at shutdown), and the next call takes
+/// it up instead of starting another: one attempt at a time, whatever the server does.
+struct BoundedOpen {
+    location: Location,
+    options: OpenOptions,
+    /// The attempt still running, if the last wait ended before it did.
+    pending: parking_lot::Mutex<Option<std::sync::mpsc::Receiver<Opened>>>,
+}
+
+impl BoundedOpen {
+    fn new(location: Location, options: OpenOptions) -> BoundedOpen {
+        BoundedOpen {
+            location,
+            options,
+            pending: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The store, or why not: [`StoreError::Unavailable`] when the attempt takes longer than
+    /// `wait` (it goes on).
+    fn open(&self, wait: std::time::Duration) -> Opened {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut pending = self.pending.lock();
+        let attempt = match pending.take() {
+            Some(running) => running,
+            None => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (location, options) = (self.location.clone(), self.options);
+                std::thread::Builder::new()
+                    .name("mam_rs-open".into())
+                    .spawn(move || {
+                        // Nobody listening any more (the module went away): the store, if
+                        // any, is dropped here.
+                        let _ = tx.send(open_store(&location, options));
+                    })
+                    .map_err(|e| StoreError::Open(format!("cannot start a thread: {e}")))?;
+                rx
+            }
+        };
+        match attempt.recv_timeout(wait) {
+            Ok(opened) => opened,
+            Err(RecvTimeoutError::Timeout) => {
+                *pending = Some(attempt);
+                // The same words each time: the connect thread logs a reason when it changes.
+                Err(StoreError::Unavailable(format!(
+                    "{}: no answer (still waiting for it)",
+                    self.location.describe()
+                )))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(StoreError::Unavailable(format!(
+                "{}: the attempt to connect ended without a result",
+                self.location.describe()
+            ))),
+        }
     }
 }
 
@@ -500,6 +576,50 @@ mod tests {
             .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
             .filter(|name| name.starts_with(prefix))
             .count()
+    }
+
+    #[test]
+    fn a_server_that_says_nothing_is_waited_for_once_and_not_for_long() {
+        // Accepts connections (the kernel does, from the backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        silent.set_nonblocking(true).unwrap();
+        let server = ServerOptions {
+            host: "127.0.0.1".into(),
+            port: Some(port),
+            database: "x".into(),
+            user: "u".into(),
+            password: None,
+            pool_size: 1,
+            connect_timeout: std::time::Duration::from_secs(5),
+        };
+        for location in [Location::Postgres(server.clone()), Location::Mysql(server)] {
+            let opener = BoundedOpen::new(
+                location,
+                OpenOptions {
+                    read_connections: 1,
+                    compression: false,
+                    synchronous: sqlite::Synchronous::Full,
+                },
+            );
+            let wait = std::time::Duration::from_millis(300);
+            let mut accepted = Vec::new();
+            for _ in 0..3 {
+                let began = std::time::Instant::now();
+                match opener.open(wait) {
+                    Err(StoreError::Unavailable(why)) => {
+                        assert!(why.ends_with(": no answer (still waiting for it)"), "{why}")
+                    }
+                    other => panic!("{:?}", other.map(|_| "a store")),
+                }
+                assert!(began.elapsed() < std::time::Duration::from_secs(2));
+                while let Ok((socket, _)) = silent.accept() {
+                    accepted.push(socket);
+                }
+            }
+            // One attempt, taken up again by each call, not one per call.
+            assert_eq!(accepted.len(), 1);
+        }
     }
 
     #[test]

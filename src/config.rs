@@ -103,6 +103,13 @@ pub enum SqliteTune {
 }
 
 impl SqliteTune {
+    const ALL: [SqliteTune; 4] = [
+        SqliteTune::Default,
+        SqliteTune::Normal,
+        SqliteTune::Fast,
+        SqliteTune::Safe,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SqliteTune::Default => "default",
@@ -499,16 +506,8 @@ fn read_options(
         "sqlite_tune",
         "\"default\", \"normal\", \"fast\" or \"safe\"",
         &mut |v| {
-            let tune = match v {
-                RawValue::String(s) => match s.as_str() {
-                    "default" => Some(SqliteTune::Default),
-                    "normal" => Some(SqliteTune::Normal),
-                    "fast" => Some(SqliteTune::Fast),
-                    "safe" => Some(SqliteTune::Safe),
-                    _ => None,
-                },
-                _ => None,
-            };
+            let RawValue::String(s) = v else { return false };
+            let tune = SqliteTune::ALL.into_iter().find(|t| t.as_str() == s);
             tune.map(|t| config.sqlite_tune = t).is_some()
         },
     );

@@ -111,21 +111,17 @@ pub fn open(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>,
     })
 }
 
-/// What an SQLite archive is opened with.
-fn sqlite_options(options: OpenOptions) -> sqlite::SqliteOptions {
-    sqlite::SqliteOptions {
-        pool_size: options.read_connections,
-        compression: options.compression,
-        synchronous: options.synchronous,
-        ..sqlite::SqliteOptions::default()
-    }
-}
-
 /// As [`open`], with a server that does not answer as [`StoreError::Unavailable`].
 fn open_store(location: &Location, options: OpenOptions) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match location {
         Location::Sqlite(path) => {
-            Arc::new(sqlite::SqliteStore::open(path, &sqlite_options(options))?)
+            let sqlite = sqlite::SqliteOptions {
+                pool_size: options.read_connections,
+                compression: options.compression,
+                synchronous: options.synchronous,
+                ..sqlite::SqliteOptions::default()
+            };
+            Arc::new(sqlite::SqliteStore::open(path, &sqlite)?)
         }
         Location::Postgres(pg) => {
             let pg = postgres::PgOptions {
